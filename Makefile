@@ -1,0 +1,34 @@
+# Two entry points: `make test` (set up + fast tests) and `make book` (set up + real runs + HTML).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PROFILE ?= cpu
+# A CPU-only torch wheel unless a GPU is visible (never pull a multi-GB CUDA build on CPU boxes).
+TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
+
+.PHONY: venv test test-slow lint book book-html clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,book]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+lint: venv
+	$(BIN)/ruff check first_lib tests scripts
+	$(BIN)/ruff format --check first_lib tests scripts
+
+test: venv lint
+	$(BIN)/python -m pytest -q
+
+test-slow: venv
+	$(BIN)/python -m pytest -q -m slow
+
+book: venv
+	$(BIN)/python -m scripts.build_book --profile $(PROFILE)
+
+clean:
+	rm -rf _build
