@@ -1,0 +1,50 @@
+"""The `first` command. Each module registers its own sub-commands through `add_cli(subparsers)`.
+
+Errors a user can fix (`FirstError`, `ValueError`, missing files) are printed as one line and
+exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that contribute sub-commands, imported lazily so `first --help` stays fast.
+_MODULES = ("first_lib.assets", "first_lib.tasks", "first_lib.pipeline", "first_lib.bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="first", description="FIRST: efficient trustworthy distillation, reproduced."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:  # a module not written yet
+            if err.name == name:
+                continue
+            raise
+        module.add_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, MemoryError, OSError) as err:
+        print(f"first: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("first: interrupted; finished work is kept and the next run resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

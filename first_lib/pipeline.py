@@ -1,0 +1,724 @@
+"""The paper's stages as functions, each writing one artefact folder named by the hash of what made
+it, and `first run`, which runs whatever is missing and writes `results.json`.
+
+    teacher fine-tune (CE) -> extract top-k (train, validation) -> calibrate (c*, delta)
+    student fine-tune (CE)        student distill (KL on the store: none | LS | TS)
+                     \\___________________|___________________/
+                                 evaluate -> results.json
+
+Artefacts live under `first_home()/runs/<stage>-<hash>/`; `meta.json` is written last and marks
+an artefact finished, so an interrupted stage is redone (training resumes from its checkpoint,
+extraction from its last shard) and a finished one is never recomputed. A lock file stops two
+runs from writing the same artefact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from first_lib.errors import FirstError
+from first_lib.paths import first_home
+from first_lib.profiles import PROFILES, SETTINGS, Profile, for_setting, get_profile
+from first_lib.train import TrainConfig
+
+VARIANTS = ("teacher", "finetune", "distill", "distill_ls", "first_ts")
+TRANSFORM_OF = {"distill": "none", "distill_ls": "ls", "first_ts": "ts"}
+
+
+# ----------------------------------------------------------------------------- artefacts
+
+
+def config_hash(obj) -> str:
+    """A short, stable hash of a JSON-able description of what makes an artefact."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def artefact_dir(stage: str, key: dict) -> Path:
+    return first_home() / "runs" / f"{stage}-{config_hash(key)}"
+
+
+def is_done(path: Path) -> bool:
+    return (path / "meta.json").exists()
+
+
+@contextlib.contextmanager
+def artefact_lock(path: Path, wait: bool = True) -> Iterator[None]:
+    """An exclusive lock on `path` (a sibling `.lock` file): a second run waits, or refuses."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError as err:
+            raise FirstError(f"another run is writing {path}; wait for it to finish") from err
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def write_meta(path: Path, meta: dict) -> None:
+    """Write meta.json atomically; its presence marks the artefact finished."""
+    tmp = path / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, default=str))
+    os.replace(tmp, path / "meta.json")
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((path / "meta.json").read_text())
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+@lru_cache(maxsize=1)
+def accelerator(bf16: bool):
+    """One `accelerate.Accelerator` per process (its state is a singleton)."""
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision="bf16" if bf16 else "no")
+
+
+def _barrier(acc) -> None:
+    if acc.num_processes > 1:
+        acc.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def data_key(prof: Profile, setting: str) -> dict:
+    """What determines the data of a run, without reading it (so --dry-run stays cheap)."""
+    return {
+        "setting": setting,
+        "n": [prof.n_train, prof.n_val, prof.n_test],
+        "seed": prof.seed,
+        "style": prof.style,
+        "max_length": prof.max_length,
+        "tokenizer": prof.teacher if not prof.teacher.startswith("tiny:") else "tiny",
+    }
+
+
+def test_tasks(setting: str) -> list[str]:
+    return ["csqa", "obqa"] if setting == "ood" else [setting]
+
+
+def load_questions(prof: Profile, setting: str) -> dict:
+    """Rows of the run: train / validation (questions or instruction examples) and test sets."""
+    from first_lib import tasks
+
+    if setting == "ood":
+        train = tasks.instruction_mix(prof.n_train, seed=prof.seed, split="train")
+        val = tasks.instruction_mix(prof.n_val, seed=prof.seed, split="validation")
+    else:
+        train = tasks.subset(tasks.load_task(setting, "train"), prof.n_train, prof.seed)
+        val = tasks.subset(tasks.load_task(setting, "validation"), prof.n_val, prof.seed)
+    tests = {
+        t: tasks.subset(tasks.load_task(t, "test"), prof.n_test, prof.seed)
+        for t in test_tasks(setting)
+    }
+    for name, rows in [("train", train), ("validation", val), *tests.items()]:
+        if not rows:
+            raise FirstError(f"the {name} split of setting {setting!r} is empty")
+    return {"train": train, "validation": val, "tests": tests}
+
+
+def tokenize(tokenizer, rows, prof: Profile, setting: str) -> list[dict]:
+    from first_lib import tasks
+
+    if setting == "ood":
+        return tasks.tokenize_instruction(tokenizer, rows, prof.style, prof.max_length)
+    return tasks.tokenize_mc(tokenizer, rows, prof.style, prof.max_length)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def corpus_text(groups) -> list[str]:
+    """Every rendered prompt and answer of the run's rows (the tiny tokenizer's training text)."""
+    from first_lib import tasks
+
+    texts = []
+    for rows in groups:
+        for row in rows:
+            if isinstance(row, tasks.MCQuestion):
+                texts.append(tasks.render_prompt(row, None, "plain"))
+                texts.extend(row.choices)
+            else:
+                texts.append(tasks.render_instruction(row, None, "plain") + row.output)
+    return texts
+
+
+def tiny_models(prof: Profile, setting: str, data: dict, log) -> Path:
+    """Random tiny Qwen2-architecture teacher and student with a tokenizer trained on the slice.
+    TINY RANDOM MODELS: for fast tests only."""
+    from first_lib import models, tasks
+
+    key = {"stage": "tiny-models", "data": data_key(prof, setting), "seed": prof.seed, "v": 1}
+    out = artefact_dir("tiny-models", key)
+    if is_done(out):
+        return out
+    with artefact_lock(out):
+        if is_done(out):
+            return out
+        log("tiny-models: training a tiny tokenizer and building random models")
+        texts = corpus_text([data["train"], data["validation"], *data["tests"].values()])
+        tok = models.make_tiny_tokenizer(texts)
+        shutil.rmtree(out, ignore_errors=True)
+        for role in ("teacher", "student"):
+            model = models.make_tiny_model(
+                len(tok), size=role, seed=prof.seed,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            )
+            model.save_pretrained(out / role, safe_serialization=True)
+            tok.save_pretrained(out / role)
+        write_meta(out, {"stage": "tiny-models", "key": key, "note": prof.note})
+    return out
+
+
+def model_source(prof: Profile, role: str, tiny_dir: Path | None) -> str:
+    name = prof.teacher if role == "teacher" else prof.student
+    if name.startswith("tiny:"):
+        return str(tiny_dir / name.split(":", 1)[1])
+    return name
+
+
+def _load(source: str, dtype=None):
+    import torch
+
+    from first_lib import models
+
+    return models.load_model(source, dtype=dtype or torch.bfloat16)
+
+
+def _save_model(model, tokenizer, out: Path) -> None:
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def stage_train(
+    name: str,
+    key: dict,
+    source: str,
+    tokenizer,
+    examples: list[dict],
+    cfg: TrainConfig,
+    acc,
+    log,
+    store_dir: Path | None = None,
+) -> Path:
+    """Fine-tune (CE) or distill (KD on the store at `store_dir`); returns the model folder."""
+    from first_lib import train
+
+    out = artefact_dir(name, key)
+    if is_done(out):
+        return out
+    lock = artefact_lock(out) if acc.is_main_process else contextlib.nullcontext()
+    with lock:
+        if is_done(out):
+            return out
+        work = out.with_name(out.name + ".work")
+        work.mkdir(parents=True, exist_ok=True)
+        teacher = None
+        if store_dir is not None:
+            from first_lib.knowledge import TopKStore
+
+            store = TopKStore(store_dir)
+            store.check_alignment(examples)
+            teacher = store.example
+        log(f"{name}: training {source} ({cfg.loss}, lora_r={cfg.lora_r}) -> {out}")
+        t0 = time.perf_counter()
+        model = _load(source)
+        model, tlog = train.train(
+            model,
+            examples,
+            cfg,
+            pad_id=tokenizer.pad_token_id,
+            teacher=teacher,
+            work_dir=work,
+            accelerator=acc,
+        )
+        if acc.is_main_process:
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            _save_model(model, tokenizer, tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+            tlog.update(stage=name, key=key, source=source, wall_seconds=time.perf_counter() - t0)
+            write_meta(out, tlog)
+            shutil.rmtree(work, ignore_errors=True)
+    _barrier(acc)
+    return out
+
+
+def stage_extract(key: dict, teacher_dir: Path, splits: dict, prof: Profile, acc, log) -> Path:
+    """The teacher's top-k over the training and validation sets, one store each."""
+    from first_lib import knowledge
+
+    out = artefact_dir("extract", key)
+    if is_done(out):
+        return out
+    with artefact_lock(out) if acc.is_main_process else contextlib.nullcontext():
+        if is_done(out):
+            return out
+        out.mkdir(parents=True, exist_ok=True)
+        model = _load(str(teacher_dir))
+        t0 = time.perf_counter()
+        for split, examples in splits.items():
+            log(f"extract: top-{prof.k} of the teacher over {len(examples)} {split} examples")
+            knowledge.extract_topk(
+                model,
+                examples,
+                out / split,
+                k=prof.k,
+                batch_size=prof.extract_batch,
+                teacher_name=str(teacher_dir),
+                process_index=acc.process_index,
+                num_processes=acc.num_processes,
+            )
+            _barrier(acc)
+            if acc.is_main_process:
+                knowledge.finalize_store(out / split)
+            _barrier(acc)
+        if acc.is_main_process:
+            write_meta(
+                out, {"stage": "extract", "key": key, "wall_seconds": time.perf_counter() - t0}
+            )
+    _barrier(acc)
+    return out
+
+
+def calibration_data(store_dir: Path, examples: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k probs [N, k] of the teacher at every stored position, and the rank of the true next
+    token among them ([N], -1 when outside the top-k)."""
+    from first_lib.knowledge import TopKStore
+
+    store = TopKStore(store_dir)
+    store.check_alignment(examples)
+    probs, ranks = [], []
+    for i, ex in enumerate(examples):
+        ids_k, probs_k = store.example(i)
+        ids = np.asarray(ex["input_ids"])
+        pos = np.flatnonzero(np.asarray(ex["target_mask"][: len(ids) - 1]))
+        gold = ids[pos + 1]
+        hit = ids_k == gold[:, None]
+        ranks.append(np.where(hit.any(1), hit.argmax(1), -1))
+        probs.append(probs_k)
+    return np.concatenate(probs).astype(np.float64), np.concatenate(ranks)
+
+
+def stage_calibrate(key: dict, store_dir: Path, examples: list[dict], log) -> dict:
+    """Grid-search c (temperature scaling, eq. 4) and delta (label smoothing, eq. 3) that minimise
+    the teacher's ECE on the validation store; ECE of the top-1 token at each stored position."""
+    from first_lib import calibration, metrics
+
+    out = artefact_dir("calibrate", key)
+    if is_done(out):
+        return read_meta(out)
+    with artefact_lock(out):
+        if is_done(out):
+            return read_meta(out)
+        out.mkdir(parents=True, exist_ok=True)
+        probs, ranks = calibration_data(store_dir, examples)
+        raw_conf = probs.max(1) / np.clip(probs.sum(1), 1e-12, None)
+        raw_ece = metrics.ece(raw_conf, ranks == probs.argmax(1))
+        ts = calibration.search_coefficient(probs, ranks, kind="ts")
+        ls = calibration.search_coefficient(probs, ranks, kind="ls")
+        meta = {
+            "stage": "calibrate",
+            "key": key,
+            "n_positions": int(len(ranks)),
+            "ece_renormalised_top1": float(raw_ece),
+            "c_star": ts.best,
+            "c_star_ece": ts.best_ece,
+            "delta": ls.best,
+            "delta_ece": ls.best_ece,
+            "ts_curve": {"coarse": ts.coarse, "fine": ts.fine},
+            "ls_curve": {"coarse": ls.coarse, "fine": ls.fine},
+        }
+        log(
+            f"calibrate: c*={ts.best:.2f} (ECE {ts.best_ece:.4f}), delta={ls.best:.2f} (ECE {ls.best_ece:.4f})"
+        )
+        write_meta(out, meta)
+    return meta
+
+
+def stage_evaluate(key: dict, model_dir: str, questions: list, prof: Profile, acc, log) -> dict:
+    """Multiple-choice evaluation: per-question records and metrics with bootstrap intervals."""
+    from first_lib import evaluate, models
+
+    out = artefact_dir("evaluate", key)
+    if not is_done(out) and acc.is_main_process:
+        with artefact_lock(out):
+            if not is_done(out):
+                out.mkdir(parents=True, exist_ok=True)
+                log(f"evaluate: {model_dir} on {len(questions)} questions")
+                t0 = time.perf_counter()
+                model = _load(model_dir)
+                tok = models.load_tokenizer(model_dir)
+                records = evaluate.evaluate_multiple_choice(
+                    model, tok, questions, style=prof.style, batch_size=prof.eval_batch
+                )
+                with open(out / "records.jsonl.tmp", "w") as fh:
+                    for r in records:
+                        fh.write(json.dumps(r) + "\n")
+                os.replace(out / "records.jsonl.tmp", out / "records.jsonl")
+                summary = evaluate.summarize(records, n_boot=prof.n_boot, seed=prof.seed)
+                write_meta(
+                    out,
+                    {
+                        "stage": "evaluate",
+                        "key": key,
+                        "metrics": summary,
+                        "wall_seconds": time.perf_counter() - t0,
+                    },
+                )
+    _barrier(acc)
+    return read_meta(out)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def plan(prof: Profile, setting: str) -> list[dict]:
+    """The stages of a run with their artefact keys, computable without loading anything."""
+    dk = data_key(prof, setting)
+    tcfg, scfg = prof.teacher_train.to_dict(), prof.student_train.to_dict()
+    teacher_key = {"source": prof.teacher, "data": dk, "train": tcfg}
+    extract_key = {"teacher": teacher_key, "k": prof.k}
+    calib_key = {"extract": extract_key, "ece": "answer" if setting != "ood" else "token"}
+    steps = [
+        {"stage": "teacher", "key": teacher_key, "params_b": prof.params_b[0], "train": tcfg},
+        {"stage": "extract", "key": extract_key, "params_b": prof.params_b[0]},
+        {"stage": "calibrate", "key": calib_key, "params_b": 0},
+        {
+            "stage": "finetune",
+            "key": {"source": prof.student, "data": dk, "train": scfg},
+            "params_b": prof.params_b[1],
+            "train": scfg,
+        },
+    ]
+    for variant, transform in TRANSFORM_OF.items():
+        kd = {**scfg, "loss": "kd", "transform": transform}
+        steps.append(
+            {
+                "stage": f"distill-{transform}",
+                "key": {
+                    "source": prof.student,
+                    "extract": extract_key,
+                    "calibrate": calib_key,
+                    "train": kd,
+                },
+                "params_b": prof.params_b[1],
+                "train": kd,
+                "variant": variant,
+            }
+        )
+    return steps
+
+
+def estimate_memory_gb(params_b: float, train: dict | None) -> float:
+    """Rough peak memory of a stage: bf16 weights for inference and LoRA; fp32 weights, grads and
+    AdamW moments (16 bytes a parameter) for full fine-tuning; plus 25% for activations."""
+    if not train:
+        return params_b * 2 * 1.25
+    if train.get("lora_r", 0) > 0:
+        return params_b * 2 * 1.5
+    return params_b * 16 * 1.25
+
+
+def available_memory_gb() -> float:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.mem_get_info()[1] / 1e9
+    except Exception:  # noqa: BLE001 - no torch or no CUDA: fall back to RAM
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+
+
+def describe_plan(prof: Profile, setting: str) -> str:
+    lines = [
+        f"profile {prof.name} ({prof.note}), setting {setting}",
+        f"teacher {prof.teacher} -> student {prof.student}; k={prof.k}; style={prof.style}",
+        f"sizes: train {prof.n_train or 'all'}, validation {prof.n_val or 'all'}, "
+        f"test {prof.n_test or 'all'} on {', '.join(test_tasks(setting))}",
+        f"artefacts under {first_home() / 'runs'}",
+    ]
+    lines.append(f"{'stage':<16} {'status':<8} {'est. memory':>11}  artefact")
+    for step in plan(prof, setting):
+        path = artefact_dir(step["stage"], step["key"])
+        status = "done" if is_done(path) else "missing"
+        mem = estimate_memory_gb(step["params_b"], step.get("train"))
+        lines.append(f"{step['stage']:<16} {status:<8} {mem:>8.1f} GB  {path.name}")
+    lines.append(
+        f"evaluate: {', '.join(VARIANTS)} on each test set (+ the untuned teacher and student)"
+    )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run(
+    profile: str = "cpu",
+    setting: str = "csqa",
+    out: Path | None = None,
+    until: str | None = None,
+    log=None,
+    **overrides,
+) -> dict:
+    """Run every missing stage of `profile` x `setting` and write `out/results.json`."""
+    from first_lib import models
+
+    prof = for_setting(get_profile(profile, **overrides), setting)
+    log = log or (lambda msg: print(f"[first] {msg}", file=sys.stderr, flush=True))
+    acc = accelerator(prof.teacher_train.bf16)
+    if not acc.is_main_process:
+        log = lambda msg: None  # noqa: E731
+    steps = {s["stage"]: s for s in plan(prof, setting)}
+    needed = max(estimate_memory_gb(s["params_b"], s.get("train")) for s in steps.values())
+    have = available_memory_gb()
+    if needed > have:
+        raise FirstError(
+            f"profile {prof.name} needs about {needed:.0f} GB for its largest stage but this machine "
+            f"has {have:.0f} GB; use a smaller profile or a bigger machine"
+        )
+    timings: dict[str, float] = {}
+
+    def timed(name, fn, *a, **kw):
+        t0 = time.perf_counter()
+        result = fn(*a, **kw)
+        timings[name] = round(time.perf_counter() - t0, 2)
+        return result
+
+    data = timed("data", load_questions, prof, setting)
+    tiny_dir = tiny_models(prof, setting, data, log) if prof.teacher.startswith("tiny:") else None
+    teacher_src = model_source(prof, "teacher", tiny_dir)
+    student_src = model_source(prof, "student", tiny_dir)
+    tok = models.load_tokenizer(teacher_src)
+    models.check_same_vocabulary(tok, models.load_tokenizer(student_src))
+    train_ex = tokenize(tok, data["train"], prof, setting)
+    val_ex = tokenize(tok, data["validation"], prof, setting)
+
+    s = steps["teacher"]
+    teacher_dir = timed(
+        "teacher",
+        stage_train,
+        "teacher",
+        s["key"],
+        teacher_src,
+        tok,
+        train_ex,
+        prof.teacher_train,
+        acc,
+        log,
+    )
+    if until == "teacher":
+        return {}
+    s = steps["extract"]
+    store = timed(
+        "extract",
+        stage_extract,
+        s["key"],
+        teacher_dir,
+        {"train": train_ex, "validation": val_ex},
+        prof,
+        acc,
+        log,
+    )
+    if until == "extract":
+        return {}
+    calib = (
+        timed(
+            "calibrate",
+            stage_calibrate,
+            steps["calibrate"]["key"],
+            store / "validation",
+            val_ex,
+            log,
+        )
+        if acc.is_main_process
+        else None
+    )
+    _barrier(acc)
+    if calib is None:
+        calib = read_meta(artefact_dir("calibrate", steps["calibrate"]["key"]))
+    if until == "calibrate":
+        return calib
+    s = steps["finetune"]
+    model_dirs = {"teacher": teacher_dir}
+    model_dirs["finetune"] = timed(
+        "finetune",
+        stage_train,
+        "finetune",
+        s["key"],
+        student_src,
+        tok,
+        train_ex,
+        prof.student_train,
+        acc,
+        log,
+    )
+    coefs = {"none": 1.0, "ls": calib["delta"], "ts": calib["c_star"]}
+    for variant, transform in TRANSFORM_OF.items():
+        s = steps[f"distill-{transform}"]
+        cfg = replace(prof.student_train, loss="kd", transform=transform, coef=coefs[transform])
+        model_dirs[variant] = timed(
+            variant,
+            stage_train,
+            s["stage"],
+            s["key"],
+            student_src,
+            tok,
+            train_ex,
+            cfg,
+            acc,
+            log,
+            store_dir=store / "train",
+        )
+    if until in ("finetune", "distill"):
+        return {}
+
+    results_by_test = {}
+    for test_name, questions in data["tests"].items():
+        tkey = {
+            "data": data_key(prof, setting),
+            "test": test_name,
+            "style": prof.style,
+            "n_boot": prof.n_boot,
+        }
+        variants, baselines, records = {}, {}, {}
+        t0 = time.perf_counter()
+        for variant in VARIANTS:
+            meta = stage_evaluate(
+                {"model": str(model_dirs[variant]), **tkey},
+                str(model_dirs[variant]),
+                questions,
+                prof,
+                acc,
+                log,
+            )
+            variants[variant] = meta["metrics"]
+            records[variant] = artefact_dir("evaluate", {"model": str(model_dirs[variant]), **tkey})
+        for base, src in (("teacher_base", teacher_src), ("student_base", student_src)):
+            meta = stage_evaluate({"model": src, **tkey}, src, questions, prof, acc, log)
+            baselines[base] = meta["metrics"]
+            records[base] = artefact_dir("evaluate", {"model": src, **tkey})
+        timings[f"evaluate_{test_name}"] = round(time.perf_counter() - t0, 2)
+        results_by_test[test_name] = {
+            "n_test": len(questions),
+            "variants": variants,
+            "baselines": baselines,
+            "records": {k: str(v / "records.jsonl") for k, v in records.items()},
+        }
+
+    store_meta = json.loads((store / "train" / "meta.json").read_text())
+    first_test = test_tasks(setting)[0]
+    results = {
+        "profile": prof.name,
+        "setting": setting,
+        "note": prof.note,
+        "teacher": prof.teacher,
+        "student": prof.student,
+        "n_train": len(train_ex),
+        "n_validation": len(val_ex),
+        "n_test": results_by_test[first_test]["n_test"],
+        "c_star": calib["c_star"],
+        "delta": calib["delta"],
+        "calibration": {
+            k: calib[k] for k in ("c_star_ece", "delta_ece", "ece_renormalised_top1", "n_positions")
+        },
+        "store": {
+            "k": store_meta["k"],
+            "bytes_per_token": store_meta["bytes_per_position"],
+            "mean_topk_mass": store_meta["mean_topk_mass"],
+        },
+        "variants": results_by_test[first_test]["variants"],
+        "baselines": results_by_test[first_test]["baselines"],
+        "by_test": results_by_test,
+        "artefacts": {k: str(v) for k, v in {**model_dirs, "store": store}.items()},
+    }
+    if out is not None and acc.is_main_process:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+        (out / "timings.json").write_text(json.dumps(timings, indent=2))
+        log(f"wrote {out / 'results.json'}")
+    return results
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="cpu", help=f"one of {', '.join(PROFILES)} (default cpu)")
+    p.add_argument("--setting", default="csqa", help=f"one of {', '.join(SETTINGS)} (default csqa)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a profile field, e.g. --set n_train=100 (repeatable)",
+    )
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise FirstError(f"--set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _cmd_run(args) -> int:
+    overrides = _overrides(args.set)
+    if args.dry_run:
+        prof = for_setting(get_profile(args.profile, **overrides), args.setting)
+        print(describe_plan(prof, args.setting))
+        return 0
+    results = run(
+        args.profile,
+        args.setting,
+        Path(args.out) if args.out else None,
+        until=getattr(args, "until", None),
+        **overrides,
+    )
+    if results and not args.out:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("run", help="run every missing stage and write DIR/results.json")
+    _common(p)
+    p.add_argument("--out", help="folder for results.json (and timings.json)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan; load nothing")
+    p.set_defaults(func=_cmd_run)
+    for stage in ("teacher", "extract", "calibrate", "finetune", "distill"):
+        q = sub.add_parser(stage, help=f"run the pipeline up to the {stage} stage (cached)")
+        _common(q)
+        q.set_defaults(func=_cmd_run, until=stage, out=None, dry_run=False)

@@ -1,0 +1,400 @@
+"""One training loop for every stage that trains: teacher fine-tuning, student fine-tuning (CE)
+and student distillation (KL on the stored top-k). Driven by `accelerate`: one CPU process, one
+GPU or many GPUs run the same code.
+
+The loop only does bookkeeping; the maths lives in `first_lib.losses` (pure functions of tensors).
+The decoder runs over the whole sequence, but the LM head (151,936 wide for Qwen) only at the
+target rows, so a step costs the same whether the loss is CE or KD, and no [B, T, V] tensor is
+ever built.
+
+Checkpoints (trainable weights in safetensors, optimizer state loaded with `weights_only=True`,
+the step, the RNG state) are written atomically every `save_every` optimizer steps, and a
+re-run resumes from the last one, replaying the same data order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from first_lib import calibration, losses
+from first_lib.errors import FirstError
+
+Example = dict  # {"id": str, "input_ids": list[int], "target_mask": list[bool]}
+TeacherLookup = Callable[[int], tuple[np.ndarray, np.ndarray]]  # i -> (ids [n,k], probs [n,k])
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (defaults: the paper's, sec. 5.1)."""
+
+    loss: str = field(default="ce", metadata={"help": "ce (hard labels) or kd (KL on top-k)"})
+    lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
+    epochs: float = field(default=3.0, metadata={"help": "passes over the training set"})
+    batch_size: int = field(default=32, metadata={"help": "examples per device per micro-step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "linear warm-up fraction"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-6
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip; 0 disables"})
+    lora_r: int = field(default=0, metadata={"help": "0: full fine-tuning; >0: LoRA rank"})
+    lora_alpha: int = 32
+    lora_targets: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "up_proj",
+        "down_proj",
+        "gate_proj",
+    )
+    train_embeddings: bool = field(
+        default=True, metadata={"help": "full FT only: also train the input embedding matrix"}
+    )
+    kd_normalize: str = field(default="renorm", metadata={"help": "renorm | tail | full"})
+    kd_reduction: str = field(default="mean", metadata={"help": "mean | sum_per_batch"})
+    transform: str = field(default="none", metadata={"help": "none | ts | ls | power (KD only)"})
+    coef: float = field(default=1.0, metadata={"help": "c for ts, delta for ls, T for power"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast (AMX CPUs, GPUs)"})
+    seed: int = 0
+    save_every: int = field(default=50, metadata={"help": "optimizer steps between checkpoints"})
+    max_steps: int = field(default=0, metadata={"help": ">0 caps the optimizer steps"})
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("ce", "kd"):
+            raise FirstError(f"loss must be 'ce' or 'kd', got {self.loss!r}")
+        if self.lr <= 0 or self.epochs <= 0 or self.batch_size < 1 or self.grad_accum < 1:
+            raise FirstError("lr and epochs must be > 0, batch_size and grad_accum >= 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise FirstError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.kd_normalize not in ("renorm", "tail", "full"):
+            raise FirstError(f"kd_normalize must be renorm|tail|full, got {self.kd_normalize!r}")
+        if self.kd_reduction not in ("mean", "sum_per_batch"):
+            raise FirstError(f"kd_reduction must be mean|sum_per_batch, got {self.kd_reduction!r}")
+        if self.transform not in ("none", "ts", "ls", "power"):
+            raise FirstError(f"transform must be none|ts|ls|power, got {self.transform!r}")
+        self.lora_targets = tuple(self.lora_targets)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def collate(
+    examples: Sequence[Example], indices: Sequence[int], teacher: TeacherLookup | None, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-padded batch. input_ids/attention_mask/target_mask/labels: [B, T];
+    teacher_ids [B, T, k] (long) and teacher_probs [B, T, k] (float32) when `teacher` is given,
+    zero where a position is not a target. labels[b, t] = input_ids[b, t+1] at targets, else -100.
+    """
+    rows = [examples[i] for i in indices]
+    T = max(len(r["input_ids"]) for r in rows)
+    B = len(rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, T), dtype=torch.long)
+    target = torch.zeros((B, T), dtype=torch.bool)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    out: dict[str, torch.Tensor] = {}
+    if teacher is not None:
+        k = teacher(indices[0])[0].shape[1]
+        t_ids = torch.zeros((B, T, k), dtype=torch.long)
+        t_probs = torch.zeros((B, T, k), dtype=torch.float32)
+    for b, (i, r) in enumerate(zip(indices, rows, strict=True)):
+        ids = torch.tensor(r["input_ids"], dtype=torch.long)
+        n = len(ids)
+        input_ids[b, :n] = ids
+        attention[b, :n] = 1
+        mask = torch.tensor(r["target_mask"], dtype=torch.bool)
+        mask[n - 1] = False  # the last position has no next token
+        target[b, :n] = mask
+        pos = mask.nonzero().squeeze(1)
+        labels[b, pos] = ids[pos + 1]
+        if teacher is not None:
+            ids_k, probs_k = teacher(i)
+            if len(ids_k) != len(pos):
+                raise FirstError(
+                    f"store has {len(ids_k)} positions for example {r['id']!r} but the data has "
+                    f"{len(pos)} targets: the store was made from other data"
+                )
+            t_ids[b, pos] = torch.as_tensor(ids_k, dtype=torch.long)
+            t_probs[b, pos] = torch.as_tensor(probs_k, dtype=torch.float32)
+    out.update(input_ids=input_ids, attention_mask=attention, target_mask=target, labels=labels)
+    if teacher is not None:
+        out.update(teacher_ids=t_ids, teacher_probs=t_probs)
+    return out
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
+    """The global batches of one epoch: a seeded permutation cut into chunks (last may be short)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class TargetRowsLM(nn.Module):
+    """Wraps a causal LM: decoder over all positions, LM head only at `target_mask` rows.
+
+    forward(input_ids [B,T], attention_mask [B,T], target_mask [B,T]) -> logits [N, V], where N is
+    the number of target positions in row-major order. Going through this module's forward keeps
+    DDP's gradient hooks in play.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def _causal_lm(self) -> nn.Module:
+        m = self.model
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    def forward(self, input_ids, attention_mask, target_mask):
+        lm = self._causal_lm()
+        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+        rows = hidden.last_hidden_state[target_mask]
+        return lm.get_output_embeddings()(rows)
+
+
+def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """LoRA (bf16 frozen base + fp32 adapters) or full fine-tuning (fp32 weights, bf16 autocast)."""
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        model = model.to(torch.bfloat16 if cfg.bf16 else torch.float32)
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=list(cfg.lora_targets),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+        for p in model.parameters():  # adapters in fp32, the frozen base stays bf16
+            if p.requires_grad:
+                p.data = p.data.float()
+    else:
+        model = model.float()
+        if not cfg.train_embeddings:
+            model.get_input_embeddings().weight.requires_grad_(False)
+    return model
+
+
+def finalize_model(model: nn.Module) -> nn.Module:
+    """The trained model as a plain causal LM (LoRA merged) in bf16, ready to save."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model.to(torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def step_loss(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor], cfg: TrainConfig
+) -> torch.Tensor:
+    """Loss of one micro-batch from target-row logits [N, V]."""
+    mask = batch["target_mask"]
+    if cfg.loss == "ce":
+        per_row = losses.ce_rows(logits, batch["labels"][mask])
+    else:
+        probs = batch["teacher_probs"][mask]
+        if cfg.transform != "none":
+            probs = calibration.apply_transform(probs, cfg.transform, cfg.coef)
+        per_row = losses.topk_kl_rows(
+            logits, batch["teacher_ids"][mask], probs, normalize=cfg.kd_normalize
+        )
+    if per_row.numel() == 0:
+        return logits.sum() * 0.0
+    if cfg.kd_reduction == "sum_per_batch" and cfg.loss == "kd":
+        return per_row.sum() / mask.shape[0]
+    return per_row.mean()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, losses_seen: list) -> None:
+    """Write a checkpoint atomically: a temp folder renamed into place; the old one removed last."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        tmp / "optim.pt",
+    )
+    save_file({"cpu_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses_seen}))
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list]:
+    """Restore a checkpoint written by `save_checkpoint`; returns (step, losses)."""
+    state = json.loads((path / "state.json").read_text())
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    opt = torch.load(path / "optim.pt", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["cpu_rng"])
+    return int(state["step"]), list(state["losses"])
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(
+    model: nn.Module,
+    examples: Sequence[Example],
+    cfg: TrainConfig,
+    pad_id: int,
+    teacher: TeacherLookup | None = None,
+    work_dir: Path | None = None,
+    accelerator=None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> tuple[nn.Module, dict]:
+    """Train `model` on `examples`; returns (finalized model, log dict).
+
+    `teacher` (KD only) maps an example index to its stored top-k (ids, probs) at the target
+    positions. `work_dir` holds the resumable checkpoint. `stop_after` stops after that many
+    optimizer steps without finalising (used to test resumption).
+    """
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    if cfg.loss == "kd" and teacher is None:
+        raise FirstError("KD training needs the teacher's top-k store")
+    if len(examples) == 0:
+        raise FirstError("no training examples")
+    torch.manual_seed(cfg.seed)
+    acc = accelerator or Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    model = prepare_model(model, cfg)
+    wrapped = TargetRowsLM(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+    )
+    global_bs = cfg.batch_size * acc.num_processes
+    per_epoch = math.ceil(len(examples) / global_bs)
+    micro_total = math.ceil(per_epoch * cfg.epochs)
+    total = math.ceil(micro_total / cfg.grad_accum)
+    if cfg.max_steps > 0:
+        total = min(total, cfg.max_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total), total)
+    wrapped, optimizer = acc.prepare(wrapped, optimizer)
+
+    ckpt = work_dir / "checkpoint" if work_dir is not None else None
+    step, history = 0, []
+    if ckpt is not None and (ckpt / "state.json").exists():
+        step, history = load_checkpoint(ckpt, model, optimizer, scheduler)
+
+    tokens = 0
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=total,
+        initial=step,
+        desc=f"train {cfg.loss}",
+        disable=not progress or not acc.is_main_process,
+    )
+    wrapped.train()
+    micro = step * cfg.grad_accum
+    epoch = micro // per_epoch
+    while step < total:
+        batches = epoch_batches(len(examples), global_bs, epoch, cfg.seed)
+        start = micro - epoch * per_epoch
+        for gb in batches[start:]:
+            if step >= total:
+                break
+            mine = gb[acc.process_index :: acc.num_processes] or gb[:1]
+            batch = collate(examples, mine, teacher, pad_id)
+            with acc.autocast():
+                logits = wrapped(batch["input_ids"], batch["attention_mask"], batch["target_mask"])
+            loss = step_loss(logits.float(), batch, cfg) / cfg.grad_accum
+            acc.backward(loss)
+            micro += 1
+            tokens += int(batch["attention_mask"].sum())
+            if micro % cfg.grad_accum == 0:
+                if cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                history.append(round(float(loss) * cfg.grad_accum, 6))
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{history[-1]:.4f}", tok_s=f"{tokens / elapsed:.0f}")
+                bar.update(1)
+                if (
+                    ckpt is not None
+                    and acc.is_main_process
+                    and (step % cfg.save_every == 0 or step == total)
+                ):
+                    save_checkpoint(
+                        ckpt, acc.unwrap_model(wrapped).model, optimizer, scheduler, step, history
+                    )
+                if stop_after is not None and step >= stop_after:
+                    bar.close()
+                    raise KeyboardInterrupt(f"stopped after {step} steps (test hook)")
+        epoch += 1
+        micro = epoch * per_epoch
+    bar.close()
+    acc.wait_for_everyone()
+    model = acc.unwrap_model(wrapped).model
+    log = {
+        "steps": step,
+        "losses": history,
+        "seconds": time.perf_counter() - t0,
+        "tokens": tokens,
+        "num_processes": acc.num_processes,
+        "config": cfg.to_dict(),
+    }
+    return finalize_model(model), log
+
+
+def remove_checkpoint(work_dir: Path) -> None:
+    """Drop the resumable checkpoint once the final model is safely written."""
+    for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
+        shutil.rmtree(work_dir / name, ignore_errors=True)
+
+
+def threads_hint() -> int:
+    """Torch threads to use: all cores of this process's affinity set."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1

@@ -1,0 +1,460 @@
+"""Top-k store: packing, fidelity to the teacher, resumption, sharding, and the error paths."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from first_lib import knowledge as kn
+from first_lib.errors import FirstError
+from first_lib.knowledge import TopKStore, collate, extract_topk, finalize_store
+
+torch.set_num_threads(2)
+
+
+def tiny_qwen(vocab: int = 300, hidden: int = 64, seed: int = 0) -> transformers.Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # sharper than the default init, so top-k mass is not uniform
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+def make_examples(n: int = 23, vocab: int = 300, seed: int = 0) -> list[dict]:
+    """Varied lengths (so sorting by length reorders batches); targets on the second half."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        length = int(rng.integers(2, 40))
+        mask = [length // 2 <= t < length - 1 for t in range(length)]
+        ids = rng.integers(0, vocab, length)
+        ids[0], ids[-1] = 0, vocab - 1
+        out.append({"id": f"q{i:03d}", "input_ids": ids.tolist(), "target_mask": mask})
+    return out
+
+
+@pytest.fixture(scope="module")
+def model() -> transformers.Qwen2ForCausalLM:
+    return tiny_qwen()
+
+
+@pytest.fixture(scope="module")
+def examples() -> list[dict]:
+    return make_examples()
+
+
+OPTS = {"k": 5, "batch_size": 4, "shard_size": 5, "autocast": False, "progress": False}
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file of a store (the per-process lock files aside), by relative path."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".locks" not in p.parts
+    }
+
+
+def full_softmax(model, ex: dict) -> torch.Tensor:
+    """Reference: fp32 probabilities [T, V] from the plain forward pass."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([ex["input_ids"]])).logits[0]
+    return logits.double().softmax(-1).float()
+
+
+# ---------------------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("vocab", [300, 65_536, 151_936, 262_144, 2**32])
+@pytest.mark.parametrize("k", [1, 5, 7])
+def test_pack_round_trip(vocab: int, k: int) -> None:
+    rng = np.random.default_rng(vocab + k)
+    ids = rng.integers(0, vocab, size=(50, k), dtype=np.int64)
+    ids[0, :] = 0
+    ids[1, :] = vocab - 1
+    ids[2, 0], ids[2, -1] = vocab - 1, 0
+    lo, hi = kn.pack_ids(ids, vocab)
+    lay = kn.IdLayout(k, vocab)
+    assert lo.dtype == lay.lo_dtype and hi.shape == (50, lay.hi_bytes)
+    assert lo.itemsize * k + hi.shape[1] == lay.id_bytes
+    np.testing.assert_array_equal(kn.unpack_ids(lo, hi, vocab), ids)
+
+
+def test_narrow_widths() -> None:
+    assert kn.id_bits(151_936) == 18 and kn.id_bits(65_536) == 16 and kn.id_bits(65_537) == 17
+    assert kn.id_bits(256) == 8 and kn.id_bits(300) == 9 and kn.id_bits(2) == 1
+    assert kn.bytes_per_position(5, 151_936) == 22  # 10 + ceil(5 * 2 / 8) + 10
+    assert kn.bytes_per_position(5, 65_536) == 20  # no high part
+    assert kn.bytes_per_position(5, 256) == 15  # uint8 ids
+    assert kn.bytes_per_position(5, 2**32) == 30  # 10 + 10 (5 x 16 high bits) + 10
+    with pytest.raises(FirstError):
+        kn.id_bits(2**32 + 1)
+
+
+def test_real_vocab_store_is_22_bytes(tmp_path: Path) -> None:
+    """A store over Qwen's 151,936-token vocabulary: ids above 65,535 survive, 22 bytes/pos."""
+    vocab = 151_936
+    model = tiny_qwen(vocab=vocab, hidden=16)
+    exs = make_examples(6, vocab=vocab, seed=1)
+    path = extract_topk(model, exs, tmp_path / "s", positions="all", **OPTS)
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["bytes_per_position"] == 22
+    assert meta["payload_bytes"] == 22 * meta["n_positions"]
+    store = TopKStore(path)
+    store.validate(check_hashes=True)
+    ids = np.concatenate([store.example(i)[0] for i in range(len(store))])
+    assert ids.max() >= 65_536  # the high bits are exercised
+    ex = exs[2]
+    ref = full_softmax(model, ex)[:-1].topk(5)
+    got_ids, got_p = store.get(ex["id"])
+    np.testing.assert_allclose(got_p, ref.values.numpy(), rtol=2e-3, atol=1e-6)
+    same = got_ids == ref.indices.numpy()
+    assert same.mean() > 0.95  # ties aside, the same tokens
+
+
+# ----------------------------------------------------------------------- fidelity and order
+
+
+@pytest.mark.parametrize("positions", ["targets", "all"])
+@pytest.mark.parametrize("dtype", ["prob-fp16", "logprob-fp16"])
+def test_stored_topk_matches_full_softmax(model, examples, tmp_path, positions, dtype) -> None:
+    path = extract_topk(model, examples, tmp_path / "s", positions=positions, dtype=dtype, **OPTS)
+    store = TopKStore(path)
+    store.validate()
+    for ex in examples[:8]:
+        probs = full_softmax(model, ex)
+        rows = np.flatnonzero(ex["target_mask"]) if positions == "targets" else None
+        ref_p = probs[rows] if rows is not None else probs[:-1]
+        top = ref_p.topk(5)
+        ids, p = store.get(ex["id"])
+        assert ids.dtype == np.int64 and p.dtype == np.float32 and ids.shape == p.shape
+        np.testing.assert_allclose(p, top.values.numpy(), rtol=2e-3, atol=1e-6)
+        # the stored ids carry the stored probabilities (robust to ties in the ranking)
+        np.testing.assert_allclose(
+            torch.gather(ref_p, 1, torch.from_numpy(ids)).numpy(), p, rtol=2e-3, atol=1e-6
+        )
+        assert np.all(np.diff(p, axis=1) <= 0)  # sorted by rank
+
+
+def test_bf16_autocast_close_to_fp32(model, examples, tmp_path) -> None:
+    opts = {**OPTS, "autocast": True}
+    store = TopKStore(extract_topk(model, examples, tmp_path / "s", **opts))
+    for ex in examples[:5]:
+        ref = full_softmax(model, ex)[np.flatnonzero(ex["target_mask"])].topk(5).values
+        _, p = store.get(ex["id"])
+        np.testing.assert_allclose(p, ref.numpy(), atol=0.05)
+
+
+def test_order_preserved_and_index(model, examples, tmp_path) -> None:
+    store = TopKStore(extract_topk(model, examples, tmp_path / "s", **OPTS))
+    assert len(store) == len(examples)
+    assert store.ids == [ex["id"] for ex in examples]
+    for i, ex in enumerate(examples):
+        assert store.index_of(ex["id"]) == i
+        assert store.example(i)[0].shape == (sum(ex["target_mask"]), 5)
+        assert store.digest(i) == kn.example_digest(ex)
+    with pytest.raises(FirstError):
+        store.get("nope")
+
+
+def test_fallback_full_logits_path_equals_hidden_path(model, examples, tmp_path) -> None:
+    class Wrapped(torch.nn.Module):  # no .model / .lm_head: the full-logits path
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.config = inner.config
+
+        def get_input_embeddings(self):
+            return self.inner.get_input_embeddings()
+
+        def get_output_embeddings(self):
+            return self.inner.get_output_embeddings()
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    assert kn._model_parts(Wrapped(model)) is None
+    a = TopKStore(extract_topk(model, examples, tmp_path / "a", **OPTS))
+    b = TopKStore(extract_topk(Wrapped(model), examples, tmp_path / "b", **OPTS))
+    for i in range(len(examples)):
+        np.testing.assert_array_equal(a.example(i)[0], b.example(i)[0])
+        np.testing.assert_allclose(a.example(i)[1], b.example(i)[1], rtol=2e-3, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- coverage
+
+
+def test_coverage_statistics(model, examples, tmp_path) -> None:
+    store = TopKStore(extract_topk(model, examples, tmp_path / "s", **OPTS))
+    cov = store.meta["coverage"]
+    mean = np.array(cov["mean"])
+    assert cov["k"] == list(range(1, 101)) and cov["n_positions"] == store.meta["n_positions"]
+    assert np.all(np.diff(mean) >= 0) and mean[-1] <= 1.0 + 1e-6 and mean[0] > 0
+    lo, hi = np.array(cov["min"]), np.array(cov["max"])
+    p05, p50, p95 = (np.array(cov[q]) for q in ("p05", "p50", "p95"))
+    assert np.all(lo <= p05 + 1e-6) and np.all(p05 <= p50 + 1e-6) and np.all(p50 <= p95 + 1e-6)
+    assert np.all(p95 <= hi + 1e-6) and np.all(lo <= mean) and np.all(mean <= hi)
+    assert np.all(np.diff(p50) >= -1e-3)  # a quantile of non-decreasing rows is non-decreasing
+    stored = np.concatenate([store.example(i)[1] for i in range(len(store))]).sum(-1)
+    assert store.meta["mean_topk_mass"] == pytest.approx(stored.mean(), abs=2e-3)
+    assert mean[4] == pytest.approx(store.meta["mean_topk_mass"])
+    assert stored.min() == pytest.approx(lo[4], abs=2e-3)
+
+
+def test_coverage_quantiles_sample_rows() -> None:
+    """The reservoir keeps a uniform sample: quantiles of 10^4 known rows come out right."""
+    cov = kn._Coverage(width=3, seed=0, reservoir=2000)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(10_000, 1)).astype(np.float32)
+    rows = np.concatenate([x, x, x], axis=1)
+    for s in range(0, 10_000, 700):
+        cov.update(rows[s : s + 700], k=1)
+    merged = kn._merge_coverage([cov.state()], [cov.sample()], k=1)
+    assert merged["p05"][0] == pytest.approx(0.05, abs=0.02)
+    assert merged["p95"][0] == pytest.approx(0.95, abs=0.02)
+    assert merged["mean"][0] == pytest.approx(float(x.mean()), abs=1e-6)
+
+
+# ----------------------------------------------------- resumption, processes, unfinished
+
+
+def test_resume_after_interruption_is_byte_identical(model, examples, tmp_path) -> None:
+    ref = extract_topk(model, examples, tmp_path / "ref", **OPTS)
+
+    def crash(index: int) -> None:
+        if index == 1:
+            raise KeyboardInterrupt("simulated kill after shard 1")
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        extract_topk(model, examples, out, on_shard_written=crash, **OPTS)
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000", "shard-00001"]
+    with pytest.raises(FirstError, match="not a finished top-k store"):
+        TopKStore(out)
+    with pytest.raises(FirstError, match="missing or incomplete"):
+        finalize_store(out)
+    # a half-written shard left by a killed process is removed and redone
+    junk = out / "shard-00002.tmp-99999"
+    junk.mkdir()
+    (junk / "values.bin").write_bytes(b"\x00" * 7)
+    done = []
+    extract_topk(model, examples, out, on_shard_written=done.append, **OPTS)
+    assert done == [2, 3, 4]  # shards 0 and 1 were not recomputed
+    assert not junk.exists()
+    assert tree_bytes(out) == tree_bytes(ref)
+
+
+def test_truncated_finished_shard_is_redone(model, examples, tmp_path) -> None:
+    out = extract_topk(model, examples[:10], tmp_path / "s", **OPTS)
+    ref = tree_bytes(out)
+    (out / "MANIFEST.json").unlink()
+    values = out / "shard-00001" / "values.bin"
+    values.write_bytes(values.read_bytes()[:-4])
+    done = []
+    extract_topk(model, examples[:10], out, on_shard_written=done.append, **OPTS)
+    assert done == [1] and tree_bytes(out) == ref
+
+
+def test_two_processes_round_robin_equal_one(model, examples, tmp_path) -> None:
+    one = extract_topk(model, examples, tmp_path / "one", **OPTS)
+    two = tmp_path / "two"
+    seen: dict[int, list[int]] = {0: [], 1: []}
+    for rank in (0, 1):
+        extract_topk(
+            model,
+            examples,
+            two,
+            process_index=rank,
+            num_processes=2,
+            on_shard_written=seen[rank].append,
+            **OPTS,
+        )
+        if rank == 0:
+            assert not (two / "MANIFEST.json").exists()
+            with pytest.raises(FirstError, match="not every process"):
+                finalize_store(two)
+    assert seen == {0: [0, 2, 4], 1: [1, 3]}
+    finalize_store(two)
+    assert tree_bytes(two) == tree_bytes(one)
+
+
+def test_finished_store_is_reused_and_settings_checked(model, examples, tmp_path) -> None:
+    out = extract_topk(model, examples, tmp_path / "s", **OPTS)
+    before = tree_bytes(out)
+    done = []
+    extract_topk(model, examples, out, on_shard_written=done.append, **OPTS)
+    assert done == [] and tree_bytes(out) == before
+    with pytest.raises(FirstError, match="different settings"):
+        extract_topk(model, examples, out, **{**OPTS, "k": 3})
+    with pytest.raises(FirstError, match="different settings"):
+        extract_topk(model, examples[:-1], out, **OPTS)
+
+
+def test_second_writer_is_refused(model, examples, tmp_path) -> None:
+    out = tmp_path / "s"
+    with kn._lock(out, 0), pytest.raises(FirstError, match="already writing"):
+        extract_topk(model, examples, out, **OPTS)
+
+
+# ---------------------------------------------------------------------- alignment, collate
+
+
+def test_alignment_mismatch_detected(model, examples, tmp_path) -> None:
+    store = TopKStore(extract_topk(model, examples, tmp_path / "s", **OPTS))
+    store.check_alignment(examples)
+    other = [dict(ex) for ex in examples]
+    other[3] = {**other[3], "input_ids": [1] + other[3]["input_ids"][1:]}
+    with pytest.raises(FirstError, match="store made from other data"):
+        store.check_alignment(other)
+    with pytest.raises(FirstError, match="store made from other data"):
+        store.check_alignment(examples[::-1])
+    with pytest.raises(FirstError, match="store made from other data"):
+        collate([other[3]], store)
+
+
+def test_collate_batch(model, examples, tmp_path) -> None:
+    store = TopKStore(extract_topk(model, examples, tmp_path / "s", **OPTS))
+    batch_ex = [examples[5], examples[0], examples[9]]
+    b = collate(batch_ex, store, pad_token_id=7)
+    t = max(len(ex["input_ids"]) for ex in batch_ex)
+    assert b["input_ids"].shape == (3, t) and b["teacher_ids"].shape == (3, t, 5)
+    assert b["teacher_ids"].dtype == torch.long and b["teacher_probs"].dtype == torch.float32
+    assert b["target_mask"].dtype == torch.bool
+    for j, ex in enumerate(batch_ex):
+        n = len(ex["input_ids"])
+        assert b["input_ids"][j, :n].tolist() == ex["input_ids"]
+        assert (b["input_ids"][j, n:] == 7).all() and b["attention_mask"][j].sum() == n
+        mask = b["target_mask"][j]
+        assert mask[:n].tolist() == ex["target_mask"] and not mask[n:].any()
+        tgt = np.flatnonzero(ex["target_mask"])
+        assert b["labels"][j, tgt].tolist() == [ex["input_ids"][t + 1] for t in tgt]
+        assert (b["labels"][j][~mask] == -100).all()
+        ids, probs = store.get(ex["id"])
+        assert torch.equal(b["teacher_ids"][j, tgt], torch.from_numpy(ids))
+        assert torch.equal(b["teacher_probs"][j, tgt], torch.from_numpy(probs))
+        assert (b["teacher_probs"][j][~mask] == 0).all() and (b["teacher_ids"][j][~mask] == 0).all()
+
+
+# ------------------------------------------------------------------------- bad input, NaN
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"k": 0}, "k = 0"),
+        ({"k": -2}, "k = -2"),
+        ({"k": 301}, "k = 301"),
+        ({"dtype": "fp8"}, "unknown store dtype"),
+        ({"positions": "some"}, "unknown positions"),
+        ({"process_index": 2, "num_processes": 2}, "process_index"),
+    ],
+)
+def test_bad_arguments(model, examples, tmp_path, change, message) -> None:
+    with pytest.raises(FirstError, match=message):
+        extract_topk(model, examples, tmp_path / "s", **{**OPTS, **change})
+    assert not list(tmp_path.glob("s/shard-*"))
+
+
+@pytest.mark.parametrize(
+    ("examples_", "message"),
+    [
+        ([], "empty split"),
+        ([{"id": "a", "input_ids": [], "target_mask": []}], "no tokens"),
+        ([{"id": "a", "input_ids": [1, 2], "target_mask": [True]}], "target_mask has 1"),
+        ([{"id": "a", "input_ids": [1, 2], "target_mask": [False, True]}], "last position"),
+        ([{"id": "a", "input_ids": [1, 999], "target_mask": [True, False]}], "outside"),
+        ([{"id": "a", "input_ids": [1, 2], "target_mask": [False, False]}], "no positions"),
+        ([{"id": "a", "input_ids": [1, 2], "target_mask": [True, False]}] * 2, "twice"),
+        ([{"input_ids": [1, 2], "target_mask": [True, False]}], "lacks"),
+    ],
+)
+def test_bad_examples(model, tmp_path, examples_, message) -> None:
+    with pytest.raises(FirstError, match=message):
+        extract_topk(model, examples_, tmp_path / "s", **OPTS)
+
+
+def test_nan_teacher_refused(examples, tmp_path) -> None:
+    bad = tiny_qwen()
+    with torch.no_grad():
+        bad.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    out = tmp_path / "s"
+    with pytest.raises(FirstError, match="NaN or inf.*refusing"):
+        extract_topk(bad, examples, out, **OPTS)
+    assert not list(out.glob("shard-*")) and not (out / "MANIFEST.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [(np.nan, "NaN or inf"), (np.inf, "NaN or inf"), (1.5, "outside")]
+)
+def test_validate_finds_bad_values(model, examples, tmp_path, value, message) -> None:
+    out = extract_topk(model, examples, tmp_path / "s", **OPTS)
+    f = out / "shard-00003" / "values.bin"
+    vals = np.fromfile(f, dtype="<f2")
+    vals[7] = value
+    vals.tofile(f)
+    with pytest.raises(FirstError, match=f"shard-00003.*{message}"):
+        TopKStore(out).validate()
+
+
+def test_validate_finds_out_of_range_ids_and_bad_hashes(model, examples, tmp_path) -> None:
+    out = extract_topk(model, examples, tmp_path / "s", **OPTS)
+    f = out / "shard-00002" / "ids_lo.bin"
+    ids = np.fromfile(f, dtype="<u2")
+    ids[3] = 300  # vocab is 300: ids 0..299
+    ids.tofile(f)
+    with pytest.raises(FirstError, match="shard-00002.*does not match its sha256"):
+        TopKStore(out).validate(check_hashes=True)
+    with pytest.raises(FirstError, match="shard-00002.*token id 300 outside"):
+        TopKStore(out).validate()
+
+
+def test_disk_full_removes_partial_shard(model, examples, tmp_path, monkeypatch) -> None:
+    real = kn._write_file
+    calls = {"n": 0}
+
+    def failing(path, data):
+        calls["n"] += 1
+        if "shard-00001" in str(path) and path.name == "values.bin":
+            real(path, bytes(data)[: len(data) // 2])  # a partial write, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(kn, "_write_file", failing)
+    out = tmp_path / "s"
+    with pytest.raises(FirstError, match="disk full.*shard-00001.*removed"):
+        extract_topk(model, examples, out, **OPTS)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("shard")) == ["shard-00000"]
+    monkeypatch.setattr(kn, "_write_file", real)
+    ref = extract_topk(model, examples, tmp_path / "ref", **OPTS)
+    extract_topk(model, examples, out, **OPTS)  # resumes after space is freed
+    assert tree_bytes(out) == tree_bytes(ref)
+
+
+def test_pickled_store_reopens_maps(model, examples, tmp_path) -> None:
+    import pickle
+
+    store = TopKStore(extract_topk(model, examples, tmp_path / "s", **OPTS))
+    store.example(0)
+    clone = pickle.loads(pickle.dumps(store))  # as DataLoader workers receive it
+    assert clone._shards == {}
+    np.testing.assert_array_equal(clone.example(4)[0], store.example(4)[0])
+
+
+def test_forward_throughput_runs(model, examples) -> None:
+    assert kn.forward_throughput(model, examples[:4], batch_size=2, autocast=False) > 0

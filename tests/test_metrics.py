@@ -1,0 +1,240 @@
+"""Metrics: hand-computed cases, edge cases, torchmetrics agreement, sampler properties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.classification import BinaryCalibrationError, MulticlassCalibrationError
+
+from first_lib.errors import FirstError
+from first_lib.metrics import (
+    accuracy,
+    adaptive_ece,
+    bin_indices,
+    bootstrap_ci,
+    brier,
+    brier_binary,
+    ece,
+    mce,
+    nll,
+    rankwise_calibration,
+    reliability_bins,
+    trust_score,
+)
+
+torch.set_num_threads(2)
+
+
+def calibrated_sample(n: int, seed: int, power: float = 1.0):
+    """Confidence ~ U(0, 1), correct ~ Bernoulli(confidence ** power) (power 1: calibrated)."""
+    rng = np.random.default_rng(seed)
+    conf = rng.random(n)
+    return conf, rng.random(n) < conf**power
+
+
+# --------------------------------------------------------------------------- hand-computed
+
+
+def test_ece_hand_example():
+    conf = [0.95, 0.95, 0.15, 0.15]
+    correct = [1, 0, 0, 0]
+    # bin 10: conf .95, acc .5 -> 2/4 * .45; bin 2: conf .15, acc 0 -> 2/4 * .15
+    assert ece(conf, correct) == pytest.approx(0.3)
+    assert mce(conf, correct) == pytest.approx(0.45)
+    bins = reliability_bins(conf, correct)
+    assert bins.count.tolist() == [0, 2, 0, 0, 0, 0, 0, 0, 0, 2]
+    assert bins.gap[9] == pytest.approx(-0.45)  # over-confident: negative gap
+    assert np.isnan(bins.accuracy[0]) and np.isnan(bins.gap[5])  # empty bins
+    assert bins.ece == pytest.approx(0.3)
+    assert bins.edges.shape == (11,) and bins.n == 4
+
+
+def test_ece_confidence_exactly_zero_and_one():
+    bins = reliability_bins([0.0, 1.0, 1.0], [False, True, False])
+    assert bins.count[0] == 1 and bins.count[-1] == 2 and bins.count.sum() == 3
+    assert ece([1.0], [True]) == 0.0
+    assert ece([0.0], [False]) == 0.0
+    assert ece([1.0], [False]) == 1.0
+    assert ece([0.0], [True]) == 1.0
+
+
+def test_bin_edges_are_left_closed_at_m_over_m():
+    edges = np.arange(11) / 10
+    # Each edge m/M opens its bin; the float just below it does not.
+    assert bin_indices(edges, 10).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9]
+    assert bin_indices(np.nextafter(edges[1:-1], 0), 10).tolist() == list(range(9))
+    assert bin_indices(np.array([0.3, 0.7, 0.1, 0.05]), 10).tolist() == [3, 7, 1, 0]
+    for m in (1, 3, 7, 10, 15, 20, 100):
+        e = np.arange(m + 1) / m
+        x = np.concatenate([np.random.default_rng(m).random(10_000), e, np.nextafter(e, 2)])
+        x = np.clip(x, 0, 1)
+        ref = np.clip(np.searchsorted(e, x, side="right") - 1, 0, m - 1)
+        assert (bin_indices(x, m) == ref).all()
+        assert (bin_indices(x.astype(np.float32), m) == ref_f32(x, e, m)).all()
+
+
+def ref_f32(x: np.ndarray, e: np.ndarray, m: int) -> np.ndarray:
+    x32 = x.astype(np.float32).astype(np.float64)
+    return np.clip(np.searchsorted(e, x32, side="right") - 1, 0, m - 1)
+
+
+def test_adaptive_ece_hand_example():
+    conf = [0.4, 0.1, 0.3, 0.2]
+    correct = [1, 0, 1, 0]
+    # two equal-mass bins: {0.1, 0.2} acc 0 conf .15; {0.3, 0.4} acc 1 conf .35
+    assert adaptive_ece(conf, correct, n_bins=2) == pytest.approx(0.5 * 0.15 + 0.5 * 0.65)
+    # more bins than predictions: one prediction per bin
+    assert adaptive_ece(conf, correct, n_bins=10) == pytest.approx((0.1 + 0.2 + 0.7 + 0.6) / 4)
+
+
+def test_brier_nll_trust_accuracy():
+    probs = np.array([[1.0, 0.0], [0.5, 0.5]])
+    assert brier(probs, [0, 1]) == pytest.approx(0.25)
+    c = 4
+    assert brier(np.full((3, c), 1 / c), [0, 1, 2]) == pytest.approx(1 - 1 / c)
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(5), size=100)
+    g = rng.integers(0, 5, size=100)
+    onehot = np.eye(5)[g]
+    assert brier(p, g) == pytest.approx(np.mean(np.sum((p - onehot) ** 2, axis=1)))
+    assert nll(p, g) == pytest.approx(-np.mean(np.log(p[np.arange(100), g])))
+    assert nll(probs, [1, 1]) == pytest.approx((-np.log(1e-12) - np.log(0.5)) / 2)  # finite
+    assert brier_binary([1.0, 0.5], [True, False]) == pytest.approx(0.125)
+    assert trust_score(0.803, 0.063) == pytest.approx(0.74)
+    assert trust_score(acc=80.3, ece=6.3) == pytest.approx(74.0)
+    assert accuracy([True, False, True, True]) == 0.75
+
+
+def test_torch_inputs_give_python_floats():
+    conf, correct = calibrated_sample(500, seed=1)
+    a = ece(conf, correct)
+    b = ece(torch.tensor(conf, dtype=torch.float64), torch.tensor(correct))
+    assert isinstance(b, float) and b == pytest.approx(a)
+    assert isinstance(ece(torch.tensor(conf, dtype=torch.bfloat16), torch.tensor(correct)), float)
+
+
+def test_rankwise_calibration():
+    probs = np.array([[0.7, 0.2, 0.1], [0.5, 0.3, 0.2]])
+    ids = np.array([[5, 9, 1], [3, 5, 7]])
+    res = rankwise_calibration(probs, ids, gold_ids=np.array([9, 3]))
+    assert res.rank.tolist() == [1, 2, 3]
+    np.testing.assert_allclose(res.mean_prob, [0.6, 0.25, 0.15])
+    np.testing.assert_allclose(res.accuracy, [0.5, 0.5, 0.0])
+    np.testing.assert_allclose(res.gap, [-0.1, 0.25, -0.15])
+    assert res.n == 2
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "fn", [ece, adaptive_ece, mce, reliability_bins, brier_binary], ids=lambda f: f.__name__
+)
+def test_empty_nan_and_out_of_range_raise(fn):
+    with pytest.raises(ValueError, match="empty"):
+        fn([], [])
+    with pytest.raises(ValueError, match="NaN"):
+        fn([0.5, float("nan")], [1, 0])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fn([0.5, 1.2], [1, 0])
+    with pytest.raises(ValueError, match="entries"):
+        fn([0.5, 0.2], [1, 0, 1])
+
+
+def test_other_errors():
+    with pytest.raises(FirstError):
+        ece([0.5], [1], n_bins=0)
+    with pytest.raises(ValueError, match="empty"):
+        brier(np.zeros((0, 3)), np.zeros(0, dtype=int))
+    with pytest.raises(ValueError, match="gold"):
+        nll(np.full((2, 3), 1 / 3), [0, 3])
+    with pytest.raises(ValueError, match="integer"):
+        nll(np.full((2, 3), 1 / 3), [0.0, 1.0])
+    with pytest.raises(ValueError, match="empty"):
+        rankwise_calibration(np.zeros((0, 5)), np.zeros((0, 5)), np.zeros(0))
+    with pytest.raises(ValueError, match="empty"):
+        bootstrap_ci(ece, [], [])
+    # float32 round-off just above 1 is accepted (clipped), not an error
+    assert ece(np.array([1.0000001]), [True]) == 0.0
+
+
+# --------------------------------------------------------------------------- torchmetrics
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("n_bins", [10, 15])
+def test_ece_matches_torchmetrics_binary(seed, n_bins):
+    # Definitions coincide for confidences below 1 (torchmetrics puts exactly 1 in a bin of its own).
+    conf, correct = calibrated_sample(2000, seed, power=2.0)
+    conf = np.minimum(conf, 0.999999)
+    ref = BinaryCalibrationError(n_bins=n_bins, norm="l1")(
+        torch.tensor(conf), torch.tensor(correct.astype(np.int64))
+    )
+    assert ece(conf, correct, n_bins) == pytest.approx(float(ref), abs=1e-12)
+    ref_max = BinaryCalibrationError(n_bins=n_bins, norm="max")(
+        torch.tensor(conf), torch.tensor(correct.astype(np.int64))
+    )
+    assert mce(conf, correct, n_bins) == pytest.approx(float(ref_max), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ece_matches_torchmetrics_multiclass(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, c = 1500, 5
+    probs = torch.softmax(torch.randn(n, c, generator=g, dtype=torch.float64) * 2, dim=-1)
+    target = torch.randint(0, c, (n,), generator=g)
+    conf, pred = probs.max(dim=-1)
+    ref = MulticlassCalibrationError(num_classes=c, n_bins=10, norm="l1")(probs, target)
+    # torchmetrics accumulates in float32 here, hence the tolerance.
+    assert ece(conf, pred == target) == pytest.approx(float(ref), abs=1e-6)
+
+
+# --------------------------------------------------------------------------- properties
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ece_of_calibrated_sampler_tends_to_zero(seed):
+    small = ece(*calibrated_sample(1_000, seed))
+    large = ece(*calibrated_sample(1_000_000, seed))
+    assert large < 0.005
+    assert large < small
+    assert adaptive_ece(*calibrated_sample(1_000_000, seed)) < 0.005
+
+
+def test_ece_of_miscalibrated_sampler_does_not_vanish():
+    # correct ~ Bernoulli(conf^2): the gap conf - conf^2 integrates to 1/6 (minus a little binning).
+    value = ece(*calibrated_sample(1_000_000, seed=0, power=2.0))
+    assert value == pytest.approx(1 / 6, abs=0.005)
+    bins = reliability_bins(*calibrated_sample(100_000, seed=0, power=2.0))
+    assert (bins.gap[1:-1] < 0).all()  # over-confident everywhere inside
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_ci_is_seeded_and_brackets_the_estimate():
+    conf, correct = calibrated_sample(1221, seed=3, power=1.5)
+    point = ece(conf, correct)
+    lo, hi = bootstrap_ci(ece, conf, correct, n_boot=500, seed=7)
+    assert lo < point < hi
+    assert (lo, hi) == bootstrap_ci(ece, conf, correct, n_boot=500, seed=7)
+    assert (lo, hi) != bootstrap_ci(ece, conf, correct, n_boot=500, seed=8)
+    # the vectorised ECE path equals calling the function once per replicate
+    slow = bootstrap_ci(lambda c, y: ece(c, y), conf, correct, n_boot=500, seed=7)
+    assert slow == pytest.approx((lo, hi), abs=1e-12)
+
+
+def test_bootstrap_ci_of_a_mean_matches_the_normal_approximation():
+    x = np.random.default_rng(0).normal(size=4000)
+    lo, hi = bootstrap_ci(np.mean, x, n_boot=2000, seed=0)
+    half = 1.96 * x.std() / np.sqrt(x.size)
+    assert lo == pytest.approx(x.mean() - half, abs=0.15 * half)
+    assert hi == pytest.approx(x.mean() + half, abs=0.15 * half)
+
+
+def test_bootstrap_ci_resamples_rows_jointly():
+    probs = np.random.default_rng(0).dirichlet(np.ones(4), size=300)
+    gold = probs.argmax(axis=1)  # jointly resampled rows keep gold = argmax: accuracy stays 1
+    lo, hi = bootstrap_ci(lambda p, g: float(np.mean(p.argmax(1) == g)), probs, gold, n_boot=200)
+    assert lo == hi == 1.0

@@ -1,0 +1,183 @@
+"""End-to-end runs of the `tiny` profile (TINY RANDOM MODELS: these check the machinery, not FIRST)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from first_lib import pipeline
+from first_lib.errors import FirstError
+from first_lib.paths import first_home
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _isolated_home(tmp: Path) -> Path:
+    """A fresh FIRST_HOME whose wheels/ folder is the user's cache (downloads are shared)."""
+    shared = first_home() / "wheels"
+    shared.mkdir(parents=True, exist_ok=True)
+    home = tmp / "home"
+    home.mkdir()
+    (home / "wheels").symlink_to(shared, target_is_directory=True)
+    return home
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    env = {**os.environ, "FIRST_HOME": str(_isolated_home(tmp)), "TQDM_DISABLE": "1"}
+    out = tmp / "out"
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "first_lib.cli",
+            "run",
+            "--profile",
+            "tiny",
+            "--setting",
+            "csqa",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=900,
+    )
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {"out": out, "env": env, "wall": wall, "stderr": proc.stderr}
+
+
+def test_tiny_run_schema(tiny_run):
+    res = json.loads((tiny_run["out"] / "results.json").read_text())
+    assert res["profile"] == "tiny" and res["setting"] == "csqa"
+    assert res["n_test"] > 0
+    assert res["c_star"] > 0 and 0 <= res["delta"] < 1
+    assert res["store"]["k"] == 5
+    assert 0 < res["store"]["bytes_per_token"] <= 22
+    assert 0 < res["store"]["mean_topk_mass"] <= 1
+    assert set(res["variants"]) == set(pipeline.VARIANTS)
+    for v in res["variants"].values():
+        for key in ("ece", "acc", "trust", "ece_ci", "acc_ci", "brier", "nll"):
+            assert key in v
+        assert 0 <= v["ece"] <= 1 and 0 <= v["acc"] <= 1
+        assert v["trust"] == pytest.approx(v["acc"] - v["ece"])
+        assert v["ece_ci"][0] <= v["ece"] <= v["ece_ci"][1] + 1e-12
+        assert v["acc_ci"][0] <= v["acc"] <= v["acc_ci"][1] + 1e-12
+
+
+def test_tiny_run_is_fast_and_cached(tiny_run):
+    assert tiny_run["wall"] < 180, f"tiny profile took {tiny_run['wall']:.0f} s"
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "first_lib.cli",
+            "run",
+            "--profile",
+            "tiny",
+            "--setting",
+            "csqa",
+            "--out",
+            str(tiny_run["out"] / "again"),
+        ],
+        env=tiny_run["env"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "training" not in proc.stderr and "extract:" not in proc.stderr  # all cached
+    a = json.loads((tiny_run["out"] / "results.json").read_text())
+    b = json.loads((tiny_run["out"] / "again" / "results.json").read_text())
+    assert a == b
+    assert time.perf_counter() - t0 < tiny_run["wall"]
+
+
+def test_dry_run_paper_prints_plan(capsys):
+    from first_lib.cli import main
+
+    assert main(["run", "--profile", "paper", "--setting", "csqa", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    for stage in (
+        "teacher",
+        "extract",
+        "calibrate",
+        "finetune",
+        "distill-none",
+        "distill-ls",
+        "distill-ts",
+    ):
+        assert stage in text
+    assert "Llama-2-13b" in text
+
+
+def test_unknown_profile_setting_and_key():
+    with pytest.raises(FirstError, match="unknown profile"):
+        pipeline.run("huge", "csqa")
+    with pytest.raises(FirstError, match="unknown setting"):
+        pipeline.run("tiny", "squad")
+    with pytest.raises(FirstError, match="unknown profile key"):
+        pipeline.run("tiny", "csqa", n_trian=3)
+
+
+def test_two_processes_match_one(tiny_run, tmp_path):
+    """accelerate with 2 CPU processes (gloo) gives the same store and metrics as 1 process."""
+    env = {**tiny_run["env"], "FIRST_HOME": str(_isolated_home(tmp_path))}
+    out = tmp_path / "out2"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "scripts/accelerate/cpu_2proc.yaml"),
+            "-m",
+            "first_lib.cli",
+            "run",
+            "--profile",
+            "tiny",
+            "--setting",
+            "csqa",
+            "--out",
+            str(out),
+            # the same global batch as the 1-process run: 4 per process x 2 processes
+            "--set",
+            "teacher_train.batch_size=4",
+            "--set",
+            "student_train.batch_size=4",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    one = json.loads((tiny_run["out"] / "results.json").read_text())
+    two = json.loads((out / "results.json").read_text())
+    assert two["store"] == one["store"]
+    store1 = Path(one["artefacts"]["store"]) / "train"
+    store2 = Path(two["artefacts"]["store"]) / "train"
+    m1, m2 = (json.loads((s / "meta.json").read_text()) for s in (store1, store2))
+    assert m1["content_hash"] == m2["content_hash"]
+    for name in sorted(p.relative_to(store1) for p in store1.rglob("*.bin")):
+        assert (store1 / name).read_bytes() == (store2 / name).read_bytes(), name
+    assert two["c_star"] == one["c_star"] and two["delta"] == one["delta"]
+    for variant in pipeline.VARIANTS:
+        for key in ("ece", "acc"):
+            assert two["variants"][variant][key] == pytest.approx(
+                one["variants"][variant][key], abs=0.05
+            )
