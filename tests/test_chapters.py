@@ -1,0 +1,164 @@
+"""Smoke test of the book (recommenders-style): every chapter executed with papermill at the
+`tiny` profile, and the numbers each one writes checked for keys and ranges.
+
+Slow: the tiny pipeline trains its random models for three settings the first time (cached
+under $FIRST_HOME afterwards) and each chapter starts a kernel. Run it with
+`pytest -m slow tests/test_chapters.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from scripts import build_book
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+VERDICTS = {"reproduced", "contradicted", "inconclusive"}
+CHAPTERS = [
+    Path(rel).name
+    for rel in build_book.toc_files(REPO)
+    if build_book.is_notebook(REPO / f"{rel}.md")
+]
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """Execute every chapter once, in the book's order; returns (out_dir, {name: error})."""
+    out = tmp_path_factory.mktemp("book")
+    errors = {}
+    for name in CHAPTERS:
+        try:
+            build_book.execute_chapter(
+                REPO / "chapters" / f"{name}.md", out / f"{name}.ipynb", "tiny", str(out)
+            )
+        except Exception as err:  # noqa: BLE001 - reported per chapter below
+            errors[name] = f"{type(err).__name__}: {str(err)[-2000:]}"
+    return out, errors
+
+
+def load(executed, name: str) -> dict:
+    out, errors = executed
+    assert name not in errors, errors[name]
+    data = json.loads((out / f"{name}.json").read_text())
+    assert data["chapter"] == name and data["profile"] == "tiny"
+    return data
+
+
+def frac(x) -> bool:
+    return isinstance(x, (int, float)) and 0.0 <= x <= 1.0
+
+
+def check_metrics(m: dict) -> None:
+    for key in ("ece", "acc", "trust"):
+        assert key in m
+    assert frac(m["ece"]) and frac(m["acc"])
+    assert m["trust"] == pytest.approx(m["acc"] - m["ece"])
+    lo, hi = m["ece_ci"]
+    assert lo <= hi
+
+
+def check_difference(d: dict) -> None:
+    assert set(d) == {"point", "lo", "hi"} and d["lo"] <= d["hi"]
+
+
+def test_every_chapter_executes(executed):
+    _, errors = executed
+    assert not errors, errors
+
+
+def test_intro(executed):
+    d = load(executed, "intro")
+    assert 0.0 < d["ece_noise"]["median"] < 0.3
+    assert d["ece_noise"]["median"] <= d["ece_noise"]["p90"]
+    assert d["teacher"].startswith("tiny")
+
+
+def test_concentrated_knowledge(executed):
+    d = load(executed, "concentrated_knowledge")
+    assert d["plain_text"] and len(d["task"]) == 3
+    for entry in [*d["plain_text"].values(), *d["task"].values()]:
+        mass = entry["mean_mass"]
+        assert all(frac(x) for x in mass)
+        assert all(b >= a - 1e-6 for a, b in zip(mass, mass[1:], strict=False))  # cumulative
+        assert entry["top5_mean"] == pytest.approx(mass[4])
+        assert frac(entry["share_top5_at_least_95"]) and entry["n_positions"] > 0
+    assert set(d["verdicts"].values()) <= VERDICTS
+    disk = d["disk"]
+    assert [x["k"] for x in disk] == sorted(x["k"] for x in disk)
+    assert all(x["bytes"] > 0 for x in disk)
+    assert all(a["bytes"] < b["bytes"] for a, b in zip(disk, disk[1:], strict=False))
+    assert all(x["bytes_per_position"] == x["format_bytes_per_position"] for x in disk)
+    assert d["full_fp16_bytes_paper_example"] > d["top5_bytes_paper_example"]
+
+
+def test_miscalibration(executed):
+    d = load(executed, "miscalibration")
+    for gaps in d["rank_gaps"].values():
+        check_difference(gaps["top1"])
+        check_difference(gaps["rest"])
+    for r in d["rankwise"].values():
+        assert all(frac(x) for x in r["mean_prob"]) and all(frac(x) for x in r["accuracy"])
+        assert r["mean_prob"] == sorted(r["mean_prob"], reverse=True)
+    assert sum(d["store_rankwise"]["accuracy"]) <= 1 + 1e-9
+    assert set(d["before_after"]) == {
+        "csqa_teacher",
+        "csqa_student",
+        "boolq_teacher",
+        "boolq_student",
+    }
+    for ba in d["before_after"].values():
+        assert frac(ba["ece_before"]) and frac(ba["ece_after"])
+        check_difference(ba["ece_change"])
+    assert set(d["verdicts"].values()) <= VERDICTS
+
+
+def test_ls_vs_ts(executed):
+    d = load(executed, "ls_vs_ts")
+    assert d["consistent_with_pipeline"] is True
+    for setting in ("csqa", "boolq", "ood"):
+        ts = d["searches"][setting]["ts"]
+        assert len(ts["coarse"]) == 10 and ts["fine"]
+        assert ts["best"] == pytest.approx(d["c_star"][setting])
+        assert ts["best_ece"] <= min(e for _, e in ts["coarse"]) + 1e-12
+        assert 0 <= d["delta"][setting] < 1
+    ex = d["example"]
+    assert all(sum(v) == pytest.approx(1.0) for v in ex.values())
+    assert d["ts_closest_to_identity"] > 0  # eq. 4 is never the identity
+    assert all(frac(v) for v in d["ls_top1_changes"].values())
+
+
+@pytest.mark.parametrize(
+    ("name", "tests"),
+    [("distillation", {"csqa", "boolq"}), ("out_of_domain", {"csqa", "obqa"})],
+)
+def test_distillation_chapters(executed, name, tests):
+    d = load(executed, name)
+    assert set(d["tests"]) == tests
+    for t in d["tests"].values():
+        assert t["n_test"] > 0
+        for v in ("teacher", "finetune", "distill", "distill_ls", "first_ts"):
+            check_metrics(t["variants"][v])
+        for m in ("ece", "acc", "trust"):
+            check_difference(t["first_to_finetune"][m])
+        assert set(t["first_vs_others"]) == {"finetune", "distill", "distill_ls"}
+    for case in d["case_study"].values():
+        for r in case.values():
+            assert frac(r["confidence"]) and isinstance(r["correct"], bool)
+
+
+def test_paper_vs_reproduction(executed):
+    d = load(executed, "paper_vs_reproduction")
+    claims = d["claims"]
+    assert len(claims) >= 20
+    for c in claims:
+        assert c["verdict"] in VERDICTS
+        assert c["ours"]["lo"] <= c["ours"]["hi"]
+        assert not math.isnan(c["ours"]["point"])
+        assert c["paper"]
+    assert sum(d["counts"].values()) == len(claims)

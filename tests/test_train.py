@@ -1,0 +1,134 @@
+"""The training loop on TINY RANDOM MODELS: batching, resumption, and the CE/KD step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from first_lib import models, train
+from first_lib.errors import FirstError
+from first_lib.train import TrainConfig
+
+torch.set_num_threads(1)
+
+
+def _examples(n=24, seed=0, vocab=60):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        length = int(rng.integers(6, 14))
+        ids = rng.integers(2, vocab, size=length).tolist()
+        mask = [False] * length
+        for t in rng.choice(length - 1, size=2, replace=False):
+            mask[int(t)] = True
+        out.append({"id": f"ex{i}", "input_ids": ids, "target_mask": mask})
+    return out
+
+
+def _model(vocab=64, seed=0):
+    return models.make_tiny_model(vocab, size="student", seed=seed)
+
+
+def test_collate_labels_and_padding():
+    ex = _examples(3)
+    batch = train.collate(ex, [0, 1, 2], None, pad_id=0)
+    T = max(len(e["input_ids"]) for e in ex)
+    assert batch["input_ids"].shape == (3, T)
+    for b, e in enumerate(ex):
+        n = len(e["input_ids"])
+        assert batch["attention_mask"][b].sum() == n
+        pos = batch["target_mask"][b].nonzero().squeeze(1).tolist()
+        assert pos == [t for t in range(n - 1) if e["target_mask"][t]]
+        for t in pos:
+            assert batch["labels"][b, t] == e["input_ids"][t + 1]
+        assert (batch["labels"][b][~batch["target_mask"][b]] == -100).all()
+
+
+def test_collate_refuses_store_from_other_data():
+    ex = _examples(2)
+
+    def teacher(i):
+        return np.zeros((5, 3), dtype=np.int64), np.full((5, 3), 1 / 3, dtype=np.float32)
+
+    with pytest.raises(FirstError, match="other data"):
+        train.collate(ex, [0], teacher, pad_id=0)
+
+
+def test_epoch_batches_cover_every_example_once():
+    batches = train.epoch_batches(23, 8, epoch=1, seed=3)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(23))
+    assert batches == train.epoch_batches(23, 8, epoch=1, seed=3)
+    assert batches != train.epoch_batches(23, 8, epoch=2, seed=3)
+
+
+def _weights(model):
+    return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_resume_equals_uninterrupted(tmp_path, lora_r):
+    ex = _examples(24)
+    cfg = TrainConfig(
+        lr=1e-2,
+        epochs=2,
+        batch_size=4,
+        bf16=False,
+        save_every=2,
+        lora_r=lora_r,
+        lora_targets=("q_proj", "v_proj"),
+    )
+    full, log_full = train.train(_model(), ex, cfg, pad_id=0, progress=False)
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):
+        train.train(_model(), ex, cfg, pad_id=0, work_dir=work, progress=False, stop_after=5)
+    assert (work / "checkpoint" / "state.json").exists()
+    resumed, log_res = train.train(_model(), ex, cfg, pad_id=0, work_dir=work, progress=False)
+    assert log_res["steps"] == log_full["steps"] == 12
+    assert log_res["losses"] == pytest.approx(log_full["losses"], rel=1e-5, abs=1e-6)
+    a, b = _weights(full), _weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_training_lowers_the_loss():
+    ex = _examples(16)
+    cfg = TrainConfig(lr=3e-3, epochs=6, batch_size=8, bf16=False, warmup_ratio=0.0)
+    _, log = train.train(_model(), ex, cfg, pad_id=0, progress=False)
+    assert np.mean(log["losses"][-2:]) < np.mean(log["losses"][:2])
+
+
+def test_kd_matches_teacher_distribution():
+    """KD towards a fixed top-k target moves the student's renormalised top-k towards it."""
+    ex = _examples(8)
+    k = 3
+    target = np.array([0.7, 0.2, 0.1], dtype=np.float32)
+
+    def teacher(i):
+        n = sum(ex[i]["target_mask"][: len(ex[i]["input_ids"]) - 1])
+        return np.tile(np.array([5, 6, 7]), (n, 1)), np.tile(target, (n, 1))
+
+    cfg = TrainConfig(loss="kd", lr=1e-2, epochs=30, batch_size=8, bf16=False, warmup_ratio=0.0)
+    model, log = train.train(_model(), ex, cfg, pad_id=0, teacher=teacher, progress=False)
+    assert log["losses"][-1] < 0.1 * log["losses"][0]
+    batch = train.collate(ex, list(range(8)), None, pad_id=0)
+    with torch.no_grad():
+        logits = train.TargetRowsLM(model.float())(
+            batch["input_ids"], batch["attention_mask"], batch["target_mask"]
+        )
+    p = torch.softmax(logits[:, [5, 6, 7]], -1).mean(0).numpy()
+    assert p == pytest.approx(target, abs=0.05)
+    assert k == len(p)
+
+
+def test_config_checks():
+    with pytest.raises(FirstError):
+        TrainConfig(loss="mse")
+    with pytest.raises(FirstError):
+        TrainConfig(transform="sharpen")
+    with pytest.raises(FirstError):
+        TrainConfig(lr=0)
+    with pytest.raises(FirstError, match="store"):
+        train.train(_model(), _examples(2), TrainConfig(loss="kd"), pad_id=0, progress=False)
