@@ -406,18 +406,17 @@ class _Plain(str):
         return str(self)
 
 
-def glue_text(name: str, value: Any) -> str:
-    """Glue `value` (formatted with str) for `{glue:text}` in the prose; returns the text."""
+def glue_text(name: str, value: Any) -> None:
+    """Glue `value` (formatted with str) for `{glue:text}` in the prose (nothing is shown)."""
     from myst_nb import glue
 
-    text = _Plain(str(value))
-    glue(name, text, display=False)
-    return str(text)
+    glue(name, _Plain(str(value)), display=False)
 
 
-def glue_many(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+def glue_many(values: Mapping[str, Any], prefix: str = "") -> None:
     """`glue_text` for every item; keys become ``prefix + key``."""
-    return {prefix + k: glue_text(prefix + k, v) for k, v in values.items()}
+    for k, v in values.items():
+        glue_text(prefix + k, v)
 
 
 def figure_png(fig, dpi: int = 110) -> bytes:

@@ -87,10 +87,21 @@ def read_meta(path: Path) -> dict:
 
 @lru_cache(maxsize=1)
 def accelerator(bf16: bool):
-    """One `accelerate.Accelerator` per process (its state is a singleton)."""
-    from accelerate import Accelerator
+    """One `accelerate.Accelerator` per process (its state is a singleton). bf16 is used only
+    where it is fast (GPUs, AMX/AVX512-BF16 CPUs): emulated bf16 on AVX2 is several times slower."""
+    from accelerate import Accelerator, PartialState
 
-    return Accelerator(mixed_precision="bf16" if bf16 else "no")
+    from first_lib.knowledge import bf16_is_fast
+
+    fast = bf16_is_fast(PartialState().device) if bf16 else False
+    return Accelerator(mixed_precision="bf16" if fast else "no")
+
+
+def model_dtype(acc):
+    """bf16 weights where bf16 is fast, fp32 elsewhere."""
+    import torch
+
+    return torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
 
 
 def _barrier(acc) -> None:
@@ -200,12 +211,10 @@ def model_source(prof: Profile, role: str, tiny_dir: Path | None) -> str:
     return name
 
 
-def _load(source: str, dtype=None):
-    import torch
-
+def _load(source: str, acc):
     from first_lib import models
 
-    return models.load_model(source, dtype=dtype or torch.bfloat16)
+    return models.load_model(source, dtype=model_dtype(acc), device=acc.device)
 
 
 def _save_model(model, tokenizer, out: Path) -> None:
@@ -248,7 +257,7 @@ def stage_train(
             teacher = store.example
         log(f"{name}: training {source} ({cfg.loss}, lora_r={cfg.lora_r}) -> {out}")
         t0 = time.perf_counter()
-        model = _load(source)
+        model = _load(source, acc)
         model, tlog = train.train(
             model,
             examples,
@@ -282,7 +291,7 @@ def stage_extract(key: dict, teacher_dir: Path, splits: dict, prof: Profile, acc
         if is_done(out):
             return out
         out.mkdir(parents=True, exist_ok=True)
-        model = _load(str(teacher_dir))
+        model = _load(str(teacher_dir), acc)
         t0 = time.perf_counter()
         for split, examples in splits.items():
             log(f"extract: top-{prof.k} of the teacher over {len(examples)} {split} examples")
@@ -374,7 +383,7 @@ def stage_evaluate(key: dict, model_dir: str, questions: list, prof: Profile, ac
                 out.mkdir(parents=True, exist_ok=True)
                 log(f"evaluate: {model_dir} on {len(questions)} questions")
                 t0 = time.perf_counter()
-                model = _load(model_dir)
+                model = _load(model_dir, acc)
                 tok = models.load_tokenizer(model_dir)
                 records = evaluate.evaluate_multiple_choice(
                     model, tok, questions, style=prof.style, batch_size=prof.eval_batch
@@ -607,9 +616,11 @@ def run(
 
     results_by_test = {}
     for test_name, questions in data["tests"].items():
-        tkey = {
-            "data": data_key(prof, setting),
+        tkey = {  # the test set itself, so baselines are shared between settings
             "test": test_name,
+            "n_test": prof.n_test,
+            "seed": prof.seed,
+            "max_length": prof.max_length,
             "style": prof.style,
             "n_boot": prof.n_boot,
         }

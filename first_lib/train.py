@@ -53,6 +53,13 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip; 0 disables"})
     lora_r: int = field(default=0, metadata={"help": "0: full fine-tuning; >0: LoRA rank"})
     lora_alpha: int = 32
+    lora_layers: int = field(
+        default=0,
+        metadata={
+            "help": "LoRA only: adapt the top N decoder layers (0: all); "
+            "backprop then stops at the lowest adapted layer"
+        },
+    )
     lora_targets: tuple[str, ...] = (
         "q_proj",
         "k_proj",
@@ -69,7 +76,10 @@ class TrainConfig:
     kd_reduction: str = field(default="mean", metadata={"help": "mean | sum_per_batch"})
     transform: str = field(default="none", metadata={"help": "none | ts | ls | power (KD only)"})
     coef: float = field(default=1.0, metadata={"help": "c for ts, delta for ls, T for power"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast (AMX CPUs, GPUs)"})
+    bf16: bool = field(
+        default=True,
+        metadata={"help": "bf16 where it is fast (GPUs, AMX/AVX512-BF16 CPUs); fp32 elsewhere"},
+    )
     seed: int = 0
     save_every: int = field(default=50, metadata={"help": "optimizer steps between checkpoints"})
     max_steps: int = field(default=0, metadata={"help": ">0 caps the optimizer steps"})
@@ -172,17 +182,29 @@ class TargetRowsLM(nn.Module):
         return lm.get_output_embeddings()(rows)
 
 
-def prepare_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """LoRA (bf16 frozen base + fp32 adapters) or full fine-tuning (fp32 weights, bf16 autocast)."""
+def use_bf16(cfg: TrainConfig, device: torch.device | str = "cpu") -> bool:
+    """bf16 only where the hardware makes it fast: on an AVX2-only CPU it is emulated and several
+    times slower than fp32."""
+    from first_lib.knowledge import bf16_is_fast
+
+    return cfg.bf16 and bf16_is_fast(torch.device(device))
+
+
+def prepare_model(model: nn.Module, cfg: TrainConfig, bf16: bool = False) -> nn.Module:
+    """LoRA (frozen base in bf16 when `bf16`, fp32 adapters) or full fine-tuning (fp32 weights,
+    bf16 autocast when `bf16`)."""
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        model = model.to(torch.bfloat16 if cfg.bf16 else torch.float32)
+        model = model.to(torch.bfloat16 if bf16 else torch.float32)
+        n_layers = model.config.num_hidden_layers
+        top = min(cfg.lora_layers, n_layers) if cfg.lora_layers > 0 else n_layers
         lora = LoraConfig(
             r=cfg.lora_r,
             lora_alpha=cfg.lora_alpha,
             lora_dropout=0.0,
             target_modules=list(cfg.lora_targets),
+            layers_to_transform=list(range(n_layers - top, n_layers)),
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
@@ -298,8 +320,8 @@ def train(
     if len(examples) == 0:
         raise FirstError("no training examples")
     torch.manual_seed(cfg.seed)
-    acc = accelerator or Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
-    model = prepare_model(model, cfg)
+    acc = accelerator or Accelerator(mixed_precision="bf16" if use_bf16(cfg) else "no")
+    model = prepare_model(model, cfg, bf16=acc.mixed_precision == "bf16")
     wrapped = TargetRowsLM(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(

