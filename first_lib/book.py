@@ -399,18 +399,14 @@ def diff_text(d: Difference, digits: int = 1) -> str:
 # ----------------------------------------------------------------------------- glue and display
 
 
-class _Plain(str):
-    """A string whose repr is itself, so `{glue:text}` pastes it without quotes."""
-
-    def __repr__(self) -> str:
-        return str(self)
-
-
 def glue_text(name: str, value: Any) -> None:
-    """Glue `value` (formatted with str) for `{glue:text}` in the prose (nothing is shown)."""
+    """Glue `str(value)` for `{glue:text}` in the prose (nothing is shown in the notebook).
+
+    The text is glued as a Python string: myst-nb pastes `literal_eval` of its repr, which gives
+    back exactly this text ("1.10" stays "1.10"; "0.9, 0.05" does not become a tuple)."""
     from myst_nb import glue
 
-    glue(name, _Plain(str(value)), display=False)
+    glue(name, str(value), display=False)
 
 
 def glue_many(values: Mapping[str, Any], prefix: str = "") -> None:

@@ -89,12 +89,14 @@ def read_meta(path: Path) -> dict:
 def accelerator(bf16: bool):
     """One `accelerate.Accelerator` per process (its state is a singleton). bf16 is used only
     where it is fast (GPUs, AMX/AVX512-BF16 CPUs): emulated bf16 on AVX2 is several times slower."""
+    import torch
     from accelerate import Accelerator, PartialState
 
     from first_lib.knowledge import bf16_is_fast
 
-    fast = bf16_is_fast(PartialState().device) if bf16 else False
-    return Accelerator(mixed_precision="bf16" if fast else "no")
+    cpu = not torch.cuda.is_available()  # on CPUs, multi-process (gloo) needs cpu=True
+    fast = bf16_is_fast(PartialState(cpu=cpu).device) if bf16 else False
+    return Accelerator(cpu=cpu, mixed_precision="bf16" if fast else "no")
 
 
 def model_dtype(acc):
@@ -505,6 +507,10 @@ def run(
 
     prof = for_setting(get_profile(profile, **overrides), setting)
     log = log or (lambda msg: print(f"[first] {msg}", file=sys.stderr, flush=True))
+    if prof.threads:
+        import torch
+
+        torch.set_num_threads(prof.threads)
     acc = accelerator(prof.teacher_train.bf16)
     if not acc.is_main_process:
         log = lambda msg: None  # noqa: E731

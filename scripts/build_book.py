@@ -127,18 +127,33 @@ def _failed_cell(nb) -> tuple[int, str]:
     return -1, ""
 
 
+KERNEL = "first-book"
+KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+
+
+def ensure_kernel() -> str:
+    """A kernelspec that runs this interpreter (the project's venv), whatever other `python3`
+    kernels the machine has; found through $JUPYTER_PATH. Returns its name."""
+    root = BUILD / "jupyter"
+    spec = root / "kernels" / KERNEL / "kernel.json"
+    spec.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    spec.write_text(json.dumps({"argv": argv, "display_name": "first-book", "language": "python"}))
+    paths = os.environ.get("JUPYTER_PATH", "").split(os.pathsep)
+    if str(root) not in paths:
+        os.environ["JUPYTER_PATH"] = os.pathsep.join([str(root), *[p for p in paths if p]])
+    return KERNEL
+
+
 def execute_chapter(source: Path, target: Path, profile: str, out_dir: str) -> None:
     """jupytext -> papermill: execute `source` with the profile into `target` (.ipynb)."""
     import jupytext
     import nbformat
     import papermill
 
+    kernel = ensure_kernel()
     nb = jupytext.read(source)
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
+    nb.metadata["kernelspec"] = dict(KERNELSPEC)
     target.parent.mkdir(parents=True, exist_ok=True)
     plain = target.with_name(target.stem + ".input.ipynb")
     nbformat.write(nb, plain)
@@ -147,7 +162,7 @@ def execute_chapter(source: Path, target: Path, profile: str, out_dir: str) -> N
             str(plain),
             str(target),
             parameters={"profile": profile, "out_dir": out_dir},
-            kernel_name="python3",
+            kernel_name=kernel,
             cwd=str(REPO),
             progress_bar=False,
             log_output=False,
@@ -156,6 +171,7 @@ def execute_chapter(source: Path, target: Path, profile: str, out_dir: str) -> N
         plain.unlink(missing_ok=True)
         if target.exists():  # also after a failure: keep the traceback readable
             done = nbformat.read(target, as_version=4)
+            done.metadata["kernelspec"] = dict(KERNELSPEC)  # what a reader's Jupyter knows
             _tag_cells(done)
             nbformat.write(done, target)
 

@@ -191,6 +191,18 @@ def test_tag_cells_hides_parameters():
     assert "hide-cell" in nb.cells[1].metadata["tags"]
 
 
+def test_kernel_runs_this_interpreter(monkeypatch, tmp_path):
+    import sys
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    monkeypatch.setattr(build_book, "BUILD", tmp_path)
+    monkeypatch.setenv("JUPYTER_PATH", "")
+    name = build_book.ensure_kernel()
+    spec = KernelSpecManager().get_kernel_spec(name)
+    assert spec.argv[0] == sys.executable and "ipykernel_launcher" in spec.argv
+
+
 # ----------------------------------------------------------------------------- browser check
 
 
