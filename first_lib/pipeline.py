@@ -114,9 +114,24 @@ def _barrier(acc) -> None:
 # ----------------------------------------------------------------------------- data
 
 
+def prompt_fingerprint() -> str:
+    """A hash of the prompt format (rendered probe prompts and answer cues, both styles), so an
+    edit to the templates can never reuse artefacts made with the old ones."""
+    from first_lib import tasks
+
+    parts = []
+    for task in ("csqa", "boolq", "obqa"):
+        q = tasks.probe_question(task)
+        parts += [tasks.render_prompt(q, None, "plain"), tasks.answer_cue(q, "chat")]
+    example = tasks.InstructionExample("probe", "mix", "Say hi.", "to me", "Hi.")
+    parts.append(tasks.render_instruction(example, None, "plain"))
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:12]
+
+
 def data_key(prof: Profile, setting: str) -> dict:
     """What determines the data of a run, without reading it (so --dry-run stays cheap)."""
     return {
+        "prompts": prompt_fingerprint(),
         "setting": setting,
         "n": [prof.n_train, prof.n_val, prof.n_test],
         "seed": prof.seed,
