@@ -30,33 +30,23 @@ def _isolated_home(tmp: Path) -> Path:
     return home
 
 
+def _first_run(out: Path, env: dict, launcher: tuple[str, ...] = (), *extra: str):
+    """`first run --profile tiny --setting csqa --out OUT` in a subprocess (optionally launched)."""
+    cmd = [sys.executable, "-m", *launcher, *(["-m"] if launcher else []), "first_lib.cli"]
+    cmd += ["run", "--profile", "tiny", "--setting", "csqa", "--out", str(out), *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny")
     env = {**os.environ, "FIRST_HOME": str(_isolated_home(tmp)), "TQDM_DISABLE": "1"}
     out = tmp / "out"
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "first_lib.cli",
-            "run",
-            "--profile",
-            "tiny",
-            "--setting",
-            "csqa",
-            "--out",
-            str(out),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=900,
-    )
+    proc = _first_run(out, env)
     wall = time.perf_counter() - t0
-    assert proc.returncode == 0, proc.stderr[-4000:]
     return {"out": out, "env": env, "wall": wall, "stderr": proc.stderr}
 
 
@@ -80,26 +70,7 @@ def test_tiny_run_schema(tiny_run):
 
 def test_tiny_run_is_cached(tiny_run):
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "first_lib.cli",
-            "run",
-            "--profile",
-            "tiny",
-            "--setting",
-            "csqa",
-            "--out",
-            str(tiny_run["out"] / "again"),
-        ],
-        env=tiny_run["env"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = _first_run(tiny_run["out"] / "again", tiny_run["env"])
     assert "training" not in proc.stderr and "extract:" not in proc.stderr  # all cached
     a = json.loads((tiny_run["out"] / "results.json").read_text())
     b = json.loads((tiny_run["out"] / "again" / "results.json").read_text())
@@ -138,36 +109,11 @@ def test_two_processes_match_one(tiny_run, tmp_path):
     """accelerate with 2 CPU processes (gloo) gives the same store and metrics as 1 process."""
     env = {**tiny_run["env"], "FIRST_HOME": str(_isolated_home(tmp_path))}
     out = tmp_path / "out2"
-    proc = subprocess.run(
-        [
-            # torchrun: accelerate's own launcher starts a single process for MULTI_CPU configs
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "first_lib.cli",
-            "run",
-            "--profile",
-            "tiny",
-            "--setting",
-            "csqa",
-            "--out",
-            str(out),
-            # the same global batch as the 1-process run: 4 per process x 2 processes
-            "--set",
-            "teacher_train.batch_size=4",
-            "--set",
-            "student_train.batch_size=4",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # torchrun: accelerate's own launcher starts a single process for MULTI_CPU configs; the
+    # same global batch as the 1-process run: 4 per process x 2 processes
+    launcher = ("torch.distributed.run", "--nproc_per_node", "2")
+    sizes = ("--set", "teacher_train.batch_size=4", "--set", "student_train.batch_size=4")
+    _first_run(out, env, launcher, *sizes)
     one = json.loads((tiny_run["out"] / "results.json").read_text())
     two = json.loads((out / "results.json").read_text())
     # DDP averages gradients in another order than one big batch, so the trained teacher agrees
