@@ -133,7 +133,7 @@ def data_key(prof: Profile, setting: str) -> dict:
     return {
         "prompts": prompt_fingerprint(),
         "setting": setting,
-        "n": [prof.n_train, prof.n_val, prof.n_test],
+        "n": [prof.n_train, prof.n_val],  # training data only: test sizes never retrain
         "seed": prof.seed,
         "style": prof.style,
         "max_length": prof.max_length,
@@ -196,7 +196,13 @@ def tiny_models(prof: Profile, setting: str, data: dict, log) -> Path:
     TINY RANDOM MODELS: for fast tests only."""
     from first_lib import models
 
-    key = {"stage": "tiny-models", "data": data_key(prof, setting), "seed": prof.seed, "v": 1}
+    key = {
+        "stage": "tiny-models",
+        "data": data_key(prof, setting),
+        "n_test": prof.n_test,  # the tokenizer is trained on the test prompts too
+        "seed": prof.seed,
+        "v": 1,
+    }
     out = artefact_dir("tiny-models", key)
     if is_done(out):
         return out
@@ -658,7 +664,8 @@ def run(
             )
             variants[variant] = meta["metrics"]
             records[variant] = artefact_dir("evaluate", {"model": str(model_dirs[variant]), **tkey})
-        for base, src in (("teacher_base", teacher_src), ("student_base", student_src)):
+        untuned = (("teacher_base", teacher_src), ("student_base", student_src))
+        for base, src in untuned if prof.baselines else ():
             meta = stage_evaluate({"model": src, **tkey}, src, questions, prof, acc, log)
             baselines[base] = meta["metrics"]
             records[base] = artefact_dir("evaluate", {"model": src, **tkey})

@@ -36,6 +36,9 @@ class Profile:
     kd_steps_like_ce: bool = True  # students all see the same data for the same steps
     params_b: tuple[float, float] = (1.78, 0.63)  # teacher, student (billions), for --dry-run
     threads: int = 0  # torch threads (0: torch's default); tiny models run best on one
+    baselines: bool = (
+        True  # also evaluate the untuned teacher and student (the miscalibration chapter)
+    )
     note: str = ""
     per_setting: dict = field(default_factory=dict)  # setting -> overrides of n_* / max_length
 
