@@ -6,7 +6,7 @@ PROFILE ?= cpu
 # A CPU-only torch wheel unless a GPU is visible (never pull a multi-GB CUDA build on CPU boxes).
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: venv test test-slow lint book book-html clean
+.PHONY: venv test test-slow lint book book-check clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ test-slow: venv
 
 book: venv
 	$(BIN)/python -m scripts.build_book --profile $(PROFILE)
+
+# Render every page of _build/html in headless Debian chromium (apt-get install -y chromium).
+book-check: venv
+	$(BIN)/python -m scripts.check_pages
 
 clean:
 	rm -rf _build

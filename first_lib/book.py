@@ -659,6 +659,19 @@ def text_examples(
     return out
 
 
+def load_fast_model(source: str):
+    """A model for inference in the fastest dtype of this machine: bf16 where the CPU (AMX,
+    AVX512-BF16) or GPU runs it natively, else float32 (bf16 matrix products are emulated on
+    other CPUs and several times slower)."""
+    import torch
+
+    from first_lib import knowledge, models
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if knowledge.bf16_is_fast(device) else torch.float32
+    return models.load_model(source, dtype=dtype, device=device)
+
+
 # ----------------------------------------------------------------------------- coverage
 
 
@@ -703,84 +716,114 @@ def topk_mass_by_example(store_dir: str | os.PathLike, k: int = 5) -> dict[str, 
     }
 
 
+def _extract_all_positions(model, examples, folder: Path, k: int, name: str, batch_size: int):
+    from first_lib import knowledge
+
+    return knowledge.extract_topk(
+        model,
+        examples,
+        folder,
+        k=k,
+        batch_size=batch_size,
+        positions="all",
+        teacher_name=name,
+        progress=False,
+    )
+
+
 def model_coverage(
     model_source: str,
     examples: Sequence[Mapping[str, Any]],
     k_max: int = 100,
-    disk_ks: Sequence[int] = (),
     batch_size: int = 4,
     label: str = "",
 ) -> dict[str, Any]:
-    """Cumulative top-j mass (j = 1..k_max) of a model at every position of `examples`, and
-    the measured payload bytes of real top-k stores for each k in `disk_ks`.
+    """Cumulative top-j mass (j = 1..k_max) of a model at every position of `examples`, from a
+    real top-k_max store written by `knowledge.extract_topk` (positions="all").
 
-    Cached under first_home()/book/ by model, data and k's; the model is loaded only on a miss.
-    Returns {"coverage": {"k", "mean", "min", "max", "p05".."p95", "n_positions",
-    "vocab_size"} (from the store's meta.json), "top5": `topk_mass_by_example` of the store,
-    "disk": [{"k", "bytes", "positions", "bytes_per_position", "format_bytes_per_position"}]}.
+    Cached under first_home()/book/ by model, data and k_max; the model is loaded only on a
+    miss. Returns {"label", "model", "seconds", "coverage": {"k", "mean", "min", "max",
+    "p05".."p95", "n_positions", "vocab_size"} (the store's meta.json), "top5":
+    `topk_mass_by_example` of the store}.
     """
     from first_lib import knowledge
 
-    key = {
-        "model": str(model_source),
-        "content": knowledge.content_hash(examples),
-        "k_max": k_max,
-        "disk_ks": sorted(set(disk_ks)),
-        "v": 2,
-    }
-
-    def extract(model, folder: Path, k: int) -> Path:
-        return knowledge.extract_topk(
-            model,
-            examples,
-            folder,
-            k=k,
-            batch_size=batch_size,
-            positions="all",
-            teacher_name=str(model_source),
-            progress=False,
-        )
+    key = {"model": str(model_source), "content": knowledge.content_hash(examples), "k_max": k_max}
 
     def compute() -> dict[str, Any]:
         import tempfile
 
         import torch
 
-        from first_lib import models
-
         torch.set_num_threads(min(2, os.cpu_count() or 1))
-        model = models.load_model(model_source)
-        vocab = int(model.get_output_embeddings().weight.shape[0])
-        k_top = min(k_max, vocab)
+        model = load_fast_model(model_source)
+        k_top = min(k_max, int(model.get_output_embeddings().weight.shape[0]))
         t0 = time.perf_counter()
-        disk = []
         with tempfile.TemporaryDirectory(prefix="first-book-coverage-") as tmp:
-            store = extract(model, Path(tmp) / f"k{k_top}", k_top)
+            store = _extract_all_positions(
+                model, examples, Path(tmp) / "store", k_top, str(model_source), batch_size
+            )
             meta = json.loads((store / "meta.json").read_text())
             top5 = topk_mass_by_example(store, 5)
-            for k in sorted({min(k, vocab) for k in disk_ks}):
-                path = store if k == k_top else extract(model, Path(tmp) / f"k{k}", k)
-                k_meta = json.loads((path / "meta.json").read_text())
-                n_bytes = _store_bytes(path)
-                disk.append(
-                    {
-                        "k": k,
-                        "bytes": n_bytes,
-                        "positions": k_meta["n_positions"],
-                        "bytes_per_position": n_bytes / k_meta["n_positions"],
-                        "format_bytes_per_position": k_meta["bytes_per_position"],
-                    }
-                )
         return {
             "label": label,
             "model": str(model_source),
             "coverage": _coverage_summary(meta),
             "top5": top5,
-            "disk": disk,
             "seconds": round(time.perf_counter() - t0, 1),
         }
 
     return cached_json("coverage", key, compute)
+
+
+def store_disk_use(
+    model_source: str,
+    examples: Sequence[Mapping[str, Any]],
+    ks: Sequence[int],
+    batch_size: int = 4,
+) -> list[dict[str, Any]]:
+    """Bytes on disk of real top-k stores (every position of `examples`) for each k in `ks`.
+
+    Returns [{"k", "bytes", "positions", "bytes_per_position" (measured: the payload files on
+    disk / positions), "format_bytes_per_position" (what the store's format says)}], cached.
+    """
+    from first_lib import knowledge
+
+    key = {
+        "model": str(model_source),
+        "content": knowledge.content_hash(examples),
+        "ks": sorted(ks),
+    }
+
+    def compute() -> list[dict[str, Any]]:
+        import tempfile
+
+        import torch
+
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        model = load_fast_model(model_source)
+        vocab = int(model.get_output_embeddings().weight.shape[0])
+        out = []
+        with tempfile.TemporaryDirectory(prefix="first-book-disk-") as tmp:
+            for k in sorted({min(k, vocab) for k in ks}):
+                path = _extract_all_positions(
+                    model, examples, Path(tmp) / f"k{k}", k, str(model_source), batch_size
+                )
+                meta = json.loads((path / "meta.json").read_text())
+                n_bytes = _store_bytes(path)
+                out.append(
+                    {
+                        "k": k,
+                        "bytes": n_bytes,
+                        "positions": meta["n_positions"],
+                        "bytes_per_position": n_bytes / meta["n_positions"],
+                        "format_bytes_per_position": meta["bytes_per_position"],
+                        "vocab_size": meta["vocab_size"],
+                    }
+                )
+        return out
+
+    return cached_json("disk-use", key, compute)
 
 
 # ----------------------------------------------------------------------------- case study
@@ -810,7 +853,7 @@ def case_study(
         torch.set_num_threads(min(2, os.cpu_count() or 1))
         out = {}
         for variant, path in model_dirs.items():
-            model = models.load_model(path)
+            model = load_fast_model(path)
             tok = models.load_tokenizer(path)
             out[variant] = evaluate.evaluate_multiple_choice(
                 model, tok, questions, style=style, batch_size=batch_size, progress=False
