@@ -1,9 +1,8 @@
 """Smoke test of the book (recommenders-style): every chapter executed with papermill at the
 `tiny` profile, and the numbers each one writes checked for keys and ranges.
 
-Slow: the tiny pipeline trains its random models for three settings the first time (cached
-under $FIRST_HOME afterwards) and each chapter starts a kernel. Run it with
-`pytest -m slow tests/test_chapters.py`.
+Part of the default run (and so of CI): about 2.5 minutes with the tiny pipeline cached under
+$FIRST_HOME, a few minutes more the first time (three tiny settings are trained).
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ from pathlib import Path
 import pytest
 
 from scripts import build_book
-
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 VERDICTS = {"reproduced", "contradicted", "inconclusive"}
