@@ -191,9 +191,9 @@ def corpus_text(groups) -> list[str]:
     return texts
 
 
-def tiny_models(prof: Profile, setting: str, data: dict, log) -> Path:
+def tiny_models(prof: Profile, setting: str, data: dict, log, acc) -> Path:
     """Random tiny Qwen2-architecture teacher and student with a tokenizer trained on the slice.
-    TINY RANDOM MODELS: for fast tests only."""
+    TINY RANDOM MODELS: for fast tests only. Built by the main process; the others wait."""
     from first_lib import models
 
     key = {
@@ -204,10 +204,12 @@ def tiny_models(prof: Profile, setting: str, data: dict, log) -> Path:
         "v": 1,
     }
     out = artefact_dir("tiny-models", key)
-    if is_done(out):
+    if is_done(out) or not acc.is_main_process:
+        _barrier(acc)
         return out
     with artefact_lock(out):
         if is_done(out):
+            _barrier(acc)
             return out
         log("tiny-models: training a tiny tokenizer and building random models")
         texts = corpus_text([data["train"], data["validation"], *data["tests"].values()])
@@ -224,6 +226,7 @@ def tiny_models(prof: Profile, setting: str, data: dict, log) -> Path:
             model.save_pretrained(out / role, safe_serialization=True)
             tok.save_pretrained(out / role)
         write_meta(out, {"stage": "tiny-models", "key": key, "note": prof.note})
+    _barrier(acc)
     return out
 
 
@@ -554,7 +557,9 @@ def run(
         return result
 
     data = timed("data", load_questions, prof, setting)
-    tiny_dir = tiny_models(prof, setting, data, log) if prof.teacher.startswith("tiny:") else None
+    tiny_dir = (
+        tiny_models(prof, setting, data, log, acc) if prof.teacher.startswith("tiny:") else None
+    )
     teacher_src = model_source(prof, "teacher", tiny_dir)
     student_src = model_source(prof, "student", tiny_dir)
     tok = models.load_tokenizer(teacher_src)
