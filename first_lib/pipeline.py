@@ -626,6 +626,8 @@ def run(
         acc,
         log,
     )
+    if until == "finetune":
+        return {}
     coefs = {"none": 1.0, "ls": calib["delta"], "ts": calib["c_star"]}
     for variant, transform in TRANSFORM_OF.items():
         s = steps[f"distill-{transform}"]
@@ -643,7 +645,7 @@ def run(
             log,
             store_dir=store / "train",
         )
-    if until in ("finetune", "distill"):
+    if until == "distill":
         return {}
 
     results_by_test = {}
