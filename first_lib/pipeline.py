@@ -411,14 +411,10 @@ def stage_evaluate(key: dict, model_dir: str, questions: list, prof: Profile, ac
                 t0 = time.perf_counter()
                 model = _load(model_dir, acc)
                 tok = models.load_tokenizer(model_dir)
-                records = evaluate.evaluate_multiple_choice(
-                    model, tok, questions, style=prof.style, batch_size=prof.eval_batch
+                config = evaluate.EvalConfig(
+                    style=prof.style, batch_size=prof.eval_batch, n_boot=prof.n_boot, seed=prof.seed
                 )
-                with open(out / "records.jsonl.tmp", "w") as fh:
-                    for r in records:
-                        fh.write(json.dumps(r) + "\n")
-                os.replace(out / "records.jsonl.tmp", out / "records.jsonl")
-                summary = evaluate.summarize(records, n_boot=prof.n_boot, seed=prof.seed)
+                _, summary = evaluate.run_evaluation(config, model, tok, questions, out)
                 write_meta(
                     out,
                     {

@@ -33,7 +33,6 @@ class Profile:
     eval_batch: int = 8
     n_boot: int = 1000
     seed: int = 0
-    kd_steps_like_ce: bool = True  # students all see the same data for the same steps
     params_b: tuple[float, float] = (1.78, 0.63)  # teacher, student (billions), for --dry-run
     threads: int = 0  # torch threads (0: torch's default); tiny models run best on one
     baselines: bool = (

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -406,17 +405,3 @@ def train(
         "config": cfg.to_dict(),
     }
     return finalize_model(model), log
-
-
-def remove_checkpoint(work_dir: Path) -> None:
-    """Drop the resumable checkpoint once the final model is safely written."""
-    for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old"):
-        shutil.rmtree(work_dir / name, ignore_errors=True)
-
-
-def threads_hint() -> int:
-    """Torch threads to use: all cores of this process's affinity set."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return os.cpu_count() or 1
