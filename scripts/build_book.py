@@ -178,6 +178,57 @@ def execute_chapter(source: Path, target: Path, profile: str, out_dir: str) -> N
 
 # ----------------------------------------------------------------------------- staging and HTML
 
+# MathJax is served with the book instead of from a CDN, so equations render offline (in the
+# headless browser check, on a laptop on a train). The npm tarball is pinned by its SHA-256 and
+# read as an archive; only the script and its web fonts are copied into the staged `_static/`.
+MATHJAX_URL = "https://registry.npmjs.org/mathjax/-/mathjax-3.2.2.tgz"
+MATHJAX_SHA256 = "1b9c0a1c44df864e915690558e72adb9cc5203360daefd385084ced3b6c64c09"
+MATHJAX_MEMBERS = ("package/es5/tex-chtml.js", "package/es5/output/chtml/fonts/woff-v2/")
+
+
+def fetch_mathjax() -> Path:
+    """The MathJax 3.2.2 npm tarball, downloaded once into first_home()/book and hash-checked."""
+    import urllib.request
+
+    from first_lib.assets import sha256_file
+    from first_lib.paths import first_home
+
+    path = first_home() / "book" / Path(MATHJAX_URL).name
+    if path.is_file() and sha256_file(path) == MATHJAX_SHA256:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    try:
+        with urllib.request.urlopen(MATHJAX_URL, timeout=60) as response, open(tmp, "wb") as fh:
+            shutil.copyfileobj(response, fh)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"[book] cannot download MathJax from {MATHJAX_URL}: {err}") from None
+    got = sha256_file(tmp)
+    if got != MATHJAX_SHA256:
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"[book] MathJax tarball hash mismatch: {got} != {MATHJAX_SHA256}")
+    os.replace(tmp, path)
+    return path
+
+
+def vendor_mathjax(static_dir: Path) -> None:
+    """Unpack tex-chtml.js and its fonts into static_dir/mathjax/ (fonts under output/...)."""
+    import tarfile
+
+    dest = static_dir / "mathjax"
+    if (dest / "tex-chtml.js").is_file():
+        return
+    with tarfile.open(fetch_mathjax()) as tar:
+        for member in tar.getmembers():
+            if not member.isfile() or not member.name.startswith(MATHJAX_MEMBERS):
+                continue
+            rel = Path(member.name).relative_to("package/es5")
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tar.extractfile(member) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out)
+
 
 def _repo_url() -> str:
     """A public GitHub URL for launch buttons: $FIRST_BOOK_REPO_URL, else the origin remote."""
@@ -217,6 +268,10 @@ def staged_config(profile: str, repo_url: str) -> dict:
     sphinx = cfg.setdefault("sphinx", {})
     exts = sphinx.get("extra_extensions") or []
     sphinx["extra_extensions"] = [*exts, "scripts.build_book"]
+    conf = sphinx.setdefault("config", {}) or {}
+    conf["html_static_path"] = ["_static"]
+    conf["mathjax_path"] = "mathjax/tex-chtml.js"  # relative to _static: see vendor_mathjax
+    sphinx["config"] = conf
     return cfg
 
 
@@ -243,8 +298,9 @@ def stage(profile: str, executed: dict[str, Path], plain_pages: list[str]) -> Pa
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / f"{rel}.md", target)
         keep.add(target)
+    vendor_mathjax(dest / "_static")
     for path in dest.rglob("*"):  # drop pages that left the table of contents
-        if path.is_file() and path not in keep:
+        if path.is_file() and path not in keep and "_static" not in path.parts:
             path.unlink()
     return dest
 
@@ -285,6 +341,32 @@ def setup(app):
     """Sphinx entry point (see the module docstring)."""
     app.connect("html-page-context", _launch_to_markdown, priority=600)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
+
+
+# ----------------------------------------------------------------------------- timings
+
+
+def record_timing(results_dir: Path, chapter: str, seconds: float, forced: bool) -> None:
+    """Append one execution of a chapter to results_dir/timings.json (read by the appendix).
+
+    {"chapter": {"executions": [{"seconds": 12.3, "date": "...", "forced": false}, ...]}};
+    the first execution at a profile pays for the pipeline runs it asks for, later ones read
+    them from the cache, so the list shows both the cold and the cached cost.
+    """
+    path = results_dir / "timings.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    entry = data.setdefault(chapter, {"executions": []})
+    entry["executions"].append(
+        {
+            "seconds": round(seconds, 2),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "forced": forced,
+        }
+    )
+    results_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- main
@@ -354,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         seconds = time.perf_counter() - t0
         stamp.write_text(json.dumps({"fp": fp, "seconds": round(seconds, 2), "profile": profile}))
+        record_timing(REPO / out_dir, name, seconds, forced=args.force)
         report.append((name, "executed", seconds))
         print(f"[book] {name} executed in {seconds:.1f} s", flush=True)
 

@@ -10,7 +10,8 @@ Needs Debian's `chromium` on the PATH (or $CHROMIUM); this script installs nothi
 It serves the HTML folder on 127.0.0.1 with `python -m http.server` in a subprocess, loads each
 page twice in `chromium --headless` (once with --dump-dom for the rendered DOM, once with
 --screenshot into `_build/screenshots/`), and fails (exit 1) on a page whose DOM holds an error
-output (a cell's stderr or a traceback) or an <img> whose file is not in the build.
+output (a cell's stderr or a traceback), an <img> whose file is not in the build, or equations
+that MathJax (served from the book's own `_static/`, no CDN) did not typeset.
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def check_dom(dom: str, page: Path, html_dir: Path) -> list[str]:
         html_dir: the root of the build.
     """
     problems = [f"error output ({m!r})" for m in ERROR_MARKERS if m in dom]
+    if 'class="math' in dom and "<mjx-container" not in dom:
+        problems.append("equations left as raw TeX (MathJax did not load or typeset)")
     parser = _Images()
     parser.feed(dom)
     base = "http://book.invalid/" + page.as_posix()

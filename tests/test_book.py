@@ -221,6 +221,22 @@ def test_check_dom_finds_errors_and_missing_images(tmp_path):
     assert any("Traceback" in p for p in problems) and any("outside" in p for p in problems)
 
 
+def test_check_dom_flags_equations_left_as_tex(tmp_path):
+    page = Path("chapters/a.html")
+    raw = '<span class="math notranslate nohighlight">\\(P(i)\\)</span>'
+    assert any("raw TeX" in p for p in check_pages.check_dom(raw, page, tmp_path))
+    typeset = '<span class="math notranslate nohighlight"><mjx-container class="MathJax">'
+    assert check_pages.check_dom(typeset, page, tmp_path) == []
+
+
+def test_staged_config_serves_mathjax_locally():
+    cfg = build_book.staged_config("cpu", "")
+    conf = cfg["sphinx"]["config"]
+    assert conf["mathjax_path"] == "mathjax/tex-chtml.js"
+    assert "_static" in conf["html_static_path"]
+    assert len(build_book.MATHJAX_SHA256) == 64 and build_book.MATHJAX_URL.startswith("https://")
+
+
 def test_pages_skip_assets(tmp_path):
     for rel in ("index.html", "chapters/a.html", "_static/x.html", "_sources/y.html"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -396,3 +412,13 @@ def test_paper_numbers_are_consistent_with_trust():
         if abs(m["trust"] - (m["acc"] - m["ece"])) > 0.11
     }
     assert off == {("ood_obqa", "teacher")}
+
+
+def test_record_timing_appends_executions(tmp_path):
+    build_book.record_timing(tmp_path, "intro", 12.345, forced=False)
+    build_book.record_timing(tmp_path, "intro", 1.5, forced=True)
+    build_book.record_timing(tmp_path, "ls_vs_ts", 3.0, forced=False)
+    data = json.loads((tmp_path / "timings.json").read_text())
+    assert [e["seconds"] for e in data["intro"]["executions"]] == [12.35, 1.5]
+    assert data["intro"]["executions"][1]["forced"] is True
+    assert set(data) == {"intro", "ls_vs_ts"}
