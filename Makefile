@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,book]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,book,bench]"
 	touch $@
 
 venv: $(BIN)/.installed

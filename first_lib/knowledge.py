@@ -41,6 +41,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,9 +355,37 @@ def _vocab_sizes(model: torch.nn.Module) -> tuple[int, int]:
     return v_in, v_out
 
 
-def _chunk_rows(vocab: int) -> int:
-    """Rows per LM-head chunk: about 2^25 logits (128 MB in fp32) at a time."""
-    return max(1, 2**25 // vocab)
+def _chunk_rows(vocab: int, device: torch.device | None = None) -> int:
+    """Rows per LM-head chunk: about 2^25 logits (128 MB in fp32) at a time on a CPU, 2^28 on a
+    GPU, where fewer, larger launches keep it busy (measured on an H100: extraction went from
+    0.82 to 0.85 of the forward pass's tokens/s, see first_lib/bench.py)."""
+    budget = 2**28 if device is not None and device.type == "cuda" else 2**25
+    return max(1, budget // vocab)
+
+
+def _lse_from_max(logits: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """log(sum(exp(logits))) per row [n] in fp32, given the row maxima m [n, 1] (fp32)."""
+    return (logits.float() - m).exp().sum(-1).log() + m.squeeze(-1)
+
+
+_LSE_FUSED: Any = None  # torch.compile(_lse_from_max) on CUDA, built on first use
+
+
+def _lse_cuda(logits: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """`_lse_from_max` compiled into one kernel that reads the bf16 logits once, instead of
+    materialising an fp32 copy (H100: 0.85 -> 0.92 of the forward pass); eager if compiling
+    is not possible on this machine."""
+    global _LSE_FUSED
+    if _LSE_FUSED is None:
+        try:
+            _LSE_FUSED = torch.compile(_lse_from_max, dynamic=True)
+            _LSE_FUSED(logits[:1], m[:1])  # compile now, so a failure falls back here
+        except Exception as err:  # noqa: BLE001 - no compiler/triton: the eager maths is the same
+            warnings.warn(
+                f"extraction: torch.compile unavailable ({err}); using eager", stacklevel=2
+            )
+            _LSE_FUSED = _lse_from_max
+    return _LSE_FUSED(logits, m)
 
 
 def _topk_logits(
@@ -371,6 +400,8 @@ def _topk_logits(
     top = torch.topk(logits, width, dim=-1, sorted=True)
     top_vals = top.values.float()
     m = top_vals[:, :1]
+    if logits.is_cuda:
+        return top_vals, top.indices, _lse_cuda(logits, m)
     work = logits.float()  # a copy for bf16 logits; the same tensor (consumed) for fp32 ones
     lse = work.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
     return top_vals, top.indices, lse
@@ -401,7 +432,7 @@ def _teacher_topk(
         logits = out.logits
         rows = logits.reshape(-1, logits.shape[-1]).index_select(0, flat_rows)  # [N, V]
         project = None
-    step = _chunk_rows(vocab)
+    step = _chunk_rows(vocab, rows.device)
     tops, idxs, lses = [], [], []
     for s in range(0, rows.shape[0], step):
         chunk = rows[s : s + step]
@@ -906,6 +937,8 @@ def finalize_store(out_dir: str | os.PathLike) -> Path:
         raise FirstError(f"{out}/config.json is not a config of this store version") from None
     if (out / MANIFEST).exists():
         return out
+    for stale in out.glob(".*.tmp-*"):  # a JSON file half-written by a killed run
+        stale.unlink(missing_ok=True)
     infos, samples = [], []
     for i in range(cfg.n_shards):
         path = out / _shard_name(i)

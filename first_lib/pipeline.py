@@ -57,14 +57,19 @@ def is_done(path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def artefact_lock(path: Path, wait: bool = True) -> Iterator[None]:
-    """An exclusive lock on `path` (a sibling `.lock` file): a second run waits, or refuses."""
+def artefact_lock(path: Path, wait: bool = True, log=None) -> Iterator[None]:
+    """An exclusive lock on `path` (a sibling `.lock` file): a second run says so and waits
+    (`wait`), or refuses. The kernel drops the lock of a killed process."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "w") as fh:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as err:
-            raise FirstError(f"another run is writing {path}; wait for it to finish") from err
+            if not wait:
+                raise FirstError(f"another run is writing {path}; wait for it to finish") from err
+            if log is not None:
+                log(f"waiting: another run is writing {path.name} (lock {path.name}.lock)")
+            fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -207,7 +212,7 @@ def tiny_models(prof: Profile, setting: str, data: dict, log, acc) -> Path:
     if is_done(out) or not acc.is_main_process:
         _barrier(acc)
         return out
-    with artefact_lock(out):
+    with artefact_lock(out, log=log):
         if is_done(out):
             _barrier(acc)
             return out
@@ -268,7 +273,7 @@ def stage_train(
     out = artefact_dir(name, key)
     if is_done(out):
         return out
-    lock = artefact_lock(out) if acc.is_main_process else contextlib.nullcontext()
+    lock = artefact_lock(out, log=log) if acc.is_main_process else contextlib.nullcontext()
     with lock:
         if is_done(out):
             return out
@@ -280,6 +285,7 @@ def stage_train(
 
             store = TopKStore(store_dir)
             store.check_alignment(examples)
+            store.validate()  # NaN / inf, ids outside the vocabulary, a broken index
             teacher = store.example
         log(f"{name}: training {source} ({cfg.loss}, lora_r={cfg.lora_r}) -> {out}")
         t0 = time.perf_counter()
@@ -313,7 +319,7 @@ def stage_extract(key: dict, teacher_dir: Path, splits: dict, prof: Profile, acc
     out = artefact_dir("extract", key)
     if is_done(out):
         return out
-    with artefact_lock(out) if acc.is_main_process else contextlib.nullcontext():
+    with artefact_lock(out, log=log) if acc.is_main_process else contextlib.nullcontext():
         if is_done(out):
             return out
         out.mkdir(parents=True, exist_ok=True)
@@ -350,6 +356,7 @@ def calibration_data(store_dir: Path, examples: list[dict]) -> tuple[np.ndarray,
 
     store = TopKStore(store_dir)
     store.check_alignment(examples)
+    store.validate()  # NaN / inf, ids outside the vocabulary, a broken index
     probs, ranks = [], []
     for i, ex in enumerate(examples):
         ids_k, probs_k = store.example(i)
@@ -370,7 +377,7 @@ def stage_calibrate(key: dict, store_dir: Path, examples: list[dict], log) -> di
     out = artefact_dir("calibrate", key)
     if is_done(out):
         return read_meta(out)
-    with artefact_lock(out):
+    with artefact_lock(out, log=log):
         if is_done(out):
             return read_meta(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -404,7 +411,7 @@ def stage_evaluate(key: dict, model_dir: str, questions: list, prof: Profile, ac
 
     out = artefact_dir("evaluate", key)
     if not is_done(out) and acc.is_main_process:
-        with artefact_lock(out):
+        with artefact_lock(out, log=log):
             if not is_done(out):
                 out.mkdir(parents=True, exist_ok=True)
                 log(f"evaluate: {model_dir} on {len(questions)} questions")
@@ -560,6 +567,11 @@ def run(
     student_src = model_source(prof, "student", tiny_dir)
     tok = models.load_tokenizer(teacher_src)
     models.check_same_vocabulary(tok, models.load_tokenizer(student_src))
+    if prof.k > len(tok):
+        raise FirstError(
+            f"k = {prof.k} is larger than the vocabulary ({len(tok)} tokens of {teacher_src}): "
+            "the teacher's top-k cannot keep more tokens than it has"
+        )
     train_ex = tokenize(tok, data["train"], prof, setting)
     val_ex = tokenize(tok, data["validation"], prof, setting)
 
@@ -709,8 +721,10 @@ def run(
     if out is not None and acc.is_main_process:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-        (out / "timings.json").write_text(json.dumps(timings, indent=2))
+        for name, obj in (("results.json", results), ("timings.json", timings)):
+            tmp = out / f".{name}.tmp-{os.getpid()}"  # a kill never leaves half a file
+            tmp.write_text(json.dumps(obj, indent=2, sort_keys=name == "results.json"))
+            os.replace(tmp, out / name)
         log(f"wrote {out / 'results.json'}")
     return results
 

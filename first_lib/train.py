@@ -96,6 +96,7 @@ class TrainConfig:
             raise FirstError(f"kd_reduction must be mean|sum_per_batch, got {self.kd_reduction!r}")
         if self.transform not in ("none", "ts", "ls", "power"):
             raise FirstError(f"transform must be none|ts|ls|power, got {self.transform!r}")
+        calibration.check_coefficient(self.transform, self.coef)  # c > 0, 0 <= delta < 1
         self.lora_targets = tuple(self.lora_targets)
 
     def to_dict(self) -> dict:
@@ -341,6 +342,9 @@ def train(
 
     ckpt = work_dir / "checkpoint" if work_dir is not None else None
     step, history = 0, []
+    if ckpt is not None and not ckpt.exists() and ckpt.with_name(ckpt.name + ".old").exists():
+        # killed between the two renames of `save_checkpoint`: the previous one is complete
+        ckpt.with_name(ckpt.name + ".old").rename(ckpt)
     if ckpt is not None and (ckpt / "state.json").exists():
         step, history = load_checkpoint(ckpt, model, optimizer, scheduler)
 
@@ -363,6 +367,7 @@ def train(
                 break
             mine = gb[acc.process_index :: acc.num_processes] or gb[:1]
             batch = collate(examples, mine, teacher, pad_id)
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             with acc.autocast():
                 logits = wrapped(batch["input_ids"], batch["attention_mask"], batch["target_mask"])
             loss = step_loss(logits.float(), batch, cfg) / cfg.grad_accum

@@ -470,3 +470,26 @@ def test_pickled_store_reopens_maps(built) -> None:
 
 def test_forward_throughput_runs(model, examples) -> None:
     assert kn.forward_throughput(model, examples[:4], batch_size=2, autocast=False) > 0
+
+
+def test_lse_paths_agree_with_logsumexp():
+    """The eager in-place normaliser (CPU) and the formula compiled on CUDA give logsumexp."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 1000, generator=g) * 4
+    ref = torch.logsumexp(logits.double(), -1)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = logits.to(dtype)
+        exact = torch.logsumexp(x.double(), -1)
+        top, idx, lse = kn._topk_logits(x.clone(), 5)
+        assert torch.allclose(lse.double(), exact, atol=1e-5)
+        m = x.float().max(-1, keepdim=True).values
+        assert torch.allclose(kn._lse_from_max(x, m).double(), exact, atol=1e-5)
+        assert torch.equal(idx, torch.topk(x, 5).indices)
+    assert torch.allclose(lse.double(), ref, atol=0.05)  # bf16 rounding of the inputs only
+
+
+def test_chunk_rows_bigger_on_gpu():
+    cpu = kn._chunk_rows(151_936, torch.device("cpu"))
+    gpu = kn._chunk_rows(151_936, torch.device("cuda"))
+    assert cpu == 2**25 // 151_936 and gpu == 2**28 // 151_936
+    assert kn._chunk_rows(2**30) == 1

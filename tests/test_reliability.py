@@ -1,0 +1,254 @@
+"""Reliability: `kill -9` at any point resumes to the same bytes, two runs never both write one
+artefact, and the tiny profile is deterministic (TINY RANDOM MODELS: machinery only).
+
+The long fault-injection campaign is `python -m scripts.fault_injection` (a short version runs
+here under `-m slow`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from first_lib import pipeline
+from first_lib.errors import FirstError
+from first_lib.knowledge import TopKStore
+from first_lib.profiles import get_profile
+from scripts import fault_injection as fi
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A child process: a small random causal model (plain torch, so the child starts fast) has its
+# top-k over 40 examples extracted in shards of 4. argv: OUT PAUSE_SHARD. With PAUSE_SHARD >= 0
+# the child stops (sleeps) right after the first file of that shard's temporary folder is
+# written and says "partial": a kill then leaves a half-written shard, the worst moment.
+CHILD = r"""
+import sys, time, types
+import numpy as np, torch
+torch.set_num_threads(1)
+from first_lib import knowledge as kn
+
+class Toy(torch.nn.Module):
+    def __init__(self, vocab=300, dim=32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.mix = torch.nn.Embedding(vocab, dim), torch.nn.Linear(dim, dim)
+        self.head = torch.nn.Linear(dim, vocab, bias=False)
+    def get_input_embeddings(self): return self.emb
+    def get_output_embeddings(self): return self.head
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        h = self.emb(input_ids).cumsum(1)  # causal: position t sees tokens 0..t
+        return types.SimpleNamespace(logits=self.head(torch.tanh(self.mix(h))) * 4)
+
+out, pause = sys.argv[1], int(sys.argv[2])
+rng = np.random.default_rng(0)
+examples = []
+for i in range(40):
+    n = int(rng.integers(8, 40))
+    examples.append({"id": f"e{i}", "input_ids": rng.integers(0, 300, n).tolist(),
+                     "target_mask": [n // 2 <= t < n - 1 for t in range(n)]})
+write = kn._write_file
+def paused_write(path, data):
+    write(path, data)
+    if pause >= 0 and path.parent.name.startswith(f"shard-{pause:05d}.tmp"):
+        print("partial", flush=True)
+        time.sleep(600)
+kn._write_file = paused_write
+kn.extract_topk(Toy().eval(), examples, out, k=5, batch_size=4, shard_size=4, progress=False,
+                on_shard_written=lambda i: print("shard", i, flush=True))
+print("done", flush=True)
+"""
+
+
+def _child(out: Path, pause: int = -1) -> list[str]:
+    """Run CHILD; with `pause` >= 0, SIGKILL it once it reports the half-written shard."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(out), str(pause)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line.strip())
+        if line.startswith("partial"):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=300)
+    return lines
+
+
+def _files(store: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(store.rglob("*"))
+        if p.is_file() and ".locks" not in p.parts
+    }
+
+
+def test_extraction_killed_mid_shard_twice_resumes_byte_identical(tmp_path):
+    ref, store = tmp_path / "ref", tmp_path / "store"
+    assert _child(ref)[-1] == "done"
+
+    lines = _child(store, pause=6)  # kill -9 while shard 6 is half-written
+    assert lines[-1] == "partial" and lines[:-1] == [f"shard {i}" for i in range(6)]
+    assert len(list(store.glob("shard-00006.tmp-*"))) == 1  # the half-written folder
+    assert not (store / "shard-00006").exists() and not (store / "MANIFEST.json").exists()
+    with pytest.raises(FirstError, match="not a finished top-k store"):
+        TopKStore(store)  # a half-written store is never read
+
+    lines = _child(store, pause=8)  # resumes at shard 6, killed again inside shard 8
+    assert lines == ["shard 6", "shard 7", "partial"]
+    assert not list(store.glob("shard-00006.tmp-*"))  # the stale folder was removed
+
+    lines = _child(store)  # resumes at shard 8 and finishes
+    assert lines == ["shard 8", "shard 9", "done"]
+    assert not list(store.glob("*.tmp*")) and not list(store.glob(".*.tmp*"))
+    assert _files(store) == _files(ref)  # byte-identical to the uninterrupted store
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train many times faster on one thread than on two busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_checkpoint_killed_between_renames_resumes_identically(tmp_path, one_thread):
+    """A kill between `save_checkpoint`'s two renames leaves only `checkpoint.old` (complete)
+    and a `checkpoint.tmp`; the next run resumes from the old one and ends identical."""
+    from first_lib import models, train
+
+    def examples():
+        g = torch.Generator().manual_seed(0)
+        out = []
+        for i in range(24):
+            n = int(torch.randint(6, 16, (1,), generator=g))
+            ids = torch.randint(0, 64, (n,), generator=g).tolist()
+            out.append(
+                {"id": f"x{i}", "input_ids": ids, "target_mask": [t == n - 2 for t in range(n)]}
+            )
+        return out
+
+    cfg = train.TrainConfig(lr=1e-3, epochs=2, batch_size=4, bf16=False, save_every=2)
+    data = examples()
+    full, full_log = train.train(
+        models.make_tiny_model(64, "student"), data, cfg, pad_id=0, progress=False
+    )
+
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):
+        train.train(
+            models.make_tiny_model(64, "student"),
+            data,
+            cfg,
+            pad_id=0,
+            work_dir=work,
+            progress=False,
+            stop_after=4,
+        )
+    ckpt = work / "checkpoint"
+    ckpt.rename(work / "checkpoint.old")  # killed after the first rename ...
+    (work / "checkpoint.tmp").mkdir()  # ... with the next checkpoint half-written
+    (work / "checkpoint.tmp" / "trainable.safetensors").write_bytes(b"\0" * 10)
+    resumed, log = train.train(
+        models.make_tiny_model(64, "student"), data, cfg, pad_id=0, work_dir=work, progress=False
+    )
+    assert log["steps"] == full_log["steps"] == 12 and log["losses"] == full_log["losses"]
+    assert log["tokens"] < full_log["tokens"]  # resumed at step 4, not from the start
+    for (name, a), (_, b) in zip(
+        full.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def _reader(proc, lines: list[str]) -> threading.Thread:
+    def read():
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    return t
+
+
+def test_two_concurrent_runs_never_both_write(tmp_path, monkeypatch):
+    """Two `first teacher` runs on one FIRST_HOME while a third holder has the teacher's lock:
+    both say they wait; afterwards each artefact was made by exactly one of them."""
+    home = fi.fresh_home(tmp_path / "home")
+    monkeypatch.setenv("FIRST_HOME", str(home))
+    prof = get_profile("tiny", **{"teacher_train.max_steps": 2})
+    steps = {s["stage"]: s for s in pipeline.plan(prof, "csqa")}
+    teacher = pipeline.artefact_dir("teacher", steps["teacher"]["key"])
+    cmd = [sys.executable, "-m", "first_lib.cli", "teacher", "--profile", "tiny"]
+    cmd += ["--set", "teacher_train.max_steps=2"]
+    env = fi.env_for(home)
+    outs: list[list[str]] = [[], []]
+    with pipeline.artefact_lock(teacher):
+        procs = [
+            subprocess.Popen(cmd, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
+        readers = [_reader(p, out) for p, out in zip(procs, outs, strict=True)]
+        deadline = time.monotonic() + 300
+        wait = f"waiting: another run is writing {teacher.name}"
+        while not all(any(wait in x for x in out) for out in outs):
+            assert time.monotonic() < deadline, outs
+            assert all(p.poll() is None for p in procs), outs  # nobody got past the lock
+            time.sleep(0.2)
+        assert not pipeline.is_done(teacher)
+    for p, r in zip(procs, readers, strict=True):
+        assert p.wait(timeout=600) == 0
+        r.join(timeout=10)
+    both = [line for out in outs for line in out]
+    assert sum("tiny-models: training" in x for x in both) == 1, both
+    assert sum("teacher: training" in x for x in both) == 1, both
+    assert pipeline.is_done(teacher)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """The uninterrupted tiny run (shared with tests/test_bad_input.py through basetemp)."""
+    work = tmp_path_factory.getbasetemp() / "tiny-reference"
+    home, out, _ = fi.reference_run(work)
+    return work, home, out
+
+
+def test_tiny_profile_is_deterministic(reference):
+    """Two fresh FIRST_HOMEs (at the same path, so artefact paths agree): byte-identical
+    results.json and store; timings live in timings.json, apart."""
+    work, ref_home, ref_out = reference
+    home = fi.fresh_home(work / "home")
+    out = work / "second-out"
+    run = fi.run_first(fi.first_command(out), fi.env_for(home))
+    assert run.rc == 0, run.stderr[-3000:]
+    shutil.rmtree(work / "second-home", ignore_errors=True)
+    home.rename(work / "second-home")
+    assert (out / "results.json").read_bytes() == (ref_out / "results.json").read_bytes()
+    assert fi.store_files(work / "second-home") == fi.store_files(ref_home)
+    timings = json.loads((out / "timings.json").read_text())
+    assert {"teacher", "extract", "calibrate"} <= set(timings)
+    assert "seconds" not in (out / "results.json").read_text()
+
+
+@pytest.mark.slow
+def test_fault_injection_short(tmp_path, capsys):
+    """One trial with up to two kill -9 at random times: the resumed run matches."""
+    rc = fi.main(["--trials", "1", "--max-kills", "2", "--seed", "1", "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "1/1 trials match" in out
