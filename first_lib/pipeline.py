@@ -512,9 +512,8 @@ def describe_plan(prof: Profile, setting: str) -> str:
         status = "done" if is_done(path) else "missing"
         mem = estimate_memory_gb(step["params_b"], step.get("train"))
         lines.append(f"{step['stage']:<16} {status:<8} {mem:>8.1f} GB  {path.name}")
-    lines.append(
-        f"evaluate: {', '.join(VARIANTS)} on each test set (+ the untuned teacher and student)"
-    )
+    base = " (+ the untuned teacher and student)" if prof.baselines else ""
+    lines.append(f"evaluate: {', '.join(VARIANTS)} on {', '.join(test_tasks(setting))}{base}")
     return "\n".join(lines)
 
 
