@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -237,14 +235,6 @@ def test_search_errors():
         search_coefficient(p, np.zeros(4, dtype=int), kind="ts", grid=(-1.0, 0.0))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ts", "power", "ls"])
-def test_search_speed_one_million_positions(kind):
-    rng = np.random.default_rng(0)
-    p = random_topk(rng, 1_000_000, 5)
-    gold = rng.integers(-1, 5, size=1_000_000)
-    start = time.perf_counter()
-    search_coefficient(p, gold, kind=kind)
-    seconds = time.perf_counter() - start
-    print(f"search_coefficient({kind}) on 1e6 x 5: {seconds:.2f} s")
-    assert seconds < 3.0
+# The speed of the search on 10^6 positions is measured by `first bench`
+# (coefficient_search_seconds, target < 1 s) as a benchmark, not as an absolute-time test
+# that fails on a loaded machine.
