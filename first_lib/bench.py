@@ -490,6 +490,18 @@ def _gkd_labels(batch) -> Any:
     return torch.where(shifted, ids, torch.full_like(ids, -100))
 
 
+def _update(loss, student, optimizer, clip: float) -> float:
+    """Backward, clip (when clip > 0), AdamW step: the end of every online step. Returns the loss."""
+    import torch
+
+    loss.backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(student.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
 def online_step_equivalent(student, teacher, batch, optimizer, bf16: bool, clip: float) -> float:
     """One online distillation step written out as TRL's ``GKDTrainer`` computes it with
     ``lmbda=0`` (no generation) and ``beta=0`` (forward KL): full logits of the student and of
@@ -510,12 +522,7 @@ def online_step_equivalent(student, teacher, batch, optimizer, bf16: bool, clip:
     kl = F.kl_div(log_s, log_t, reduction="none", log_target=True)
     mask = labels[:, 1:] != -100
     loss = kl[mask].sum() / mask.sum().clamp_min(1)
-    loss.backward()
-    if clip > 0:
-        torch.nn.utils.clip_grad_norm_(student.parameters(), clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return _update(loss, student, optimizer, clip)
 
 
 def online_step_lean(student, teacher, batch, optimizer, bf16: bool, clip: float) -> float:
@@ -539,12 +546,7 @@ def online_step_lean(student, teacher, batch, optimizer, bf16: bool, clip: float
         reduction="batchmean",
         log_target=True,
     )
-    loss.backward()
-    if clip > 0:
-        torch.nn.utils.clip_grad_norm_(student.parameters(), clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return _update(loss, student, optimizer, clip)
 
 
 def trl_available() -> bool:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from first_lib import metrics
+from first_lib.assets import sha256_file
 from first_lib.errors import FirstError
 from first_lib.paths import first_home
 
@@ -552,14 +553,6 @@ PLAIN_TEXT = TextSource(
 )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_text_archive(source: TextSource = PLAIN_TEXT) -> Path:
     """The source distribution, downloaded once into first_home()/sdists and verified.
 
@@ -578,7 +571,7 @@ def fetch_text_archive(source: TextSource = PLAIN_TEXT) -> Path:
         try:
             with urllib.request.urlopen(source.url, timeout=60) as response, open(tmp, "wb") as fh:
                 shutil.copyfileobj(response, fh)
-            got = _sha256(tmp)
+            got = sha256_file(tmp)
             if got != source.sha256:
                 raise FirstError(
                     f"{source.url} has SHA-256 {got}, expected {source.sha256}; not used"
@@ -591,7 +584,7 @@ def fetch_text_archive(source: TextSource = PLAIN_TEXT) -> Path:
             ) from None
         finally:
             tmp.unlink(missing_ok=True)
-    got = _sha256(path)
+    got = sha256_file(path)
     if got != source.sha256:
         bad = path.with_suffix(".bad")
         shutil.move(path, bad)
