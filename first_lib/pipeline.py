@@ -196,18 +196,35 @@ def corpus_text(groups) -> list[str]:
     return texts
 
 
-def tiny_models(prof: Profile, setting: str, data: dict, log, acc) -> Path:
-    """Random tiny Qwen2-architecture teacher and student with a tokenizer trained on the slice.
-    TINY RANDOM MODELS: for fast tests only. Built by the main process; the others wait."""
-    from first_lib import models
-
-    key = {
+def tiny_key(prof: Profile, setting: str) -> dict:
+    return {
         "stage": "tiny-models",
         "data": data_key(prof, setting),
         "n_test": prof.n_test,  # the tokenizer is trained on the test prompts too
         "seed": prof.seed,
         "v": 1,
     }
+
+
+def test_key(prof: Profile, test_name: str) -> dict:
+    """The test set of an evaluation (without the model), so baselines are shared between
+    settings."""
+    return {
+        "test": test_name,
+        "n_test": prof.n_test,
+        "seed": prof.seed,
+        "max_length": prof.max_length,
+        "style": prof.style,
+        "n_boot": prof.n_boot,
+    }
+
+
+def tiny_models(prof: Profile, setting: str, data: dict, log, acc) -> Path:
+    """Random tiny Qwen2-architecture teacher and student with a tokenizer trained on the slice.
+    TINY RANDOM MODELS: for fast tests only. Built by the main process; the others wait."""
+    from first_lib import models
+
+    key = tiny_key(prof, setting)
     out = artefact_dir("tiny-models", key)
     if is_done(out) or not acc.is_main_process:
         _barrier(acc)
@@ -517,6 +534,87 @@ def describe_plan(prof: Profile, setting: str) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- clean
+
+
+def live_artefacts() -> set[str]:
+    """Names of every artefact a built-in profile and setting of this version would use (the plan,
+    the tiny models and the evaluations), computed from the keys without loading anything."""
+    names = set()
+    for base in PROFILES.values():
+        for setting in SETTINGS:
+            prof = for_setting(base, setting)
+            dirs = {s["stage"]: artefact_dir(s["stage"], s["key"]) for s in plan(prof, setting)}
+            tiny = None
+            if prof.teacher.startswith("tiny:"):
+                tiny = artefact_dir("tiny-models", tiny_key(prof, setting))
+                names.add(tiny.name)
+            names.update(p.name for p in dirs.values())
+            models = [dirs["teacher"], dirs["finetune"]]
+            models += [dirs[f"distill-{t}"] for t in TRANSFORM_OF.values()]
+            if prof.baselines:
+                models += [model_source(prof, role, tiny) for role in ("teacher", "student")]
+            for test_name in test_tasks(setting):
+                tkey = test_key(prof, test_name)
+                names.update(
+                    artefact_dir("evaluate", {"model": str(m), **tkey}).name for m in models
+                )
+    return names
+
+
+def _is_locked(lock: Path) -> bool:
+    """Whether another process holds `lock` (an artefact being written right now)."""
+    try:
+        with open(lock, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    except OSError:
+        return True
+    return False
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def clean(apply: bool = False, log=print) -> tuple[list[Path], int]:
+    """The artefacts under `first_home()/runs` that no built-in profile and setting of this version
+    uses (older versions' keys, `--set` overrides), with their total size; deleted when `apply`.
+    In-progress work of a live key (`.work`) and anything whose lock is held are kept."""
+    runs = first_home() / "runs"
+    live = live_artefacts()
+    stale, total, kept = [], 0, 0
+    for path in sorted(runs.iterdir()) if runs.is_dir() else []:
+        name = path.name.removesuffix(".lock").removesuffix(".work")
+        if name in live:
+            kept += 1
+            continue
+        lock = runs / f"{name}.lock"
+        if lock.exists() and _is_locked(lock):
+            log(f"kept {path.name}: another run holds its lock")
+            kept += 1
+            continue
+        size = _size(path)
+        stale.append(path)
+        total += size
+        log(f"{'removed' if apply else 'stale'}  {path.name}  {size / 1e9:.2f} GB")
+        if apply:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    verb = "removed" if apply else "would remove (run again with --yes)"
+    log(f"{verb}: {len(stale)} entries, {total / 1e9:.2f} GB; kept {kept} entries in use")
+    return stale, total
+
+
+def _cmd_clean(args) -> int:
+    clean(apply=args.yes)
+    return 0
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -657,14 +755,7 @@ def run(
 
     results_by_test = {}
     for test_name, questions in data["tests"].items():
-        tkey = {  # the test set itself, so baselines are shared between settings
-            "test": test_name,
-            "n_test": prof.n_test,
-            "seed": prof.seed,
-            "max_length": prof.max_length,
-            "style": prof.style,
-            "n_boot": prof.n_boot,
-        }
+        tkey = test_key(prof, test_name)
         variants, baselines, records = {}, {}, {}
         t0 = time.perf_counter()
         for variant in VARIANTS:
@@ -780,6 +871,12 @@ def add_cli(sub) -> None:
     p.add_argument("--out", help="folder for results.json (and timings.json)")
     p.add_argument("--dry-run", action="store_true", help="print the plan; load nothing")
     p.set_defaults(func=_cmd_run)
+    c = sub.add_parser(
+        "clean",
+        help="list (or with --yes delete) artefacts that no built-in profile of this version uses",
+    )
+    c.add_argument("--yes", action="store_true", help="delete them (default: only list them)")
+    c.set_defaults(func=_cmd_clean)
     for stage in ("teacher", "extract", "calibrate", "finetune", "distill"):
         q = sub.add_parser(stage, help=f"run the pipeline up to the {stage} stage (cached)")
         _common(q)

@@ -139,3 +139,40 @@ def test_two_processes_match_one(tiny_run, tmp_path):
             assert two["variants"][variant][key] == pytest.approx(
                 one["variants"][variant][key], abs=0.02
             ), (variant, key)
+
+
+def _clean(env: dict, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "first_lib.cli", "clean", *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_clean_keeps_what_a_run_made_and_removes_the_rest(tiny_run):
+    """Every artefact a real tiny run wrote is live (the keys `clean` computes match the run's);
+    stale entries are listed, deleted only with --yes, and one whose lock is held is kept."""
+    import fcntl
+
+    runs = Path(tiny_run["env"]["FIRST_HOME"]) / "runs"
+    made = sorted(p.name for p in runs.iterdir())
+    assert any(n.startswith("evaluate-") for n in made) and any(n.startswith("tiny-") for n in made)
+    proc = _clean(tiny_run["env"])
+    assert proc.returncode == 0, proc.stderr
+    assert "stale " not in proc.stdout and "0 entries" in proc.stdout, proc.stdout
+
+    old = runs / "teacher-000000000000"
+    (old / "adapter").mkdir(parents=True)
+    (old / "adapter" / "weights.bin").write_bytes(b"x" * 1000)
+    (runs / "teacher-000000000000.lock").write_text("")
+    busy = runs / "extract-111111111111"
+    busy.mkdir()
+    with open(runs / "extract-111111111111.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        listed = _clean(tiny_run["env"])
+        assert "stale  teacher-000000000000 " in listed.stdout
+        assert "stale  teacher-000000000000.lock" in listed.stdout
+        assert "kept extract-111111111111: another run holds its lock" in listed.stdout
+        assert old.exists()  # listing deletes nothing
+        removed = _clean(tiny_run["env"], "--yes")
+        assert removed.returncode == 0, removed.stderr
+    assert not old.exists() and not (runs / "teacher-000000000000.lock").exists()
+    assert busy.exists()
+    assert sorted(p.name for p in runs.iterdir()) == sorted([*made, busy.name, busy.name + ".lock"])
