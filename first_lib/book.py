@@ -93,6 +93,38 @@ def run_setting(profile: str, setting: str, out_dir: str | os.PathLike, **overri
     return results
 
 
+STAGE_LABELS = {
+    "teacher": "teacher fine-tuning",
+    "store": "top-k extraction",
+    "finetune": "Fine-tune",
+    "distill": "Distill",
+    "distill_ls": "Distill w/ LS",
+    "first_ts": "FIRST w/ TS",
+}
+
+
+def stage_seconds(results: Mapping[str, Any]) -> dict[str, float | None]:
+    """The wall time each stage of a run recorded in its artefact's meta.json (None when it
+    recorded none), plus one entry per test set for its evaluations. A stage that was interrupted
+    and resumed records only the part after its last restart, so these are lower bounds."""
+
+    def wall(folder: Path) -> float | None:
+        meta = folder / "meta.json"
+        if not meta.is_file():
+            return None
+        return json.loads(meta.read_text()).get("wall_seconds")
+
+    out: dict[str, float | None] = {
+        label: wall(Path(results["artefacts"][key]))
+        for key, label in STAGE_LABELS.items()
+        if key in results["artefacts"]
+    }
+    for test, block in results["by_test"].items():
+        walls = [wall(Path(path).parent) for path in block["records"].values()]
+        out[f"evaluation on {test}"] = sum(w or 0.0 for w in walls)
+    return out
+
+
 def load_records(path: str | os.PathLike) -> list[dict]:
     """Per-question records (one JSON object a line) of an evaluation."""
     path = Path(path)

@@ -425,3 +425,30 @@ def test_record_timing_appends_executions(tmp_path):
     assert [e["seconds"] for e in data["intro"]["executions"]] == [12.35, 1.5]
     assert data["intro"]["executions"][1]["forced"] is True
     assert set(data) == {"intro", "ls_vs_ts"}
+
+
+def test_stage_seconds_reads_each_artefact_and_sums_evaluations(tmp_path):
+    def artefact(name, seconds=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        if seconds is not None:
+            (folder / "meta.json").write_text(json.dumps({"wall_seconds": seconds}))
+        return folder
+
+    results = {
+        "artefacts": {"teacher": str(artefact("t", 100.0)), "store": str(artefact("s"))},
+        "by_test": {
+            "csqa": {
+                "records": {
+                    "teacher": str(artefact("e1", 3.0) / "records.jsonl"),
+                    "finetune": str(artefact("e2", 4.5) / "records.jsonl"),
+                }
+            }
+        },
+    }
+    got = book.stage_seconds(results)
+    assert got == {
+        "teacher fine-tuning": 100.0,
+        "top-k extraction": None,  # no meta.json: unknown, not zero
+        "evaluation on csqa": 7.5,
+    }
