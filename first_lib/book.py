@@ -380,9 +380,10 @@ def metrics_table(results: Mapping[str, Any], test: str | None = None, with_base
     test = test or next(iter(results["by_test"]))
     block = results["by_test"][test]
     rows = {}
-    if with_base:
+    if with_base:  # the untuned models, where the run evaluated them (profile.baselines)
         for base in ("teacher_base", "student_base"):
-            rows[variant_label(base, results)] = metrics_row(block["baselines"][base])
+            if base in block.get("baselines", {}):
+                rows[variant_label(base, results)] = metrics_row(block["baselines"][base])
     for v in TABLE_ORDER:
         rows[variant_label(v, results)] = metrics_row(block["variants"][v])
     return pd.DataFrame.from_dict(rows, orient="index")

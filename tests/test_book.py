@@ -452,3 +452,21 @@ def test_stage_seconds_reads_each_artefact_and_sums_evaluations(tmp_path):
         "top-k extraction": None,  # no meta.json: unknown, not zero
         "evaluation on csqa": 7.5,
     }
+
+
+def test_metrics_table_lists_the_untuned_models_only_where_they_were_evaluated():
+    m = {"ece": 0.1, "ece_ci": [0.05, 0.2], "acc": 0.6, "acc_ci": [0.5, 0.7], "trust": 0.5}
+    variants = {v: m for v in ("teacher", "finetune", "distill", "distill_ls", "first_ts")}
+    results = {
+        "teacher": "qwen2.5-coder-1.5b-instruct",
+        "student": "qwen2.5-coder-0.5b-instruct",
+        "by_test": {
+            "csqa": {"variants": variants, "baselines": {"teacher_base": m, "student_base": m}},
+            "obqa": {"variants": variants, "baselines": {}},  # e.g. the cpu profile's ood run
+        },
+    }
+    with_base = book.metrics_table(results, "csqa")
+    without = book.metrics_table(results, "obqa")
+    assert len(with_base) == 7 and len(without) == 5
+    assert list(without.index) == list(with_base.index)[2:]
+    assert without.loc["FIRST w/ TS 0.5B", "ECE ↓"] == "10.0 [5.0, 20.0]"
