@@ -89,7 +89,8 @@ def test_coverage_curve(tmp_path):
         bytes_per_token=ks * 6.0,
     )
     main, disk = several.axes
-    assert len(main.lines) == 2 and len(main.collections) == 2 and len(disk.lines) == 1
+    # a mean line and two outlined range edges per curve, one faint fill each
+    assert len(main.lines) == 6 and len(main.collections) == 2 and len(disk.lines) == 1
     np.testing.assert_allclose(disk.lines[0].get_ydata(), ks * 6.0)
     assert {t.get_text() for t in main.get_legend().get_texts()} == {
         "teacher",
