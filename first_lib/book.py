@@ -441,6 +441,15 @@ def glue_text(name: str, value: Any) -> None:
     glue(name, str(value), display=False)
 
 
+def glue_md(name: str, text: str) -> None:
+    """Glue a sentence of MyST Markdown for `{glue:md}` in the prose: pasted inline as ordinary
+    text (`{glue:text}` shows its value in bold, which suits a number, not a sentence)."""
+    from IPython.display import Markdown
+    from myst_nb import glue
+
+    glue(name, Markdown(text), display=False)
+
+
 def glue_many(values: Mapping[str, Any], prefix: str = "") -> None:
     """`glue_text` for every item; keys become ``prefix + key``."""
     for k, v in values.items():

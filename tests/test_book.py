@@ -88,7 +88,10 @@ def _glue_patterns(path: Path) -> list[re.Pattern]:
         for node in ast.walk(ast.parse(src)):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
                 continue
-            if node.func.attr not in ("glue_text", "glue_figure", "glue_table") or not node.args:
+            if (
+                node.func.attr not in ("glue_text", "glue_md", "glue_figure", "glue_table")
+                or not node.args
+            ):
                 continue
             arg = node.args[0]
             if isinstance(arg, ast.Constant):
