@@ -108,11 +108,10 @@ def stage_seconds(results: Mapping[str, Any]) -> dict[str, float | None]:
     recorded none), plus one entry per test set for its evaluations. A stage that was interrupted
     and resumed records only the part after its last restart, so these are lower bounds."""
 
+    from first_lib.pipeline import is_done, read_meta
+
     def wall(folder: Path) -> float | None:
-        meta = folder / "meta.json"
-        if not meta.is_file():
-            return None
-        return json.loads(meta.read_text()).get("wall_seconds")
+        return read_meta(folder).get("wall_seconds") if is_done(folder) else None
 
     out: dict[str, float | None] = {
         label: wall(Path(results["artefacts"][key]))

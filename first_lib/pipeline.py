@@ -206,10 +206,11 @@ def tiny_key(prof: Profile, setting: str) -> dict:
     }
 
 
-def test_key(prof: Profile, test_name: str) -> dict:
-    """The test set of an evaluation (without the model), so baselines are shared between
-    settings."""
+def eval_key(prof: Profile, test_name: str, model) -> dict:
+    """An evaluation: the model and the test set (not the setting, so the untuned baselines are
+    shared between settings that test on the same set)."""
     return {
+        "model": str(model),
         "test": test_name,
         "n_test": prof.n_test,
         "seed": prof.seed,
@@ -555,25 +556,19 @@ def live_artefacts() -> set[str]:
             if prof.baselines:
                 models += [model_source(prof, role, tiny) for role in ("teacher", "student")]
             for test_name in test_tasks(setting):
-                tkey = test_key(prof, test_name)
                 names.update(
-                    artefact_dir("evaluate", {"model": str(m), **tkey}).name for m in models
+                    artefact_dir("evaluate", eval_key(prof, test_name, m)).name for m in models
                 )
     return names
 
 
-def _is_locked(lock: Path) -> bool:
-    """Whether another process holds `lock` (an artefact being written right now)."""
+def _is_locked(path: Path) -> bool:
+    """Whether another process holds the lock of artefact `path` (writing it right now)."""
     try:
-        with open(lock, "a") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(fh, fcntl.LOCK_UN)
-    except OSError:
+        with artefact_lock(path, wait=False):
+            return False
+    except FirstError:
         return True
-    return False
 
 
 def _size(path: Path) -> int:
@@ -594,8 +589,7 @@ def clean(apply: bool = False, log=print) -> tuple[list[Path], int]:
         if name in live:
             kept += 1
             continue
-        lock = runs / f"{name}.lock"
-        if lock.exists() and _is_locked(lock):
+        if (runs / f"{name}.lock").exists() and _is_locked(runs / name):
             log(f"kept {path.name}: another run holds its lock")
             kept += 1
             continue
@@ -755,25 +749,19 @@ def run(
 
     results_by_test = {}
     for test_name, questions in data["tests"].items():
-        tkey = test_key(prof, test_name)
         variants, baselines, records = {}, {}, {}
         t0 = time.perf_counter()
         for variant in VARIANTS:
-            meta = stage_evaluate(
-                {"model": str(model_dirs[variant]), **tkey},
-                str(model_dirs[variant]),
-                questions,
-                prof,
-                acc,
-                log,
-            )
+            key = eval_key(prof, test_name, model_dirs[variant])
+            meta = stage_evaluate(key, key["model"], questions, prof, acc, log)
             variants[variant] = meta["metrics"]
-            records[variant] = artefact_dir("evaluate", {"model": str(model_dirs[variant]), **tkey})
+            records[variant] = artefact_dir("evaluate", key)
         untuned = (("teacher_base", teacher_src), ("student_base", student_src))
         for base, src in untuned if prof.baselines else ():
-            meta = stage_evaluate({"model": src, **tkey}, src, questions, prof, acc, log)
+            key = eval_key(prof, test_name, src)
+            meta = stage_evaluate(key, src, questions, prof, acc, log)
             baselines[base] = meta["metrics"]
-            records[base] = artefact_dir("evaluate", {"model": src, **tkey})
+            records[base] = artefact_dir("evaluate", key)
         timings[f"evaluate_{test_name}"] = round(time.perf_counter() - t0, 2)
         results_by_test[test_name] = {
             "n_test": len(questions),

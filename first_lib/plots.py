@@ -192,12 +192,11 @@ def coverage_curve(
             raise ValueError(f"mean_mass {name!r} has shape {m.shape}, ks has {k.shape}")
         ax.plot(k, m, marker="o", markersize=3, color=colours[i], label=name or "mean mass")
         if los is not None and his is not None:
-            if len(means) == 1:
-                ax.fill_between(k, los[name], his[name], color=colours[i], alpha=0.2, linewidth=0)
-            else:  # overlapping fills turn to mud: outline each range, with a faint fill
-                ax.fill_between(k, los[name], his[name], color=colours[i], alpha=0.06, linewidth=0)
-                for edge in (los[name], his[name]):
-                    ax.plot(k, edge, color=colours[i], linewidth=0.8, linestyle=":")
+            # several overlapping fills turn to mud: then outline each range over a faint fill
+            alpha = 0.2 if len(means) == 1 else 0.06
+            ax.fill_between(k, los[name], his[name], color=colours[i], alpha=alpha, linewidth=0)
+            for edge in (los[name], his[name]) if len(means) > 1 else ():
+                ax.plot(k, edge, color=colours[i], linewidth=0.8, linestyle=":")
     ax.set_xlabel("k (top-k tokens kept)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("cumulative probability of the top-k")
