@@ -580,12 +580,12 @@ def _size(path: Path) -> int:
 def clean(apply: bool = False, log=print) -> tuple[list[Path], int]:
     """The artefacts under `first_home()/runs` that no built-in profile and setting of this version
     uses (older versions' keys, `--set` overrides), with their total size; deleted when `apply`.
-    In-progress work of a live key (`.work`) and anything whose lock is held are kept."""
+    In-progress work of a live key (`.work`, `.tmp`) and anything whose lock is held are kept."""
     runs = first_home() / "runs"
     live = live_artefacts()
     stale, total, kept = [], 0, 0
     for path in sorted(runs.iterdir()) if runs.is_dir() else []:
-        name = path.name.removesuffix(".lock").removesuffix(".work")
+        name = path.name.split(".", 1)[0]  # <stage>-<hash>, without .lock / .work / .tmp
         if name in live:
             kept += 1
             continue

@@ -164,6 +164,9 @@ def test_clean_keeps_what_a_run_made_and_removes_the_rest(tiny_run):
     (runs / "teacher-000000000000.lock").write_text("")
     busy = runs / "extract-111111111111"
     busy.mkdir()
+    teacher = next(n for n in made if n.startswith("teacher-") and "." not in n)
+    saving = runs / f"{teacher}.tmp"  # a live stage between saving and renaming its model
+    saving.mkdir()
     with open(runs / "extract-111111111111.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         listed = _clean(tiny_run["env"])
@@ -171,8 +174,10 @@ def test_clean_keeps_what_a_run_made_and_removes_the_rest(tiny_run):
         assert "stale  teacher-000000000000.lock" in listed.stdout
         assert "kept extract-111111111111: another run holds its lock" in listed.stdout
         assert old.exists()  # listing deletes nothing
+        assert saving.name not in listed.stdout
         removed = _clean(tiny_run["env"], "--yes")
         assert removed.returncode == 0, removed.stderr
     assert not old.exists() and not (runs / "teacher-000000000000.lock").exists()
-    assert busy.exists()
-    assert sorted(p.name for p in runs.iterdir()) == sorted([*made, busy.name, busy.name + ".lock"])
+    assert busy.exists() and saving.exists()
+    expected = [*made, busy.name, busy.name + ".lock", saving.name]
+    assert sorted(p.name for p in runs.iterdir()) == sorted(expected)
