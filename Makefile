@@ -6,7 +6,7 @@ PROFILE ?= cpu
 # A CPU-only torch wheel unless a GPU is visible (never pull a multi-GB CUDA build on CPU boxes).
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: venv test test-slow lint book book-check clean
+.PHONY: venv test test-other-precision test-slow lint book book-check clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,11 @@ lint: venv
 
 test: venv lint
 	$(BIN)/python -m pytest -q
+
+# The suite at the precision `auto` does not pick here (tests that run at both are skipped).
+OTHER_PRECISION = $(shell $(BIN)/python -c "from first_lib import device; print('fp32' if device.resolve_precision('auto') == 'bf16' else 'bf16')" 2>/dev/null)
+test-other-precision: venv
+	FIRST_PRECISION=$(OTHER_PRECISION) $(BIN)/python -m pytest -q -m "not slow and not network and not both_precisions"
 
 test-slow: venv
 	$(BIN)/python -m pytest -q -m slow

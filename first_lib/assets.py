@@ -398,21 +398,35 @@ def _pip_download(specs: list[str], dest: Path, progress: bool) -> None:
         "--no-cache-dir",  # wheels/ is the cache; do not keep a second copy
         "--disable-pip-version-check",
         "--progress-bar",
-        "on" if progress else "off",
+        "off",
         "-d",
         str(dest),
         *specs,
     ]
+    # pip's own output (its progress bar, warnings about this machine's configuration) never
+    # reaches the user: it goes to a log file, named in the one line printed on failure.
+    log_dir = first_home() / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"pip-download-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     if progress:
-        proc = subprocess.run(cmd, check=False)
-        tail = ""
-    else:
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-        tail = (proc.stdout + proc.stderr)[-2000:]
+        print(f"[first] downloading {', '.join(specs)} with pip ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
+        lines = [ln.strip() for ln in log_path.read_text().splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("ERROR")] or lines[-1:]
         raise FirstError(
-            f"pip download failed (exit {proc.returncode}) for {', '.join(specs)}; "
-            f"is PyPI reachable? {tail}".strip()
+            f"pip download failed (exit {proc.returncode}) for {', '.join(specs)}: "
+            f"{errors[-1] if errors else 'no output'}; is PyPI reachable? full log: {log_path}"
+        )
+    if progress:
+        print(
+            f"[first] downloaded in {time.perf_counter() - t0:.0f} s (pip's log: {log_path})",
+            file=sys.stderr,
+            flush=True,
         )
 
 

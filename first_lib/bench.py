@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from first_lib import device as device_mod
 from first_lib.errors import FirstError
 from first_lib.paths import first_home
 
@@ -151,6 +152,13 @@ class BenchConfig:
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
     seed: int = 0
     profile: str = field(default="cpu", metadata={"help": "book profile whose timings to read"})
+    precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "auto | fp32 | bf16 (None: $FIRST_PRECISION, else auto); resolved to fp32 "
+            "or bf16 when the config is made, and recorded with the results"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -166,6 +174,7 @@ class BenchConfig:
             raise FirstError("need seq_len >= 3, batch_size >= 1 and n_examples >= batch_size")
         if self.steps < 1 or self.reps < 1 or self.warmup < 0 or self.bytes_examples < 1:
             raise FirstError("steps, reps and bytes_examples must be >= 1, warmup >= 0")
+        self.precision = device_mod.resolve_precision(self.precision, self.device)
         self.online = tuple(self.online)
         bad = [o for o in self.online if o not in ONLINE_IMPLS]
         if bad or not self.online:
@@ -281,29 +290,17 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _accelerator(device: str):
-    """The `accelerate.Accelerator` the pipeline would use on `device`: bf16 autocast where bf16
-    is fast (CUDA, AMX/AVX512-BF16 CPUs), fp32 elsewhere."""
-    import torch
-    from accelerate import Accelerator
-
-    from first_lib.knowledge import bf16_is_fast
-
-    bf16 = bf16_is_fast(torch.device(device))
-    return Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "no")
+def _accelerator(cfg: BenchConfig):
+    """The process's `Accelerator` at the bench's precision, as the pipeline would use it."""
+    return device_mod.accelerator(cfg.precision)
 
 
-def _dtypes(device: str):
-    """(weights dtype of loaded models, autocast bf16?) as the pipeline chooses them."""
-    import torch
-
-    from first_lib.knowledge import bf16_is_fast
-
-    bf16 = bf16_is_fast(torch.device(device))
-    return (torch.bfloat16 if bf16 else torch.float32), bf16
+def _dtypes(cfg: BenchConfig):
+    """(weights dtype of loaded models, bf16 autocast?) at the bench's precision."""
+    return device_mod.torch_dtype(cfg.precision), cfg.precision == "bf16"
 
 
-def _train_config(cfg: BenchConfig, loss: str, bf16: bool):
+def _train_config(cfg: BenchConfig, loss: str):
     from first_lib.train import TrainConfig
 
     return TrainConfig(
@@ -314,7 +311,6 @@ def _train_config(cfg: BenchConfig, loss: str, bf16: bool):
         warmup_ratio=0.0,
         transform="ts" if loss == "kd" else "none",
         coef=cfg.coef,
-        bf16=bf16,
         seed=cfg.seed,
         save_every=10**9,
         max_steps=cfg.steps,
@@ -356,7 +352,9 @@ def measure_extraction(
         shift = r % len(variants)
         for what in variants[shift:] + variants[:shift]:
             if what == "forward":
-                value = knowledge.forward_throughput(teacher, examples, cfg.extract_batch)
+                value = knowledge.forward_throughput(
+                    teacher, examples, cfg.extract_batch, autocast=cfg.precision == "bf16"
+                )
             else:
                 folder = work / f"{what}-{r}"
                 _sync(cfg.device)
@@ -371,6 +369,7 @@ def measure_extraction(
                     teacher_name="bench",
                     progress=False,
                     positions="targets" if what == "extract" else "all",
+                    autocast=cfg.precision == "bf16",
                 )
                 _sync(cfg.device)
                 value = tokens / (time.perf_counter() - t0)
@@ -435,6 +434,7 @@ def measure_store_bytes(
         batch_size=cfg.extract_batch,
         teacher_name="bench",
         progress=False,
+        autocast=cfg.precision == "bf16",
     )
     meta = json.loads((store / "meta.json").read_text())
     n = int(meta["n_positions"])
@@ -443,7 +443,7 @@ def measure_store_bytes(
 
     # The teacher's full distribution at the same positions, in fp32, example by example.
     device = next(teacher.parameters()).device
-    _, bf16 = _dtypes(cfg.device)
+    _, bf16 = _dtypes(cfg)
     rows = []
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for ex in examples:
@@ -566,7 +566,7 @@ def _gkd_step_fn(student, teacher, cfg: BenchConfig, work: Path) -> tuple[Callab
 
     from first_lib.models import make_tiny_tokenizer
 
-    bf16 = cfg.device == "cuda" and _dtypes(cfg.device)[1]
+    bf16 = _dtypes(cfg)[1]  # TRL's accelerator at the bench's precision (one state per process)
     args = GKDConfig(
         output_dir=str(work / "gkd"),
         lmbda=0.0,
@@ -632,11 +632,11 @@ def measure_training(
     from first_lib import train
     from first_lib.knowledge import TopKStore
 
-    acc = _accelerator(cfg.device)
-    bf16 = acc.mixed_precision == "bf16"
+    acc = _accelerator(cfg)
+    bf16 = cfg.precision == "bf16"
     topk = TopKStore(store)
     topk.check_alignment(examples)
-    tcfg = {loss: _train_config(cfg, loss, bf16) for loss in ("ce", "kd")}
+    tcfg = {loss: _train_config(cfg, loss) for loss in ("ce", "kd")}
 
     # Online students: one fp32 copy (bf16 autocast where fast), shared by every online step.
     impls: list[str] = []
@@ -760,13 +760,13 @@ def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = BenchConfig(**{**spec["cfg"], "online": tuple(spec["cfg"]["online"])})
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    dtype, _ = _dtypes(cfg.device)
+    dtype, _ = _dtypes(cfg)
     student = build_model(cfg.student, cfg.device, dtype, cfg.seed + 1)
     vocab = student.get_input_embeddings().num_embeddings
     examples = make_examples(cfg.n_examples, cfg.seq_len, vocab, cfg.target_frac, cfg.seed)
     topk = TopKStore(spec["store"])
-    acc = _accelerator(cfg.device)
-    tcfg = _train_config(cfg, spec["loss"], acc.mixed_precision == "bf16")
+    acc = _accelerator(cfg)
+    tcfg = _train_config(cfg, spec["loss"])
     teacher = topk.example if spec["loss"] == "kd" else None
     out: dict[str, Any] = {"loss": spec["loss"], "device": cfg.device}
     if cfg.device == "cuda":
@@ -926,12 +926,12 @@ def _git_commit() -> str | None:
     return None
 
 
-def machine_info(device: str) -> dict[str, Any]:
+def machine_info(device: str, precision: str) -> dict[str, Any]:
     """Where the numbers came from: CPU, cores, GPU, library versions, precision, date, commit."""
     import torch
     import transformers
 
-    dtype, bf16 = _dtypes(device)
+    bf16 = precision == "bf16"
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
@@ -941,9 +941,11 @@ def machine_info(device: str) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "device": device,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "precision": "bf16 autocast, fp32 master weights (teacher weights bf16)"
+        "precision": precision,
+        "precision_detail": "bf16 autocast, fp32 master weights (teacher weights bf16)"
         if bf16
-        else "fp32",
+        else "fp32 weights and compute",
+        "precision_auto_would_pick": "bf16" if device_mod.bf16_is_fast(device) else "fp32",
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
     }
@@ -983,8 +985,8 @@ def run_bench(
     load_start = os.getloadavg()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    machine = machine_info(cfg.device)
-    dtype, _ = _dtypes(cfg.device)
+    machine = machine_info(cfg.device, cfg.precision)
+    dtype, _ = _dtypes(cfg)
     tmp = None
     if work_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="first-bench-")
@@ -1027,6 +1029,7 @@ def run_bench(
                 shard_size=len(examples),
                 teacher_name="bench",
                 progress=False,
+                autocast=cfg.precision == "bf16",
             )
         else:
             ext, store = measure_extraction(teacher, examples, cfg, work)
@@ -1059,6 +1062,7 @@ def run_bench(
     )
     results["details"] = details
     results["config"] = asdict(cfg)
+    results["precision"] = cfg.precision
     results["wall_seconds"] = time.perf_counter() - t_start
     return results
 
@@ -1151,6 +1155,7 @@ def _cmd_bench(args) -> int:
             "threads",
             "coef_positions",
             "profile",
+            "precision",
         )
         if getattr(args, k) is not None
     }
@@ -1169,8 +1174,11 @@ def _cmd_bench(args) -> int:
             )
     results = run_bench(cfg, log=lambda s: print(f"bench: {s}", file=sys.stderr, flush=True))
     out = write_json(args.out or default_out(cfg), results)
-    print(format_table(results))
-    print(f"\nresults: {out}")
+    # With `--json` and no path, stdout holds the JSON alone (`first bench --json | jq`); the
+    # table goes to stderr.
+    table = sys.stderr if args.json == "-" else sys.stdout
+    print(format_table(results), file=table)
+    print(f"\nresults: {out}", file=table)
     if args.json == "-":
         print(json.dumps(results, indent=2, sort_keys=True))
     elif args.json:
@@ -1210,6 +1218,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--online", help="comma list of auto,trl,equivalent,lean")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--profile", help="book profile whose chapter timings to include")
+    device_mod.add_precision_argument(p)
     p.set_defaults(func=_cmd_bench)
 
 

@@ -490,11 +490,25 @@ def show_source(*objects: Any) -> Any:
     return Markdown("\n\n".join(blocks))
 
 
-def profile_banner(profile: str, note: str = "") -> Any:
-    """An admonition saying which profile produced the page's numbers (a warning for tiny)."""
+def precision_sentence(precision: str | None = None) -> str:
+    """Which precision the page's numbers were computed at, and why (HTML)."""
+    from first_lib import device
+
+    asked = device.requested_precision()
+    precision = precision or device.resolve_precision()
+    if asked == "auto":
+        why = "chosen by <code>auto</code> for this machine's hardware"
+    else:
+        why = f"set by <code>${device.ENV_VAR}={asked}</code>"
+    return f"Computed at <strong>{html.escape(precision)}</strong> ({why})."
+
+
+def profile_banner(profile: str, note: str = "", precision: str | None = None) -> Any:
+    """An admonition saying which profile and precision produced the page's numbers (a warning
+    for tiny). `precision`: the one recorded in the page's results (default: this kernel's)."""
     from IPython.display import HTML
 
-    note = html.escape(note)
+    note = html.escape(note) + " " + precision_sentence(precision)
     if profile == "tiny":
         body = (
             "<p><strong>The numbers on this page come from tiny random models</strong> "
@@ -537,7 +551,10 @@ def write_chapter_json(out_dir: str | os.PathLike, chapter: str, data: Mapping[s
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{chapter}.json"
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_jsonable({"chapter": chapter, **data}), indent=2, sort_keys=True))
+    from first_lib import device
+
+    record = {"chapter": chapter, "precision": device.resolve_precision(), **data}
+    tmp.write_text(json.dumps(_jsonable(record), indent=2, sort_keys=True))
     os.replace(tmp, path)
     return path
 
@@ -694,17 +711,14 @@ def text_examples(
     return out
 
 
-def load_fast_model(source: str):
-    """A model for inference in the fastest dtype of this machine: bf16 where the CPU (AMX,
-    AVX512-BF16) or GPU runs it natively, else float32 (bf16 matrix products are emulated on
-    other CPUs and several times slower)."""
-    import torch
+def load_fast_model(source: str, precision: str | None = None):
+    """A model for inference at `precision` (None: $FIRST_PRECISION, else auto: bf16 where the
+    CPU (AMX, AVX512-BF16) or GPU runs it natively, else fp32)."""
+    from first_lib import device, models
 
-    from first_lib import knowledge, models
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if knowledge.bf16_is_fast(device) else torch.float32
-    return models.load_model(source, dtype=dtype, device=device)
+    dev = device.default_device()
+    dtype = device.torch_dtype(device.resolve_precision(precision, dev))
+    return models.load_model(source, dtype=dtype, device=dev)
 
 
 # ----------------------------------------------------------------------------- coverage
@@ -781,9 +795,15 @@ def model_coverage(
     "p05".."p95", "n_positions", "vocab_size"} (the store's meta.json), "top5":
     `topk_mass_by_example` of the store}.
     """
-    from first_lib import knowledge
+    from first_lib import device, knowledge
 
-    key = {"model": str(model_source), "content": knowledge.content_hash(examples), "k_max": k_max}
+    precision = device.resolve_precision()
+    key = {
+        "model": str(model_source),
+        "content": knowledge.content_hash(examples),
+        "k_max": k_max,
+        "precision": precision,
+    }
 
     def compute() -> dict[str, Any]:
         import tempfile
@@ -791,7 +811,7 @@ def model_coverage(
         import torch
 
         torch.set_num_threads(min(2, os.cpu_count() or 1))
-        model = load_fast_model(model_source)
+        model = load_fast_model(model_source, precision)
         k_top = min(k_max, int(model.get_output_embeddings().weight.shape[0]))
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="first-book-coverage-") as tmp:
@@ -803,6 +823,7 @@ def model_coverage(
         return {
             "label": label,
             "model": str(model_source),
+            "precision": precision,
             "coverage": _coverage_summary(meta),
             "top5": top5,
             "seconds": round(time.perf_counter() - t0, 1),
@@ -822,12 +843,14 @@ def store_disk_use(
     Returns [{"k", "bytes", "positions", "bytes_per_position" (measured: the payload files on
     disk / positions), "format_bytes_per_position" (what the store's format says)}], cached.
     """
-    from first_lib import knowledge
+    from first_lib import device, knowledge
 
+    precision = device.resolve_precision()
     key = {
         "model": str(model_source),
         "content": knowledge.content_hash(examples),
         "ks": sorted(ks),
+        "precision": precision,
     }
 
     def compute() -> list[dict[str, Any]]:
@@ -836,7 +859,7 @@ def store_disk_use(
         import torch
 
         torch.set_num_threads(min(2, os.cpu_count() or 1))
-        model = load_fast_model(model_source)
+        model = load_fast_model(model_source, precision)
         vocab = int(model.get_output_embeddings().weight.shape[0])
         out = []
         with tempfile.TemporaryDirectory(prefix="first-book-disk-") as tmp:
@@ -873,10 +896,14 @@ def case_study(
     """
     from dataclasses import asdict
 
+    from first_lib import device
+
+    precision = device.resolve_precision()
     key = {
         "models": dict(model_dirs),
         "questions": [asdict(q) for q in questions],
         "style": style,
+        "precision": precision,
         "v": 1,
     }
 
@@ -888,7 +915,7 @@ def case_study(
         torch.set_num_threads(min(2, os.cpu_count() or 1))
         out = {}
         for variant, path in model_dirs.items():
-            model = load_fast_model(path)
+            model = load_fast_model(path, precision)
             tok = models.load_tokenizer(path)
             out[variant] = evaluate.evaluate_multiple_choice(
                 model, tok, questions, style=style, batch_size=batch_size, progress=False

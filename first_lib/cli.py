@@ -11,7 +11,13 @@ import importlib
 import sys
 
 # Modules that contribute sub-commands, imported lazily so `first --help` stays fast.
-_MODULES = ("first_lib.assets", "first_lib.tasks", "first_lib.pipeline", "first_lib.bench")
+_MODULES = (
+    "first_lib.assets",
+    "first_lib.tasks",
+    "first_lib.pipeline",
+    "first_lib.bench",
+    "first_lib.device",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

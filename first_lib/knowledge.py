@@ -312,17 +312,17 @@ def _lock(out_dir: Path, process_index: int) -> Iterator[None]:
 
 
 def bf16_is_fast(device: torch.device) -> bool:
-    """Whether bf16 autocast speeds this device up: CUDA with bf16, or a CPU with AVX512-BF16/AMX.
+    """Whether bf16 runs natively on `device` (see `first_lib.device.bf16_is_fast`)."""
+    from first_lib import device as device_mod
 
-    On AVX2-only CPUs, bf16 matrix products are emulated and several times slower than fp32.
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        cpu = torch.cpu
-        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(getattr(cpu, name, lambda: False)() for name in checks)
-    return False
+    return device_mod.bf16_is_fast(device)
+
+
+def _auto_bf16(device: torch.device) -> bool:
+    """bf16 autocast when no choice is given: the precision $FIRST_PRECISION or auto resolves."""
+    from first_lib import device as device_mod
+
+    return device_mod.resolve_precision(None, device) == "bf16"
 
 
 def _model_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
@@ -744,7 +744,7 @@ def extract_topk(
         raise FirstError(f"k = {k} must be between 1 and the vocabulary size {vocab}")
     out = Path(out_dir)
     device = next(model.parameters()).device
-    use_bf16 = bf16_is_fast(device) if autocast is None else bool(autocast)
+    use_bf16 = _auto_bf16(device) if autocast is None else bool(autocast)
     data = _summarise(examples, positions, v_in)
     cfg = _Config(
         k=k,
@@ -1243,7 +1243,7 @@ def forward_throughput(
     """Tokens/s of the teacher's plain forward pass (full logits) over `examples`, batched as
     `extract_topk` batches them: the reference for the extraction's throughput."""
     device = next(model.parameters()).device
-    use_bf16 = bf16_is_fast(device) if autocast is None else bool(autocast)
+    use_bf16 = _auto_bf16(device) if autocast is None else bool(autocast)
     lengths = np.array([len(ex["input_ids"]) for ex in examples], dtype=np.int64)
     was_training = model.training
     model.eval()

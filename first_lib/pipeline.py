@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -25,11 +27,11 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from first_lib import device
 from first_lib.errors import FirstError
 from first_lib.paths import first_home
 from first_lib.profiles import PROFILES, SETTINGS, Profile, for_setting, get_profile
@@ -90,25 +92,20 @@ def read_meta(path: Path) -> dict:
 # ----------------------------------------------------------------------------- processes
 
 
-@lru_cache(maxsize=1)
-def accelerator(bf16: bool):
-    """One `accelerate.Accelerator` per process (its state is a singleton). bf16 is used only
-    where it is fast (GPUs, AMX/AVX512-BF16 CPUs): emulated bf16 on AVX2 is several times slower."""
-    import torch
-    from accelerate import Accelerator, PartialState
-
-    from first_lib.knowledge import bf16_is_fast
-
-    cpu = not torch.cuda.is_available()  # on CPUs, multi-process (gloo) needs cpu=True
-    fast = bf16_is_fast(PartialState(cpu=cpu).device) if bf16 else False
-    return Accelerator(cpu=cpu, mixed_precision="bf16" if fast else "no")
+def accelerator(precision: str):
+    """The process's `Accelerator` at `precision` (see `first_lib.device.accelerator`)."""
+    return device.accelerator(precision)
 
 
-def model_dtype(acc):
-    """bf16 weights where bf16 is fast, fp32 elsewhere."""
-    import torch
+def model_dtype(precision: str):
+    """Weights of loaded models: bf16 at bf16, fp32 at fp32."""
+    return device.torch_dtype(precision)
 
-    return torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
+
+def run_precision(prof: Profile) -> str:
+    """The precision a run of `prof` computes in: its `precision` field, else $FIRST_PRECISION,
+    else auto (bf16 where the hardware runs it natively, fp32 elsewhere)."""
+    return device.resolve_precision(prof.precision)
 
 
 def _barrier(acc) -> None:
@@ -206,11 +203,12 @@ def tiny_key(prof: Profile, setting: str) -> dict:
     }
 
 
-def eval_key(prof: Profile, test_name: str, model) -> dict:
-    """An evaluation: the model and the test set (not the setting, so the untuned baselines are
-    shared between settings that test on the same set)."""
+def eval_key(prof: Profile, test_name: str, model, precision: str) -> dict:
+    """An evaluation: the model, the test set (not the setting, so the untuned baselines are
+    shared between settings that test on the same set) and the precision it computes in."""
     return {
         "model": str(model),
+        "precision": precision,
         "test": test_name,
         "n_test": prof.n_test,
         "seed": prof.seed,
@@ -263,7 +261,9 @@ def model_source(prof: Profile, role: str, tiny_dir: Path | None) -> str:
 def _load(source: str, acc):
     from first_lib import models
 
-    return models.load_model(source, dtype=model_dtype(acc), device=acc.device)
+    return models.load_model(
+        source, dtype=model_dtype(device.accelerator_precision(acc)), device=acc.device
+    )
 
 
 def _save_model(model, tokenizer, out: Path) -> None:
@@ -323,7 +323,13 @@ def stage_train(
             _save_model(model, tokenizer, tmp)
             shutil.rmtree(out, ignore_errors=True)
             tmp.rename(out)
-            tlog.update(stage=name, key=key, source=source, wall_seconds=time.perf_counter() - t0)
+            tlog.update(
+                stage=name,
+                key=key,
+                source=source,
+                precision=device.accelerator_precision(acc),
+                wall_seconds=time.perf_counter() - t0,
+            )
             write_meta(out, tlog)
             shutil.rmtree(work, ignore_errors=True)
     _barrier(acc)
@@ -354,15 +360,15 @@ def stage_extract(key: dict, teacher_dir: Path, splits: dict, prof: Profile, acc
                 teacher_name=str(teacher_dir),
                 process_index=acc.process_index,
                 num_processes=acc.num_processes,
+                autocast=device.accelerator_precision(acc) == "bf16",
             )
             _barrier(acc)
             if acc.is_main_process:
                 knowledge.finalize_store(out / split)
             _barrier(acc)
         if acc.is_main_process:
-            write_meta(
-                out, {"stage": "extract", "key": key, "wall_seconds": time.perf_counter() - t0}
-            )
+            meta = {"stage": "extract", "key": key, "precision": device.accelerator_precision(acc)}
+            write_meta(out, {**meta, "wall_seconds": time.perf_counter() - t0})
     _barrier(acc)
     return out
 
@@ -407,6 +413,7 @@ def stage_calibrate(key: dict, store_dir: Path, examples: list[dict], log) -> di
         meta = {
             "stage": "calibrate",
             "key": key,
+            "precision": key["extract"]["teacher"]["precision"],
             "n_positions": int(len(ranks)),
             "ece_renormalised_top1": float(raw_ece),
             "c_star": ts.best,
@@ -436,8 +443,13 @@ def stage_evaluate(key: dict, model_dir: str, questions: list, prof: Profile, ac
                 t0 = time.perf_counter()
                 model = _load(model_dir, acc)
                 tok = models.load_tokenizer(model_dir)
+                precision = device.accelerator_precision(acc)
                 config = evaluate.EvalConfig(
-                    style=prof.style, batch_size=prof.eval_batch, n_boot=prof.n_boot, seed=prof.seed
+                    style=prof.style,
+                    batch_size=prof.eval_batch,
+                    n_boot=prof.n_boot,
+                    seed=prof.seed,
+                    autocast=precision == "bf16",
                 )
                 _, summary = evaluate.run_evaluation(config, model, tok, questions, out)
                 write_meta(
@@ -446,6 +458,7 @@ def stage_evaluate(key: dict, model_dir: str, questions: list, prof: Profile, ac
                         "stage": "evaluate",
                         "key": key,
                         "metrics": summary,
+                        "precision": precision,
                         "wall_seconds": time.perf_counter() - t0,
                     },
                 )
@@ -456,11 +469,14 @@ def stage_evaluate(key: dict, model_dir: str, questions: list, prof: Profile, ac
 # ----------------------------------------------------------------------------- the plan
 
 
-def plan(prof: Profile, setting: str) -> list[dict]:
-    """The stages of a run with their artefact keys, computable without loading anything."""
+def plan(prof: Profile, setting: str, precision: str | None = None) -> list[dict]:
+    """The stages of a run with their artefact keys, computable without loading any model.
+    `precision` ("fp32" | "bf16") defaults to the one this machine resolves for `prof`; it is
+    part of every key, so runs at different precisions never share an artefact."""
+    precision = precision or run_precision(prof)
     dk = data_key(prof, setting)
     tcfg, scfg = prof.teacher_train.to_dict(), prof.student_train.to_dict()
-    teacher_key = {"source": prof.teacher, "data": dk, "train": tcfg}
+    teacher_key = {"source": prof.teacher, "data": dk, "train": tcfg, "precision": precision}
     extract_key = {"teacher": teacher_key, "k": prof.k}
     calib_key = {"extract": extract_key, "ece": "answer" if setting != "ood" else "token"}
     steps = [
@@ -469,7 +485,7 @@ def plan(prof: Profile, setting: str) -> list[dict]:
         {"stage": "calibrate", "key": calib_key, "params_b": 0},
         {
             "stage": "finetune",
-            "key": {"source": prof.student, "data": dk, "train": scfg},
+            "key": {"source": prof.student, "data": dk, "train": scfg, "precision": precision},
             "params_b": prof.params_b[1],
             "train": scfg,
         },
@@ -484,6 +500,7 @@ def plan(prof: Profile, setting: str) -> list[dict]:
                     "extract": extract_key,
                     "calibrate": calib_key,
                     "train": kd,
+                    "precision": precision,
                 },
                 "params_b": prof.params_b[1],
                 "train": kd,
@@ -493,13 +510,15 @@ def plan(prof: Profile, setting: str) -> list[dict]:
     return steps
 
 
-def estimate_memory_gb(params_b: float, train: dict | None) -> float:
-    """Rough peak memory of a stage: bf16 weights for inference and LoRA; fp32 weights, grads and
-    AdamW moments (16 bytes a parameter) for full fine-tuning; plus 25% for activations."""
+def estimate_memory_gb(params_b: float, train: dict | None, precision: str = "bf16") -> float:
+    """Rough peak memory of a stage: weights at the run's precision (2 bytes at bf16, 4 at fp32)
+    for inference and LoRA; fp32 weights, grads and AdamW moments (16 bytes a parameter) for full
+    fine-tuning; plus 25% for activations (50% when training LoRA)."""
+    weight_bytes = 2 if precision == "bf16" else 4
     if not train:
-        return params_b * 2 * 1.25
+        return params_b * weight_bytes * 1.25
     if train.get("lora_r", 0) > 0:
-        return params_b * 2 * 1.5
+        return params_b * weight_bytes * 1.5
     return params_b * 16 * 1.25
 
 
@@ -515,9 +534,12 @@ def available_memory_gb() -> float:
 
 
 def describe_plan(prof: Profile, setting: str) -> str:
+    precision = run_precision(prof)
+    asked = device.requested_precision(prof.precision)
     lines = [
         f"profile {prof.name} ({prof.note}), setting {setting}",
         f"teacher {prof.teacher} -> student {prof.student}; k={prof.k}; style={prof.style}",
+        f"precision {precision}" + (" (auto on this machine)" if asked == "auto" else ""),
         f"sizes: train {prof.n_train or 'all'}, validation {prof.n_val or 'all'}, "
         f"test {prof.n_test or 'all'} on {', '.join(test_tasks(setting))}",
         f"artefacts under {first_home() / 'runs'}",
@@ -525,10 +547,10 @@ def describe_plan(prof: Profile, setting: str) -> str:
     lines.append(
         f"{'stage':<16} {'status':<8} {'est. memory':>11}  artefact   (memory: total, before sharding)"
     )
-    for step in plan(prof, setting):
+    for step in plan(prof, setting, precision):
         path = artefact_dir(step["stage"], step["key"])
         status = "done" if is_done(path) else "missing"
-        mem = estimate_memory_gb(step["params_b"], step.get("train"))
+        mem = estimate_memory_gb(step["params_b"], step.get("train"), precision)
         lines.append(f"{step['stage']:<16} {status:<8} {mem:>8.1f} GB  {path.name}")
     base = " (+ the untuned teacher and student)" if prof.baselines else ""
     lines.append(f"evaluate: {', '.join(VARIANTS)} on {', '.join(test_tasks(setting))}{base}")
@@ -539,26 +561,29 @@ def describe_plan(prof: Profile, setting: str) -> str:
 
 
 def live_artefacts() -> set[str]:
-    """Names of every artefact a built-in profile and setting of this version would use (the plan,
-    the tiny models and the evaluations), computed from the keys without loading anything."""
+    """Names of every artefact a built-in profile and setting of this version would use at either
+    precision (the plan, the tiny models and the evaluations), computed from the keys without
+    loading anything."""
     names = set()
-    for base in PROFILES.values():
-        for setting in SETTINGS:
-            prof = for_setting(base, setting)
-            dirs = {s["stage"]: artefact_dir(s["stage"], s["key"]) for s in plan(prof, setting)}
-            tiny = None
-            if prof.teacher.startswith("tiny:"):
-                tiny = artefact_dir("tiny-models", tiny_key(prof, setting))
-                names.add(tiny.name)
-            names.update(p.name for p in dirs.values())
-            models = [dirs["teacher"], dirs["finetune"]]
-            models += [dirs[f"distill-{t}"] for t in TRANSFORM_OF.values()]
-            if prof.baselines:
-                models += [model_source(prof, role, tiny) for role in ("teacher", "student")]
-            for test_name in test_tasks(setting):
-                names.update(
-                    artefact_dir("evaluate", eval_key(prof, test_name, m)).name for m in models
-                )
+    combos = itertools.product(PROFILES.values(), SETTINGS, ("fp32", "bf16"))
+    for base, setting, precision in combos:
+        prof = for_setting(base, setting)
+        steps = plan(prof, setting, precision)
+        dirs = {s["stage"]: artefact_dir(s["stage"], s["key"]) for s in steps}
+        tiny = None
+        if prof.teacher.startswith("tiny:"):
+            tiny = artefact_dir("tiny-models", tiny_key(prof, setting))
+            names.add(tiny.name)
+        names.update(p.name for p in dirs.values())
+        models = [dirs["teacher"], dirs["finetune"]]
+        models += [dirs[f"distill-{t}"] for t in TRANSFORM_OF.values()]
+        if prof.baselines:
+            models += [model_source(prof, role, tiny) for role in ("teacher", "student")]
+        for test_name in test_tasks(setting):
+            names.update(
+                artefact_dir("evaluate", eval_key(prof, test_name, m, precision)).name
+                for m in models
+            )
     return names
 
 
@@ -629,11 +654,15 @@ def run(
         import torch
 
         torch.set_num_threads(prof.threads)
-    acc = accelerator(prof.teacher_train.bf16)
+    precision = run_precision(prof)
+    acc = accelerator(precision)
     if not acc.is_main_process:
         log = lambda msg: None  # noqa: E731
-    steps = {s["stage"]: s for s in plan(prof, setting)}
-    needed = max(estimate_memory_gb(s["params_b"], s.get("train")) for s in steps.values())
+    log(f"precision {precision} on {acc.device} ({device.requested_precision(prof.precision)})")
+    steps = {s["stage"]: s for s in plan(prof, setting, precision)}
+    needed = max(
+        estimate_memory_gb(s["params_b"], s.get("train"), precision) for s in steps.values()
+    )
     if str(acc.distributed_type).split(".")[-1] in ("FSDP", "DEEPSPEED"):
         needed /= acc.num_processes  # sharded weights, gradients and optimizer state
     have = available_memory_gb()
@@ -752,13 +781,13 @@ def run(
         variants, baselines, records = {}, {}, {}
         t0 = time.perf_counter()
         for variant in VARIANTS:
-            key = eval_key(prof, test_name, model_dirs[variant])
+            key = eval_key(prof, test_name, model_dirs[variant], precision)
             meta = stage_evaluate(key, key["model"], questions, prof, acc, log)
             variants[variant] = meta["metrics"]
             records[variant] = artefact_dir("evaluate", key)
         untuned = (("teacher_base", teacher_src), ("student_base", student_src))
         for base, src in untuned if prof.baselines else ():
-            key = eval_key(prof, test_name, src)
+            key = eval_key(prof, test_name, src, precision)
             meta = stage_evaluate(key, src, questions, prof, acc, log)
             baselines[base] = meta["metrics"]
             records[base] = artefact_dir("evaluate", key)
@@ -776,6 +805,8 @@ def run(
         "profile": prof.name,
         "setting": setting,
         "note": prof.note,
+        "precision": precision,
+        "config": dataclasses.asdict(prof),
         "teacher": prof.teacher,
         "student": prof.student,
         "n_train": len(train_ex),
@@ -820,6 +851,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a profile field, e.g. --set n_train=100 (repeatable)",
     )
+    device.add_precision_argument(p)
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -837,6 +869,8 @@ def _overrides(pairs: list[str]) -> dict:
 
 def _cmd_run(args) -> int:
     overrides = _overrides(args.set)
+    if args.precision is not None:  # the same as --set precision=...
+        overrides["precision"] = args.precision
     if args.dry_run:
         prof = for_setting(get_profile(args.profile, **overrides), args.setting)
         print(describe_plan(prof, args.setting))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from first_lib import device
 from first_lib.errors import FirstError
 from first_lib.train import TrainConfig
 
@@ -35,6 +36,9 @@ class Profile:
     seed: int = 0
     params_b: tuple[float, float] = (1.78, 0.63)  # teacher, student (billions), for --dry-run
     threads: int = 0  # torch threads (0: torch's default); tiny models run best on one
+    # auto | fp32 | bf16; None: $FIRST_PRECISION, else auto (bf16 on GPUs and on CPUs with AMX or
+    # AVX512-BF16, fp32 elsewhere). The resolved precision is part of every artefact key.
+    precision: str | None = None
     baselines: bool = (
         True  # also evaluate the untuned teacher and student (the miscalibration chapter)
     )
@@ -52,8 +56,8 @@ PROFILES: dict[str, Profile] = {
         n_train=64,
         n_val=32,
         n_test=64,
-        teacher_train=TrainConfig(lr=3e-3, epochs=4, batch_size=8, bf16=False, save_every=4),
-        student_train=TrainConfig(lr=3e-3, epochs=2, batch_size=8, bf16=False, save_every=4),
+        teacher_train=TrainConfig(lr=3e-3, epochs=4, batch_size=8, save_every=4),
+        student_train=TrainConfig(lr=3e-3, epochs=2, batch_size=8, save_every=4),
         style="plain",
         max_length=192,
         extract_batch=16,
@@ -181,6 +185,8 @@ def check_profile(prof: Profile) -> Profile:
         raise FirstError("extract_batch and eval_batch must be >= 1")
     if prof.n_boot < 1:
         raise FirstError(f"n_boot = {prof.n_boot} must be >= 1")
+    if prof.precision is not None:
+        device.check_precision(prof.precision)
     if prof.threads < 0:
         raise FirstError(f"threads = {prof.threads} must be >= 0 (0: torch's default)")
     if len(prof.params_b) != 2 or min(prof.params_b) <= 0:

@@ -75,10 +75,6 @@ class TrainConfig:
     kd_reduction: str = field(default="mean", metadata={"help": "mean | sum_per_batch"})
     transform: str = field(default="none", metadata={"help": "none | ts | ls | power (KD only)"})
     coef: float = field(default=1.0, metadata={"help": "c for ts, delta for ls, T for power"})
-    bf16: bool = field(
-        default=True,
-        metadata={"help": "bf16 where it is fast (GPUs, AMX/AVX512-BF16 CPUs); fp32 elsewhere"},
-    )
     seed: int = 0
     save_every: int = field(default=50, metadata={"help": "optimizer steps between checkpoints"})
     max_steps: int = field(default=0, metadata={"help": ">0 caps the optimizer steps"})
@@ -180,14 +176,6 @@ class TargetRowsLM(nn.Module):
         hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
         rows = hidden.last_hidden_state[target_mask]
         return lm.get_output_embeddings()(rows)
-
-
-def use_bf16(cfg: TrainConfig, device: torch.device | str = "cpu") -> bool:
-    """bf16 only where the hardware makes it fast: on an AVX2-only CPU it is emulated and several
-    times slower than fp32."""
-    from first_lib.knowledge import bf16_is_fast
-
-    return cfg.bf16 and bf16_is_fast(torch.device(device))
 
 
 def prepare_model(model: nn.Module, cfg: TrainConfig, bf16: bool = False) -> nn.Module:
@@ -305,6 +293,7 @@ def train(
     accelerator=None,
     progress: bool = True,
     stop_after: int | None = None,
+    precision: str | None = None,
 ) -> tuple[nn.Module, dict]:
     """Train `model` on `examples`; returns (finalized model, log dict).
 
@@ -312,16 +301,18 @@ def train(
     positions. `work_dir` holds the resumable checkpoint. `stop_after` stops after that many
     optimizer steps without finalising (used to test resumption).
     """
-    from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
+
+    from first_lib import device
 
     if cfg.loss == "kd" and teacher is None:
         raise FirstError("KD training needs the teacher's top-k store")
     if len(examples) == 0:
         raise FirstError("no training examples")
     torch.manual_seed(cfg.seed)
-    acc = accelerator or Accelerator(mixed_precision="bf16" if use_bf16(cfg) else "no")
-    model = prepare_model(model, cfg, bf16=acc.mixed_precision == "bf16")
+    acc = accelerator or device.accelerator(device.resolve_precision(precision))
+    precision = device.accelerator_precision(acc)
+    model = prepare_model(model, cfg, bf16=precision == "bf16")
     wrapped = TargetRowsLM(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -407,6 +398,7 @@ def train(
         "seconds": time.perf_counter() - t0,
         "tokens": tokens,
         "num_processes": acc.num_processes,
+        "precision": precision,
         "config": cfg.to_dict(),
     }
     return finalize_model(model), log

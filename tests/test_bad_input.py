@@ -135,6 +135,15 @@ def test_answer_candidate_of_several_tokens(home, tmp_path, run_in):
     assert "answer candidate ' yes' is not a single token" in msg
 
 
+def test_unknown_precision(home, run_in, monkeypatch):
+    """A precision that is not auto | fp32 | bf16, from --set, --precision or the environment."""
+    msg = run_in(["run", "--profile", "tiny", "--set", "precision=fp16"], home)
+    assert "precision = 'fp16'" in msg and "auto, fp32, bf16" in msg
+    monkeypatch.setenv("FIRST_PRECISION", "half")
+    msg = run_in(["run", "--profile", "tiny", "--dry-run"], home)
+    assert "$FIRST_PRECISION = 'half'" in msg
+
+
 def test_empty_split(home, run_in):
     msg = run_in(["run", "--profile", "tiny", "--set", "n_train=0"], home)
     assert "n_train = 0 leaves the train split empty" in msg

@@ -13,12 +13,14 @@ import torch
 
 from first_lib import bench, knowledge
 from first_lib.errors import FirstError
+from tests.conftest import PRECISIONS
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    cfg = bench.preset("tiny")
-    return bench.run_bench(cfg, work_dir=tmp_path_factory.mktemp("bench"))
+@pytest.fixture(scope="module", params=PRECISIONS)
+def results(request, tmp_path_factory):
+    """The tiny bench at each precision, in one process (the accelerator state changes)."""
+    cfg = bench.preset("tiny", precision=request.param)
+    return bench.run_bench(cfg, work_dir=tmp_path_factory.mktemp(f"bench-{request.param}"))
 
 
 def finite(x) -> bool:
@@ -55,7 +57,8 @@ def test_machine_block_and_table(results):
     m = results["machine"]
     for key in ("cpu", "cores", "torch", "torch_threads", "gpu", "precision", "date"):
         assert key in m
-    assert m["precision"] == "fp32" and m["device"] == "cpu"
+    assert m["precision"] == results["precision"] == results["config"]["precision"]
+    assert m["precision"] in PRECISIONS and m["device"] == "cpu"
     assert len(results["load_average"]["start"]) == 3
     table = bench.format_table(results)
     for key in bench.TARGETS:
@@ -166,11 +169,12 @@ def test_chapter_timings_read_when_present(tmp_path):
     }
 
 
-def test_cli_writes_results(tmp_path, capsys):
+def test_cli_writes_results(tmp_path, capsys, precision):
     from first_lib.cli import main
 
     out, js = tmp_path / "r.json", tmp_path / "copy.json"
-    rc = main(["bench", "--tiny", "--no-memory", "--out", str(out), "--json", str(js)])
+    argv = ["bench", "--tiny", "--no-memory", "--out", str(out), "--json", str(js)]
+    rc = main([*argv, "--precision", precision])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "kd_over_ce_step_time" in printed and str(out) in printed
@@ -178,3 +182,17 @@ def test_cli_writes_results(tmp_path, capsys):
     assert data == json.loads(js.read_text())
     assert data["kd_over_ce_peak_memory"] is None  # --no-memory
     assert data["config"]["preset"] == "tiny"
+    assert data["precision"] == data["config"]["precision"] == precision
+
+
+def test_cli_json_alone_on_stdout(tmp_path, capsys, monkeypatch):
+    """`first bench --json` without a path: stdout is the JSON alone (pipe it to jq); the
+    table goes to stderr. FIRST_PRECISION chooses the precision like --precision."""
+    from first_lib.cli import main
+
+    monkeypatch.setenv("FIRST_PRECISION", "fp32")
+    out = tmp_path / "r.json"
+    assert main(["bench", "--tiny", "--no-memory", "--reps", "1", "--out", str(out), "--json"]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert data["precision"] == "fp32" and "kd_over_ce_step_time" in captured.err

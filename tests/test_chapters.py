@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from scripts import build_book
+from tests.conftest import PRECISIONS
 
 REPO = Path(__file__).resolve().parents[1]
 VERDICTS = {"reproduced", "contradicted", "inconclusive"}
@@ -24,26 +25,31 @@ CHAPTERS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def executed(tmp_path_factory):
-    """Execute every chapter once, in the book's order; returns (out_dir, {name: error})."""
-    out = tmp_path_factory.mktemp("book")
+@pytest.fixture(scope="module", params=PRECISIONS)
+def executed(request, tmp_path_factory):
+    """Execute every chapter once per precision, in the book's order, with FIRST_PRECISION set
+    for the kernels; returns (out_dir, {name: error}, precision)."""
+    precision = request.param
+    out = tmp_path_factory.mktemp(f"book-{precision}")
     errors = {}
-    for name in CHAPTERS:
-        try:
-            build_book.execute_chapter(
-                REPO / "chapters" / f"{name}.md", out / f"{name}.ipynb", "tiny", str(out)
-            )
-        except Exception as err:  # noqa: BLE001 - reported per chapter below
-            errors[name] = f"{type(err).__name__}: {str(err)[-2000:]}"
-    return out, errors
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FIRST_PRECISION", precision)
+        for name in CHAPTERS:
+            try:
+                build_book.execute_chapter(
+                    REPO / "chapters" / f"{name}.md", out / f"{name}.ipynb", "tiny", str(out)
+                )
+            except Exception as err:  # noqa: BLE001 - reported per chapter below
+                errors[name] = f"{type(err).__name__}: {str(err)[-2000:]}"
+    return out, errors, precision
 
 
 def load(executed, name: str) -> dict:
-    out, errors = executed
+    out, errors, precision = executed
     assert name not in errors, errors[name]
     data = json.loads((out / f"{name}.json").read_text())
     assert data["chapter"] == name and data["profile"] == "tiny"
+    assert data["precision"] == precision  # the page's numbers were computed at it
     return data
 
 
@@ -65,7 +71,7 @@ def check_difference(d: dict) -> None:
 
 
 def test_every_chapter_executes(executed):
-    _, errors = executed
+    _, errors, _ = executed
     assert not errors, errors
 
 

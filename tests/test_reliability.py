@@ -128,7 +128,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_checkpoint_killed_between_renames_resumes_identically(tmp_path, one_thread):
+def test_checkpoint_killed_between_renames_resumes_identically(tmp_path, one_thread, precision):
     """A kill between `save_checkpoint`'s two renames leaves only `checkpoint.old` (complete)
     and a `checkpoint.tmp`; the next run resumes from the old one and ends identical."""
     from first_lib import models, train
@@ -144,10 +144,11 @@ def test_checkpoint_killed_between_renames_resumes_identically(tmp_path, one_thr
             )
         return out
 
-    cfg = train.TrainConfig(lr=1e-3, epochs=2, batch_size=4, bf16=False, save_every=2)
+    cfg = train.TrainConfig(lr=1e-3, epochs=2, batch_size=4, save_every=2)
+    prec = {"precision": precision}
     data = examples()
     full, full_log = train.train(
-        models.make_tiny_model(64, "student"), data, cfg, pad_id=0, progress=False
+        models.make_tiny_model(64, "student"), data, cfg, pad_id=0, progress=False, **prec
     )
 
     work = tmp_path / "work"
@@ -160,13 +161,20 @@ def test_checkpoint_killed_between_renames_resumes_identically(tmp_path, one_thr
             work_dir=work,
             progress=False,
             stop_after=4,
+            **prec,
         )
     ckpt = work / "checkpoint"
     ckpt.rename(work / "checkpoint.old")  # killed after the first rename ...
     (work / "checkpoint.tmp").mkdir()  # ... with the next checkpoint half-written
     (work / "checkpoint.tmp" / "trainable.safetensors").write_bytes(b"\0" * 10)
     resumed, log = train.train(
-        models.make_tiny_model(64, "student"), data, cfg, pad_id=0, work_dir=work, progress=False
+        models.make_tiny_model(64, "student"),
+        data,
+        cfg,
+        pad_id=0,
+        work_dir=work,
+        progress=False,
+        **prec,
     )
     assert log["steps"] == full_log["steps"] == 12 and log["losses"] == full_log["losses"]
     assert log["tokens"] < full_log["tokens"]  # resumed at step 4, not from the start

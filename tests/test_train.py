@@ -68,23 +68,26 @@ def _weights(model):
 
 
 @pytest.mark.parametrize("lora_r", [0, 4])
-def test_resume_equals_uninterrupted(tmp_path, lora_r):
+def test_resume_equals_uninterrupted(tmp_path, lora_r, precision):
+    """Bit-identical at either precision: resumption replays the same operations in the same
+    order, so bf16 rounding is the same in both runs."""
     ex = _examples(24)
     cfg = TrainConfig(
         lr=1e-2,
         epochs=2,
         batch_size=4,
-        bf16=False,
         save_every=2,
         lora_r=lora_r,
         lora_targets=("q_proj", "v_proj"),
     )
-    full, log_full = train.train(_model(), ex, cfg, pad_id=0, progress=False)
+    opts = {"pad_id": 0, "progress": False, "precision": precision}
+    full, log_full = train.train(_model(), ex, cfg, **opts)
+    assert log_full["precision"] == precision
     work = tmp_path / "work"
     with pytest.raises(KeyboardInterrupt):
-        train.train(_model(), ex, cfg, pad_id=0, work_dir=work, progress=False, stop_after=5)
+        train.train(_model(), ex, cfg, work_dir=work, stop_after=5, **opts)
     assert (work / "checkpoint" / "state.json").exists()
-    resumed, log_res = train.train(_model(), ex, cfg, pad_id=0, work_dir=work, progress=False)
+    resumed, log_res = train.train(_model(), ex, cfg, work_dir=work, **opts)
     assert log_res["steps"] == log_full["steps"] == 12
     assert log_res["losses"] == pytest.approx(log_full["losses"], rel=1e-5, abs=1e-6)
     a, b = _weights(full), _weights(resumed)
@@ -93,14 +96,14 @@ def test_resume_equals_uninterrupted(tmp_path, lora_r):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
-def test_training_lowers_the_loss():
+def test_training_lowers_the_loss(precision):
     ex = _examples(16)
-    cfg = TrainConfig(lr=3e-3, epochs=6, batch_size=8, bf16=False, warmup_ratio=0.0)
-    _, log = train.train(_model(), ex, cfg, pad_id=0, progress=False)
+    cfg = TrainConfig(lr=3e-3, epochs=6, batch_size=8, warmup_ratio=0.0)
+    _, log = train.train(_model(), ex, cfg, pad_id=0, progress=False, precision=precision)
     assert np.mean(log["losses"][-2:]) < np.mean(log["losses"][:2])
 
 
-def test_kd_matches_teacher_distribution():
+def test_kd_matches_teacher_distribution(precision):
     """KD towards a fixed top-k target moves the student's renormalised top-k towards it."""
     ex = _examples(8)
     k = 3
@@ -110,8 +113,10 @@ def test_kd_matches_teacher_distribution():
         n = sum(ex[i]["target_mask"][: len(ex[i]["input_ids"]) - 1])
         return np.tile(np.array([5, 6, 7]), (n, 1)), np.tile(target, (n, 1))
 
-    cfg = TrainConfig(loss="kd", lr=1e-2, epochs=30, batch_size=8, bf16=False, warmup_ratio=0.0)
-    model, log = train.train(_model(), ex, cfg, pad_id=0, teacher=teacher, progress=False)
+    cfg = TrainConfig(loss="kd", lr=1e-2, epochs=30, batch_size=8, warmup_ratio=0.0)
+    model, log = train.train(
+        _model(), ex, cfg, pad_id=0, teacher=teacher, progress=False, precision=precision
+    )
     assert log["losses"][-1] < 0.1 * log["losses"][0]
     batch = train.collate(ex, list(range(8)), None, pad_id=0)
     with torch.no_grad():
