@@ -160,7 +160,9 @@ def accelerator(precision: str):
         raise FirstError(f"accelerator precision must be fp32 or bf16, got {precision!r}")
     want = "bf16" if precision == "bf16" else "no"
     shared = AcceleratorState._shared_state
-    if shared and shared.get("_mixed_precision") not in (None, want):
+    # DeepSpeed keeps its precision in its own config (accelerate records "no" and never refuses)
+    deepspeed = str(shared.get("distributed_type", "")).endswith("DEEPSPEED")
+    if shared and not deepspeed and shared.get("_mixed_precision") not in (None, want):
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
     cpu = not torch.cuda.is_available()  # on CPUs, several processes (gloo) need cpu=True

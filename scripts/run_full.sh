@@ -3,6 +3,8 @@
 #   scripts/run_full.sh gpu   [ddp|fsdp|deepspeed_zero3]   # Qwen 1.5B -> 0.5B, full data
 #   scripts/run_full.sh paper [fsdp|deepspeed_zero3]       # Llama-2 13B -> 7B from the hub
 # Every stage is cached under $FIRST_HOME; re-running resumes what an interruption left.
+# Precision: --precision / $FIRST_PRECISION (default auto: bf16 on GPUs that support it). The
+# library passes it to accelerate itself, so the configs' `mixed_precision` is not what decides.
 set -euo pipefail
 profile=${1:-gpu}
 launcher=${2:-ddp}

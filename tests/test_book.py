@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from first_lib import book
+from first_lib import book, device
 from scripts import build_book, check_pages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -400,6 +400,7 @@ def test_write_chapter_json_handles_numpy_and_differences(tmp_path):
     data = json.loads(path.read_text())
     assert data == {
         "chapter": "demo",
+        "precision": device.resolve_precision(),  # what the page's numbers were computed at
         "a": 0.5,
         "b": [1, 2],
         "d": {"point": 0.1, "lo": 0.0, "hi": 0.2},
