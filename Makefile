@@ -3,6 +3,8 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 PROFILE ?= cpu
+# Precision of the book's runs: auto | fp32 | bf16 (empty: $FIRST_PRECISION, else auto).
+PRECISION ?=
 # A CPU-only torch wheel unless a GPU is visible (never pull a multi-GB CUDA build on CPU boxes).
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
@@ -33,7 +35,7 @@ test-slow: venv
 	$(BIN)/python -m pytest -q -m slow
 
 book: venv
-	$(BIN)/python -m scripts.build_book --profile $(PROFILE)
+	$(BIN)/python -m scripts.build_book --profile $(PROFILE) $(if $(PRECISION),--precision $(PRECISION))
 
 # Render every page of _build/html in headless Debian chromium (apt-get install -y chromium).
 book-check: venv

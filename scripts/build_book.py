@@ -85,10 +85,11 @@ def library_hash(repo: Path = REPO) -> str:
     return h.hexdigest()
 
 
-def fingerprint(source: Path, profile: str, lib_hash: str) -> str:
-    """What a chapter's execution depends on: its text, the library and the profile."""
+def fingerprint(source: Path, profile: str, lib_hash: str, precision: str = "fp32") -> str:
+    """What a chapter's execution depends on: its text, the library, the profile and the
+    precision its runs compute at ("fp32" | "bf16", resolved)."""
     h = hashlib.sha256()
-    for part in (source.read_bytes(), lib_hash.encode(), profile.encode()):
+    for part in (source.read_bytes(), lib_hash.encode(), profile.encode(), precision.encode()):
         h.update(part)
         h.update(b"\0")
     return h.hexdigest()
@@ -379,7 +380,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="re-execute unchanged chapters too")
     parser.add_argument("--no-html", action="store_true", help="execute only; skip Jupyter Book")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failure")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default=None,
+        help="precision of the runs (default: $FIRST_PRECISION, else auto); passed to the "
+        "chapters' kernels as FIRST_PRECISION",
+    )
     args = parser.parse_args(argv)
+    from first_lib import device
+
+    try:
+        precision = device.resolve_precision(args.precision)
+    except ValueError as err:
+        parser.error(str(err))
+    os.environ["FIRST_PRECISION"] = precision  # the kernels inherit it
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of the chapters' kernels
     profile = args.profile
@@ -404,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         source = REPO / f"{rel}.md"
         target = executed_dir / f"{name}.ipynb"
         stamp = executed_dir / f"{name}.stamp.json"
-        fp = fingerprint(source, profile, lib)
+        fp = fingerprint(source, profile, lib, precision)
         executed[rel] = target
         selected = args.only is None or name in args.only
         fresh = target.exists() and stamp.exists() and json.loads(stamp.read_text()).get("fp") == fp
@@ -413,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             if not target.exists() and not args.no_html:
                 failures.append((name, "never executed (needed for the HTML)", target))
             continue
-        print(f"[book] executing {name} (profile {profile}) ...", flush=True)
+        print(f"[book] executing {name} (profile {profile}, {precision}) ...", flush=True)
         stamp.unlink(missing_ok=True)
         t0 = time.perf_counter()
         try:
@@ -435,7 +450,11 @@ def main(argv: list[str] | None = None) -> int:
                 break
             continue
         seconds = time.perf_counter() - t0
-        stamp.write_text(json.dumps({"fp": fp, "seconds": round(seconds, 2), "profile": profile}))
+        stamp.write_text(
+            json.dumps(
+                {"fp": fp, "seconds": round(seconds, 2), "profile": profile, "precision": precision}
+            )
+        )
         record_timing(REPO / out_dir, name, seconds, forced=args.force)
         report.append((name, "executed", seconds))
         print(f"[book] {name} executed in {seconds:.1f} s", flush=True)

@@ -154,6 +154,7 @@ def test_fingerprint_follows_text_library_and_profile(tmp_path):
     assert fp == build_book.fingerprint(md, "tiny", "lib")
     assert fp != build_book.fingerprint(md, "cpu", "lib")
     assert fp != build_book.fingerprint(md, "tiny", "lib2")
+    assert fp != build_book.fingerprint(md, "tiny", "lib", "bf16")  # another precision
     md.write_text("b")
     assert fp != build_book.fingerprint(md, "tiny", "lib")
 
