@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -246,8 +247,23 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, losses_seen: list) -> None:
-    """Write a checkpoint atomically: a temp folder renamed into place; the old one removed last."""
+    """Write a checkpoint atomically: a temp folder (files and folder fsynced) renamed into place;
+    the old one removed last. A `.old` left by a kill after the second rename is removed first
+    (the checkpoint next to it is complete), so a rotation never wedges on it."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -258,11 +274,33 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, losses_s
     )
     save_file({"cpu_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses_seen}))
+    for name in ("trainable.safetensors", "optim.pt", "rng.safetensors", "state.json"):
+        _fsync_file(tmp / name)
+    _fsync_dir(tmp)
     old = path.with_name(path.name + ".old")
+    if old.exists() and path.exists():
+        shutil.rmtree(old)
     if path.exists():
         path.rename(old)
     tmp.rename(path)
+    _fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_checkpoint(path: Path) -> None:
+    """Repair what a kill during `save_checkpoint` leaves at `path`: a half-written `.tmp` is
+    removed; a lone `.old` (killed between the two renames) is the last complete checkpoint and
+    is renamed back; a `.old` next to `path` (killed before it was removed) is dropped, since
+    `path` was renamed into place whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old)
+        else:
+            old.rename(path)
+        _fsync_dir(path.parent)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list]:
@@ -333,9 +371,9 @@ def train(
 
     ckpt = work_dir / "checkpoint" if work_dir is not None else None
     step, history = 0, []
-    if ckpt is not None and not ckpt.exists() and ckpt.with_name(ckpt.name + ".old").exists():
-        # killed between the two renames of `save_checkpoint`: the previous one is complete
-        ckpt.with_name(ckpt.name + ".old").rename(ckpt)
+    if ckpt is not None and acc.is_main_process:
+        recover_checkpoint(ckpt)
+    acc.wait_for_everyone()
     if ckpt is not None and (ckpt / "state.json").exists():
         step, history = load_checkpoint(ckpt, model, optimizer, scheduler)
 
