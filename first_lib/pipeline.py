@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from first_lib import device
+from first_lib import device, fsio
 from first_lib.errors import FirstError
 from first_lib.paths import first_home
 from first_lib.profiles import PROFILES, SETTINGS, Profile, for_setting, get_profile
@@ -79,10 +79,8 @@ def artefact_lock(path: Path, wait: bool = True, log=None) -> Iterator[None]:
 
 
 def write_meta(path: Path, meta: dict) -> None:
-    """Write meta.json atomically; its presence marks the artefact finished."""
-    tmp = path / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, default=str))
-    os.replace(tmp, path / "meta.json")
+    """Write meta.json atomically and fsynced; its presence marks the artefact finished."""
+    fsio.atomic_write_json(path / "meta.json", meta, indent=2, default=str)
 
 
 def read_meta(path: Path) -> dict:
@@ -596,12 +594,6 @@ def _is_locked(path: Path) -> bool:
         return True
 
 
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def clean(apply: bool = False, log=print) -> tuple[list[Path], int]:
     """The artefacts under `first_home()/runs` that no built-in profile and setting of this version
     uses (older versions' keys, `--set` overrides), with their total size; deleted when `apply`.
@@ -618,7 +610,7 @@ def clean(apply: bool = False, log=print) -> tuple[list[Path], int]:
             log(f"kept {path.name}: another run holds its lock")
             kept += 1
             continue
-        size = _size(path)
+        size = fsio.dir_size(path)
         stale.append(path)
         total += size
         log(f"{'removed' if apply else 'stale'}  {path.name}  {size / 1e9:.2f} GB")
@@ -831,9 +823,8 @@ def run(
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         for name, obj in (("results.json", results), ("timings.json", timings)):
-            tmp = out / f".{name}.tmp-{os.getpid()}"  # a kill never leaves half a file
-            tmp.write_text(json.dumps(obj, indent=2, sort_keys=name == "results.json"))
-            os.replace(tmp, out / name)
+            # a kill never leaves half a file
+            fsio.atomic_write_json(out / name, obj, indent=2, sort_keys=name == "results.json")
         log(f"wrote {out / 'results.json'}")
     return results
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from first_lib import calibration, losses
+from first_lib import calibration, fsio, losses
 from first_lib.errors import FirstError
 
 Example = dict  # {"id": str, "input_ids": list[int], "target_mask": list[bool]}
@@ -247,19 +246,6 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, losses_seen: list) -> None:
     """Write a checkpoint atomically: a temp folder (files and folder fsynced) renamed into place;
     the old one removed last. A `.old` left by a kill after the second rename is removed first
@@ -275,15 +261,15 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, losses_s
     save_file({"cpu_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses_seen}))
     for name in ("trainable.safetensors", "optim.pt", "rng.safetensors", "state.json"):
-        _fsync_file(tmp / name)
-    _fsync_dir(tmp)
+        fsio.fsync_file(tmp / name)
+    fsio.fsync_dir(tmp)
     old = path.with_name(path.name + ".old")
     if old.exists() and path.exists():
         shutil.rmtree(old)
     if path.exists():
         path.rename(old)
     tmp.rename(path)
-    _fsync_dir(path.parent)
+    fsio.fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -300,7 +286,7 @@ def recover_checkpoint(path: Path) -> None:
             shutil.rmtree(old)
         else:
             old.rename(path)
-        _fsync_dir(path.parent)
+        fsio.fsync_dir(path.parent)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list]:
