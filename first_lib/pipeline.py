@@ -6,10 +6,11 @@ it, and `first run`, which runs whatever is missing and writes `results.json`.
                      \\___________________|___________________/
                                  evaluate -> results.json
 
-Artefacts live under `first_home()/runs/<stage>-<hash>/`; `meta.json` is written last and marks
-an artefact finished, so an interrupted stage is redone (training resumes from its checkpoint,
-extraction from its last shard) and a finished one is never recomputed. A lock file stops two
-runs from writing the same artefact.
+Artefacts live under `first_home()/runs/<stage>-<hash>/`; `meta.json` is written last (fsynced)
+and marks an artefact finished, so an interrupted stage is redone (training resumes from its
+checkpoint, extraction from its last shard) and a finished one is never recomputed. A meta.json
+that is corrupt or records another key is reported, its folder moved aside (`.corrupt-<time>`)
+and the artefact recomputed. A lock file stops two runs from writing the same artefact.
 """
 
 from __future__ import annotations
@@ -54,8 +55,56 @@ def artefact_dir(stage: str, key: dict) -> Path:
     return first_home() / "runs" / f"{stage}-{config_hash(key)}"
 
 
-def is_done(path: Path) -> bool:
-    return (path / "meta.json").exists()
+def _meta_problem(path: Path, key: dict | None = None) -> str | None:
+    """Why `path/meta.json` does not mark a finished artefact of `key` (None: it does). A missing
+    meta.json is a problem too ("missing"): the stage has not finished."""
+    try:
+        text = (path / "meta.json").read_text()
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, UnicodeDecodeError) as err:
+        return f"meta.json is unreadable ({' '.join(str(err).split())})"
+    if not text.strip():
+        return "meta.json is corrupt (empty)"
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as err:
+        return f"meta.json is corrupt ({err})"
+    if not isinstance(meta, dict):
+        return "meta.json is corrupt (not a JSON object)"
+    if key is not None:
+        want = json.loads(json.dumps(key, default=str))  # tuples and paths as JSON stores them
+        if meta.get("key") != want:
+            got = config_hash(meta["key"]) if "key" in meta else "none"
+            return f"meta.json records another key (hash {got}, expected {config_hash(key)})"
+    return None
+
+
+def is_done(path: Path, key: dict | None = None) -> bool:
+    """Whether `path` is a finished artefact: its meta.json parses and (when `key` is given)
+    records `key`."""
+    return _meta_problem(path, key) is None
+
+
+def claim_done(path: Path, key: dict, log) -> bool:
+    """`is_done(path, key)`, except that a meta.json that is corrupt or records another key is
+    reported in one line and its folder moved aside (renamed `<name>.corrupt-<time>`, never
+    deleted), so the caller recomputes the artefact. Call it holding the artefact's lock."""
+    problem = _meta_problem(path, key)
+    if problem is None:
+        return True
+    if problem == "missing":
+        return False
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    path.rename(aside)
+    fsio.fsync_dir(path.parent)
+    log(f"{path.name}: {problem}; moved aside to {aside.name} and recomputing")
+    return False
 
 
 @contextlib.contextmanager
@@ -223,11 +272,11 @@ def tiny_models(prof: Profile, setting: str, data: dict, log, acc) -> Path:
 
     key = tiny_key(prof, setting)
     out = artefact_dir("tiny-models", key)
-    if is_done(out) or not acc.is_main_process:
+    if is_done(out, key) or not acc.is_main_process:
         _barrier(acc)
         return out
     with artefact_lock(out, log=log):
-        if is_done(out):
+        if claim_done(out, key, log):
             _barrier(acc)
             return out
         log("tiny-models: training a tiny tokenizer and building random models")
@@ -287,11 +336,11 @@ def stage_train(
     from first_lib import train
 
     out = artefact_dir(name, key)
-    if is_done(out):
+    if is_done(out, key):
         return out
     lock = artefact_lock(out, log=log) if acc.is_main_process else contextlib.nullcontext()
     with lock:
-        if is_done(out):
+        if claim_done(out, key, log) if acc.is_main_process else is_done(out, key):
             return out
         work = out.with_name(out.name + ".work")
         work.mkdir(parents=True, exist_ok=True)
@@ -339,10 +388,10 @@ def stage_extract(key: dict, teacher_dir: Path, splits: dict, prof: Profile, acc
     from first_lib import knowledge
 
     out = artefact_dir("extract", key)
-    if is_done(out):
+    if is_done(out, key):
         return out
     with artefact_lock(out, log=log) if acc.is_main_process else contextlib.nullcontext():
-        if is_done(out):
+        if claim_done(out, key, log) if acc.is_main_process else is_done(out, key):
             return out
         out.mkdir(parents=True, exist_ok=True)
         model = _load(str(teacher_dir), acc)
@@ -397,10 +446,10 @@ def stage_calibrate(key: dict, store_dir: Path, examples: list[dict], log) -> di
     from first_lib import calibration, metrics
 
     out = artefact_dir("calibrate", key)
-    if is_done(out):
+    if is_done(out, key):
         return read_meta(out)
     with artefact_lock(out, log=log):
-        if is_done(out):
+        if claim_done(out, key, log):
             return read_meta(out)
         out.mkdir(parents=True, exist_ok=True)
         probs, ranks = calibration_data(store_dir, examples)
@@ -433,9 +482,9 @@ def stage_evaluate(key: dict, model_dir: str, questions: list, prof: Profile, ac
     from first_lib import evaluate, models
 
     out = artefact_dir("evaluate", key)
-    if not is_done(out) and acc.is_main_process:
+    if not is_done(out, key) and acc.is_main_process:
         with artefact_lock(out, log=log):
-            if not is_done(out):
+            if not claim_done(out, key, log):
                 out.mkdir(parents=True, exist_ok=True)
                 log(f"evaluate: {model_dir} on {len(questions)} questions")
                 t0 = time.perf_counter()
@@ -547,7 +596,8 @@ def describe_plan(prof: Profile, setting: str) -> str:
     )
     for step in plan(prof, setting, precision):
         path = artefact_dir(step["stage"], step["key"])
-        status = "done" if is_done(path) else "missing"
+        problem = _meta_problem(path, step["key"])
+        status = "done" if problem is None else "missing" if problem == "missing" else "corrupt"
         mem = estimate_memory_gb(step["params_b"], step.get("train"), precision)
         lines.append(f"{step['stage']:<16} {status:<8} {mem:>8.1f} GB  {path.name}")
     base = " (+ the untuned teacher and student)" if prof.baselines else ""
@@ -597,16 +647,18 @@ def _is_locked(path: Path) -> bool:
 def clean(apply: bool = False, log=print) -> tuple[list[Path], int]:
     """The artefacts under `first_home()/runs` that no built-in profile and setting of this version
     uses (older versions' keys, `--set` overrides), with their total size; deleted when `apply`.
-    In-progress work of a live key (`.work`, `.tmp`) and anything whose lock is held are kept."""
+    In-progress work of a live key (`.work`, `.tmp`) and anything whose lock is held are kept;
+    folders moved aside as corrupt (`.corrupt-*`) are stale."""
     runs = first_home() / "runs"
     live = live_artefacts()
     stale, total, kept = [], 0, 0
     for path in sorted(runs.iterdir()) if runs.is_dir() else []:
         name = path.name.split(".", 1)[0]  # <stage>-<hash>, without .lock / .work / .tmp
-        if name in live:
+        aside = ".corrupt-" in path.name  # moved aside by `claim_done`: never in use
+        if name in live and not aside:
             kept += 1
             continue
-        if (runs / f"{name}.lock").exists() and _is_locked(runs / name):
+        if not aside and (runs / f"{name}.lock").exists() and _is_locked(runs / name):
             log(f"kept {path.name}: another run holds its lock")
             kept += 1
             continue

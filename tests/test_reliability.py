@@ -335,6 +335,65 @@ def test_tiny_profile_is_deterministic(reference):
     assert "seconds" not in (out / "results.json").read_text()
 
 
+def _foreign_key(meta: str) -> str:
+    obj = json.loads(meta)
+    obj["key"] = {**obj["key"], "k": 99}
+    return json.dumps(obj)
+
+
+@pytest.mark.parametrize(
+    "stage, damage",
+    [
+        ("calibrate", lambda meta: ""),  # empty
+        ("evaluate", lambda meta: meta[: len(meta) // 2]),  # truncated
+        ("extract", _foreign_key),  # another artefact's key
+    ],
+    ids=["empty", "truncated", "foreign-key"],
+)
+def test_damaged_meta_is_moved_aside_and_recomputed(
+    reference, tmp_path, monkeypatch, one_thread, stage, damage
+):
+    """A finished artefact whose meta.json is empty, truncated or records another key is not
+    served: the next run says so in one line, moves the folder aside (never deletes it),
+    recomputes it and ends with the reference's results; `first clean` lists it as stale."""
+    work, ref_home, ref_out = reference
+    home = work / "home"  # the reference run's path: evaluation keys name model folders
+    shutil.rmtree(home, ignore_errors=True)
+    shutil.copytree(ref_home, home, symlinks=True)
+    monkeypatch.setenv("FIRST_HOME", str(home))
+    art = sorted(p for p in (home / "runs").glob(f"{stage}-*") if p.is_dir())[0]
+    meta = art / "meta.json"
+    meta.write_text(damage(meta.read_text()))
+    assert not pipeline.is_done(
+        art, json.loads((ref_home / "runs" / art.name / "meta.json").read_text())["key"]
+    )
+
+    if stage != "evaluate":  # --dry-run shows it (evaluations are not listed there)
+        plan = pipeline.describe_plan(get_profile("tiny"), "csqa").splitlines()
+        assert [x.split() for x in plan if art.name in x][0][:2] == [stage, "corrupt"]
+    lines: list[str] = []
+    out = tmp_path / "out"
+    pipeline.run("tiny", "csqa", out=out, log=lines.append)
+    moved = [x for x in lines if "moved aside" in x]
+    assert len(moved) == 1, lines
+    (aside,) = (home / "runs").glob(f"{art.name}.corrupt-*")
+    assert moved[0].startswith(f"{art.name}: meta.json ") and aside.name in moved[0]
+    assert "\n" not in moved[0]
+    assert (aside / "meta.json").read_text() == damage(
+        (ref_home / "runs" / art.name / "meta.json").read_text()
+    )  # kept as it was
+    assert any(x.startswith(f"{stage}:") for x in lines), lines  # recomputed
+    assert json.loads(meta.read_text())["stage"] == stage
+    assert (out / "results.json").read_text() == (ref_out / "results.json").read_text()
+
+    listed: list[str] = []
+    pipeline.clean(log=listed.append)
+    assert [x for x in listed if x.startswith("stale")] == [
+        x for x in listed if x.startswith(f"stale  {aside.name} ")
+    ]
+    assert len([x for x in listed if x.startswith("stale")]) == 1, listed
+
+
 @pytest.mark.slow
 def test_fault_injection_short(tmp_path, capsys):
     """One trial with up to two kill -9 at random times: the resumed run matches."""
