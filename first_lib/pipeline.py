@@ -16,10 +16,12 @@ and the artefact recomputed. A lock file stops two runs from writing the same ar
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import importlib.util
 import itertools
 import json
 import os
@@ -48,6 +50,50 @@ TRANSFORM_OF = {"distill": "none", "distill_ls": "ls", "first_ts": "ts"}
 def config_hash(obj) -> str:
     """A short, stable hash of a JSON-able description of what makes an artefact."""
     text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+# The project's modules whose code each stage runs: a change to their code (not to comments,
+# docstrings or formatting) changes the stage's key, so old results are never served to new code.
+CODE_OF = {
+    "train": ("first_lib.train", "first_lib.losses", "first_lib.calibration", "first_lib.models"),
+    "extract": ("first_lib.knowledge", "first_lib.models"),
+    "calibrate": ("first_lib.calibration", "first_lib.metrics"),
+    "evaluate": ("first_lib.evaluate", "first_lib.metrics", "first_lib.models"),
+    "tiny-models": ("first_lib.models",),
+}
+_MODULE_HASHES: dict[str, str] = {}  # module name -> source_hash of its file, once per process
+
+
+def source_hash(source: str) -> str:
+    """sha256 of `ast.dump` of Python `source` with every docstring removed: comments, docstrings
+    and formatting do not change it; code does."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = node.body[0] if node.body else None
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
+                node.body = node.body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+
+
+def module_hash(name: str) -> str:
+    """`source_hash` of module `name`'s file, read without importing the module (cached)."""
+    if name not in _MODULE_HASHES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            raise FirstError(f"cannot find the source of module {name}")
+        _MODULE_HASHES[name] = source_hash(Path(spec.origin).read_text(encoding="utf-8"))
+    return _MODULE_HASHES[name]
+
+
+def code_version(modules) -> str:
+    """A short hash of the code of `modules` (names of the project's modules)."""
+    text = "\n".join(f"{name} {module_hash(name)}" for name in sorted(modules))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -246,6 +292,7 @@ def tiny_key(prof: Profile, setting: str) -> dict:
         "data": data_key(prof, setting),
         "n_test": prof.n_test,  # the tokenizer is trained on the test prompts too
         "seed": prof.seed,
+        "code": code_version(CODE_OF["tiny-models"]),
         "v": 1,
     }
 
@@ -262,6 +309,7 @@ def eval_key(prof: Profile, test_name: str, model, precision: str) -> dict:
         "max_length": prof.max_length,
         "style": prof.style,
         "n_boot": prof.n_boot,
+        "code": code_version(CODE_OF["evaluate"]),
     }
 
 
@@ -523,16 +571,25 @@ def plan(prof: Profile, setting: str, precision: str | None = None) -> list[dict
     precision = precision or run_precision(prof)
     dk = data_key(prof, setting)
     tcfg, scfg = prof.teacher_train.to_dict(), prof.student_train.to_dict()
+    code = {stage: code_version(modules) for stage, modules in CODE_OF.items()}
     teacher_key = {"source": prof.teacher, "data": dk, "train": tcfg, "precision": precision}
-    extract_key = {"teacher": teacher_key, "k": prof.k}
+    teacher_key["code"] = code["train"]
+    extract_key = {"teacher": teacher_key, "k": prof.k, "code": code["extract"]}
     calib_key = {"extract": extract_key, "ece": "answer" if setting != "ood" else "token"}
+    calib_key["code"] = code["calibrate"]
     steps = [
         {"stage": "teacher", "key": teacher_key, "params_b": prof.params_b[0], "train": tcfg},
         {"stage": "extract", "key": extract_key, "params_b": prof.params_b[0]},
         {"stage": "calibrate", "key": calib_key, "params_b": 0},
         {
             "stage": "finetune",
-            "key": {"source": prof.student, "data": dk, "train": scfg, "precision": precision},
+            "key": {
+                "source": prof.student,
+                "data": dk,
+                "train": scfg,
+                "precision": precision,
+                "code": code["train"],
+            },
             "params_b": prof.params_b[1],
             "train": scfg,
         },
@@ -548,6 +605,7 @@ def plan(prof: Profile, setting: str, precision: str | None = None) -> list[dict
                     "calibrate": calib_key,
                     "train": kd,
                     "precision": precision,
+                    "code": code["train"],
                 },
                 "params_b": prof.params_b[1],
                 "train": kd,
