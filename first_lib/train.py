@@ -93,6 +93,11 @@ class TrainConfig:
         if self.transform not in ("none", "ts", "ls", "power"):
             raise FirstError(f"transform must be none|ts|ls|power, got {self.transform!r}")
         calibration.check_coefficient(self.transform, self.coef)  # c > 0, 0 <= delta < 1
+        for name in ("lora_r", "lora_layers", "max_steps"):
+            if getattr(self, name) < 0:
+                raise FirstError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.save_every < 1:
+            raise FirstError(f"save_every must be >= 1, got {self.save_every}")
         self.lora_targets = tuple(self.lora_targets)
 
     def to_dict(self) -> dict:
