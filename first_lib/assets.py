@@ -35,6 +35,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from first_lib import fsio
 from first_lib.errors import FirstError
 from first_lib.paths import first_home
 
@@ -686,10 +687,6 @@ def _versions() -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
-
-
 def status(name: str) -> dict:
     """Where `name` stands, without re-hashing anything.
 
@@ -707,7 +704,7 @@ def status(name: str) -> dict:
     if source.is_model:
         gguf = payload_path(source)
         gguf_bytes = gguf.stat().st_size if gguf.is_file() else 0
-        ckpt_bytes = _dir_bytes(checkpoint_dir(source))
+        ckpt_bytes = fsio.dir_size(checkpoint_dir(source))
     if source.is_model and read_manifest(name) is not None:
         state = "converted"
     elif len(present) < len(paths):

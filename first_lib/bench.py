@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from first_lib import device as device_mod
+from first_lib import fsio
 from first_lib.errors import FirstError
 from first_lib.paths import first_home
 
@@ -1129,10 +1130,7 @@ def write_json(path: str | os.PathLike, results: dict[str, Any]) -> Path:
     """Write `results` atomically (temporary name, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    return fsio.atomic_write_text(path, json.dumps(results, indent=2, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from first_lib import metrics
+from first_lib import fsio, metrics
 from first_lib.assets import sha256_file
 from first_lib.errors import FirstError
 from first_lib.paths import first_home
@@ -550,13 +550,10 @@ def write_chapter_json(out_dir: str | os.PathLike, chapter: str, data: Mapping[s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{chapter}.json"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     from first_lib import device
 
     record = {"chapter": chapter, "precision": device.resolve_precision(), **data}
-    tmp.write_text(json.dumps(_jsonable(record), indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    return fsio.atomic_write_text(path, json.dumps(_jsonable(record), indent=2, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------- cache
@@ -575,9 +572,7 @@ def cached_json(name: str, key: Mapping[str, Any], compute: Callable[[], Any]) -
         return json.loads(path.read_text())["value"]
     value = _jsonable(compute())
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"key": json.loads(text), "value": value}))
-    os.replace(tmp, path)
+    fsio.atomic_write_text(path, json.dumps({"key": json.loads(text), "value": value}))
     return value
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from first_lib import metrics
+from first_lib import fsio, metrics
 from first_lib.errors import FirstError
 from first_lib.tasks import (
     STYLES,
@@ -241,17 +240,11 @@ def summarize(
 # --------------------------------------------------------------------------- the stage
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_records(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Write records as JSON lines (atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    fsio.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return path
 
 
@@ -290,5 +283,5 @@ def run_evaluation(
         out.mkdir(parents=True, exist_ok=True)
         save_records(records, out / "records.jsonl")
         payload = {**summary, "config": asdict(config)}
-        _write_atomic(out / "metrics.json", json.dumps(payload, indent=2) + "\n")
+        fsio.atomic_write_text(out / "metrics.json", json.dumps(payload, indent=2) + "\n")
     return records, summary

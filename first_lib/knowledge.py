@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from first_lib import fsio
 from first_lib.errors import FirstError
 
 FORMAT = "first-topk-store"
@@ -255,15 +256,6 @@ def _write_file(path: Path, data: bytes | memoryview) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temporary name in the same folder, then rename over `path`."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -275,7 +267,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         if err.errno in _ENOSPC:
             raise FirstError(f"disk full while writing {path}") from None
         raise
-    _fsync_dir(path.parent)
+    fsio.fsync_dir(path.parent)
 
 
 def _read_json(path: Path) -> Any:
@@ -676,11 +668,11 @@ def _write_shard(out_dir: Path, index: int, files: dict[str, bytes], info: dict)
         _write_file(
             tmp / "shard.json", (json.dumps(info, indent=1, sort_keys=True) + "\n").encode()
         )
-        _fsync_dir(tmp)
+        fsio.fsync_dir(tmp)
         if final.exists():  # a stale, incomplete shard under the final name
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(out_dir)
+        fsio.fsync_dir(out_dir)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if err.errno in _ENOSPC:

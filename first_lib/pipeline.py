@@ -6,19 +6,22 @@ it, and `first run`, which runs whatever is missing and writes `results.json`.
                      \\___________________|___________________/
                                  evaluate -> results.json
 
-Artefacts live under `first_home()/runs/<stage>-<hash>/`; `meta.json` is written last and marks
-an artefact finished, so an interrupted stage is redone (training resumes from its checkpoint,
-extraction from its last shard) and a finished one is never recomputed. A lock file stops two
-runs from writing the same artefact.
+Artefacts live under `first_home()/runs/<stage>-<hash>/`; `meta.json` is written last (fsynced)
+and marks an artefact finished, so an interrupted stage is redone (training resumes from its
+checkpoint, extraction from its last shard) and a finished one is never recomputed. A meta.json
+that is corrupt or records another key is reported, its folder moved aside (`.corrupt-<time>`)
+and the artefact recomputed. A lock file stops two runs from writing the same artefact.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import importlib.util
 import itertools
 import json
 import os
@@ -31,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from first_lib import device
+from first_lib import device, fsio
 from first_lib.errors import FirstError
 from first_lib.paths import first_home
 from first_lib.profiles import PROFILES, SETTINGS, Profile, for_setting, get_profile
@@ -50,12 +53,104 @@ def config_hash(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+# The project's modules whose code each stage runs: a change to their code (not to comments,
+# docstrings or formatting) changes the stage's key, so old results are never served to new code.
+CODE_OF = {
+    "train": ("first_lib.train", "first_lib.losses", "first_lib.calibration", "first_lib.models"),
+    "extract": ("first_lib.knowledge", "first_lib.models"),
+    "calibrate": ("first_lib.calibration", "first_lib.metrics"),
+    "evaluate": ("first_lib.evaluate", "first_lib.metrics", "first_lib.models"),
+    "tiny-models": ("first_lib.models",),
+}
+_MODULE_HASHES: dict[str, str] = {}  # module name -> source_hash of its file, once per process
+
+
+def source_hash(source: str) -> str:
+    """sha256 of `ast.dump` of Python `source` with every docstring removed: comments, docstrings
+    and formatting do not change it; code does."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = node.body[0] if node.body else None
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
+                node.body = node.body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+
+
+def module_hash(name: str) -> str:
+    """`source_hash` of module `name`'s file, read without importing the module (cached)."""
+    if name not in _MODULE_HASHES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            raise FirstError(f"cannot find the source of module {name}")
+        _MODULE_HASHES[name] = source_hash(Path(spec.origin).read_text(encoding="utf-8"))
+    return _MODULE_HASHES[name]
+
+
+def code_version(modules) -> str:
+    """A short hash of the code of `modules` (names of the project's modules)."""
+    text = "\n".join(f"{name} {module_hash(name)}" for name in sorted(modules))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def artefact_dir(stage: str, key: dict) -> Path:
     return first_home() / "runs" / f"{stage}-{config_hash(key)}"
 
 
-def is_done(path: Path) -> bool:
-    return (path / "meta.json").exists()
+def _meta_problem(path: Path, key: dict | None = None) -> str | None:
+    """Why `path/meta.json` does not mark a finished artefact of `key` (None: it does). A missing
+    meta.json is a problem too ("missing"): the stage has not finished."""
+    try:
+        text = (path / "meta.json").read_text()
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, UnicodeDecodeError) as err:
+        return f"meta.json is unreadable ({' '.join(str(err).split())})"
+    if not text.strip():
+        return "meta.json is corrupt (empty)"
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as err:
+        return f"meta.json is corrupt ({err})"
+    if not isinstance(meta, dict):
+        return "meta.json is corrupt (not a JSON object)"
+    if key is not None:
+        want = json.loads(json.dumps(key, default=str))  # tuples and paths as JSON stores them
+        if meta.get("key") != want:
+            got = config_hash(meta["key"]) if "key" in meta else "none"
+            return f"meta.json records another key (hash {got}, expected {config_hash(key)})"
+    return None
+
+
+def is_done(path: Path, key: dict | None = None) -> bool:
+    """Whether `path` is a finished artefact: its meta.json parses and (when `key` is given)
+    records `key`."""
+    return _meta_problem(path, key) is None
+
+
+def claim_done(path: Path, key: dict, log) -> bool:
+    """`is_done(path, key)`, except that a meta.json that is corrupt or records another key is
+    reported in one line and its folder moved aside (renamed `<name>.corrupt-<time>`, never
+    deleted), so the caller recomputes the artefact. Call it holding the artefact's lock."""
+    problem = _meta_problem(path, key)
+    if problem is None:
+        return True
+    if problem == "missing":
+        return False
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    path.rename(aside)
+    fsio.fsync_dir(path.parent)
+    log(f"{path.name}: {problem}; moved aside to {aside.name} and recomputing")
+    return False
 
 
 @contextlib.contextmanager
@@ -79,10 +174,8 @@ def artefact_lock(path: Path, wait: bool = True, log=None) -> Iterator[None]:
 
 
 def write_meta(path: Path, meta: dict) -> None:
-    """Write meta.json atomically; its presence marks the artefact finished."""
-    tmp = path / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, default=str))
-    os.replace(tmp, path / "meta.json")
+    """Write meta.json atomically and fsynced; its presence marks the artefact finished."""
+    fsio.atomic_write_json(path / "meta.json", meta, indent=2, default=str)
 
 
 def read_meta(path: Path) -> dict:
@@ -199,6 +292,7 @@ def tiny_key(prof: Profile, setting: str) -> dict:
         "data": data_key(prof, setting),
         "n_test": prof.n_test,  # the tokenizer is trained on the test prompts too
         "seed": prof.seed,
+        "code": code_version(CODE_OF["tiny-models"]),
         "v": 1,
     }
 
@@ -215,6 +309,7 @@ def eval_key(prof: Profile, test_name: str, model, precision: str) -> dict:
         "max_length": prof.max_length,
         "style": prof.style,
         "n_boot": prof.n_boot,
+        "code": code_version(CODE_OF["evaluate"]),
     }
 
 
@@ -225,11 +320,11 @@ def tiny_models(prof: Profile, setting: str, data: dict, log, acc) -> Path:
 
     key = tiny_key(prof, setting)
     out = artefact_dir("tiny-models", key)
-    if is_done(out) or not acc.is_main_process:
+    if is_done(out, key) or not acc.is_main_process:
         _barrier(acc)
         return out
     with artefact_lock(out, log=log):
-        if is_done(out):
+        if claim_done(out, key, log):
             _barrier(acc)
             return out
         log("tiny-models: training a tiny tokenizer and building random models")
@@ -289,11 +384,11 @@ def stage_train(
     from first_lib import train
 
     out = artefact_dir(name, key)
-    if is_done(out):
+    if is_done(out, key):
         return out
     lock = artefact_lock(out, log=log) if acc.is_main_process else contextlib.nullcontext()
     with lock:
-        if is_done(out):
+        if claim_done(out, key, log) if acc.is_main_process else is_done(out, key):
             return out
         work = out.with_name(out.name + ".work")
         work.mkdir(parents=True, exist_ok=True)
@@ -341,10 +436,10 @@ def stage_extract(key: dict, teacher_dir: Path, splits: dict, prof: Profile, acc
     from first_lib import knowledge
 
     out = artefact_dir("extract", key)
-    if is_done(out):
+    if is_done(out, key):
         return out
     with artefact_lock(out, log=log) if acc.is_main_process else contextlib.nullcontext():
-        if is_done(out):
+        if claim_done(out, key, log) if acc.is_main_process else is_done(out, key):
             return out
         out.mkdir(parents=True, exist_ok=True)
         model = _load(str(teacher_dir), acc)
@@ -399,10 +494,10 @@ def stage_calibrate(key: dict, store_dir: Path, examples: list[dict], log) -> di
     from first_lib import calibration, metrics
 
     out = artefact_dir("calibrate", key)
-    if is_done(out):
+    if is_done(out, key):
         return read_meta(out)
     with artefact_lock(out, log=log):
-        if is_done(out):
+        if claim_done(out, key, log):
             return read_meta(out)
         out.mkdir(parents=True, exist_ok=True)
         probs, ranks = calibration_data(store_dir, examples)
@@ -435,9 +530,9 @@ def stage_evaluate(key: dict, model_dir: str, questions: list, prof: Profile, ac
     from first_lib import evaluate, models
 
     out = artefact_dir("evaluate", key)
-    if not is_done(out) and acc.is_main_process:
+    if not is_done(out, key) and acc.is_main_process:
         with artefact_lock(out, log=log):
-            if not is_done(out):
+            if not claim_done(out, key, log):
                 out.mkdir(parents=True, exist_ok=True)
                 log(f"evaluate: {model_dir} on {len(questions)} questions")
                 t0 = time.perf_counter()
@@ -476,16 +571,25 @@ def plan(prof: Profile, setting: str, precision: str | None = None) -> list[dict
     precision = precision or run_precision(prof)
     dk = data_key(prof, setting)
     tcfg, scfg = prof.teacher_train.to_dict(), prof.student_train.to_dict()
+    code = {stage: code_version(modules) for stage, modules in CODE_OF.items()}
     teacher_key = {"source": prof.teacher, "data": dk, "train": tcfg, "precision": precision}
-    extract_key = {"teacher": teacher_key, "k": prof.k}
+    teacher_key["code"] = code["train"]
+    extract_key = {"teacher": teacher_key, "k": prof.k, "code": code["extract"]}
     calib_key = {"extract": extract_key, "ece": "answer" if setting != "ood" else "token"}
+    calib_key["code"] = code["calibrate"]
     steps = [
         {"stage": "teacher", "key": teacher_key, "params_b": prof.params_b[0], "train": tcfg},
         {"stage": "extract", "key": extract_key, "params_b": prof.params_b[0]},
         {"stage": "calibrate", "key": calib_key, "params_b": 0},
         {
             "stage": "finetune",
-            "key": {"source": prof.student, "data": dk, "train": scfg, "precision": precision},
+            "key": {
+                "source": prof.student,
+                "data": dk,
+                "train": scfg,
+                "precision": precision,
+                "code": code["train"],
+            },
             "params_b": prof.params_b[1],
             "train": scfg,
         },
@@ -501,6 +605,7 @@ def plan(prof: Profile, setting: str, precision: str | None = None) -> list[dict
                     "calibrate": calib_key,
                     "train": kd,
                     "precision": precision,
+                    "code": code["train"],
                 },
                 "params_b": prof.params_b[1],
                 "train": kd,
@@ -549,7 +654,8 @@ def describe_plan(prof: Profile, setting: str) -> str:
     )
     for step in plan(prof, setting, precision):
         path = artefact_dir(step["stage"], step["key"])
-        status = "done" if is_done(path) else "missing"
+        problem = _meta_problem(path, step["key"])
+        status = "done" if problem is None else "missing" if problem == "missing" else "corrupt"
         mem = estimate_memory_gb(step["params_b"], step.get("train"), precision)
         lines.append(f"{step['stage']:<16} {status:<8} {mem:>8.1f} GB  {path.name}")
     base = " (+ the untuned teacher and student)" if prof.baselines else ""
@@ -596,29 +702,25 @@ def _is_locked(path: Path) -> bool:
         return True
 
 
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 def clean(apply: bool = False, log=print) -> tuple[list[Path], int]:
     """The artefacts under `first_home()/runs` that no built-in profile and setting of this version
     uses (older versions' keys, `--set` overrides), with their total size; deleted when `apply`.
-    In-progress work of a live key (`.work`, `.tmp`) and anything whose lock is held are kept."""
+    In-progress work of a live key (`.work`, `.tmp`) and anything whose lock is held are kept;
+    folders moved aside as corrupt (`.corrupt-*`) are stale."""
     runs = first_home() / "runs"
     live = live_artefacts()
     stale, total, kept = [], 0, 0
     for path in sorted(runs.iterdir()) if runs.is_dir() else []:
         name = path.name.split(".", 1)[0]  # <stage>-<hash>, without .lock / .work / .tmp
-        if name in live:
+        aside = ".corrupt-" in path.name  # moved aside by `claim_done`: never in use
+        if name in live and not aside:
             kept += 1
             continue
-        if (runs / f"{name}.lock").exists() and _is_locked(runs / name):
+        if not aside and (runs / f"{name}.lock").exists() and _is_locked(runs / name):
             log(f"kept {path.name}: another run holds its lock")
             kept += 1
             continue
-        size = _size(path)
+        size = fsio.dir_size(path)
         stale.append(path)
         total += size
         log(f"{'removed' if apply else 'stale'}  {path.name}  {size / 1e9:.2f} GB")
@@ -831,9 +933,8 @@ def run(
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         for name, obj in (("results.json", results), ("timings.json", timings)):
-            tmp = out / f".{name}.tmp-{os.getpid()}"  # a kill never leaves half a file
-            tmp.write_text(json.dumps(obj, indent=2, sort_keys=name == "results.json"))
-            os.replace(tmp, out / name)
+            # a kill never leaves half a file
+            fsio.atomic_write_json(out / name, obj, indent=2, sort_keys=name == "results.json")
         log(f"wrote {out / 'results.json'}")
     return results
 

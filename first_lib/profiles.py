@@ -169,8 +169,20 @@ def _coerce(key: str, value, annotation: str):
     return value
 
 
+STYLES = ("plain", "chat", "auto")  # the prompt styles of first_lib.tasks (not imported here)
+
+
 def check_profile(prof: Profile) -> Profile:
     """Refuse (FirstError) values no stage can run with, before anything is loaded."""
+    for name in ("teacher_train", "student_train"):
+        loss = getattr(prof, name).loss
+        if loss != "ce":
+            raise FirstError(
+                f"{name}.loss = {loss!r}: the fine-tuning stages train with loss=ce; the distill "
+                "stages set loss=kd themselves"
+            )
+    if prof.style not in STYLES:
+        raise FirstError(f"style = {prof.style!r} must be one of {', '.join(STYLES)}")
     for name in ("n_train", "n_val", "n_test"):
         n = getattr(prof, name)
         if n is not None and n < 1:
@@ -223,7 +235,10 @@ def get_profile(name: str | None, **overrides) -> Profile:
         else:
             flat[key] = _coerce(key, value, str(Profile.__dataclass_fields__[key].type))
     for head, fields in nested.items():
-        flat[head] = replace(flat.get(head, getattr(prof, head)), **fields)
+        try:
+            flat[head] = replace(flat.get(head, getattr(prof, head)), **fields)
+        except FirstError as err:  # TrainConfig's own checks: say which profile key
+            raise FirstError(f"{head}: {err}") from None
     return check_profile(replace(prof, **flat)) if flat else prof
 
 
@@ -231,4 +246,7 @@ def for_setting(prof: Profile, setting: str) -> Profile:
     if setting not in SETTINGS:
         raise FirstError(f"unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}")
     extra = prof.per_setting.get(setting, {})
-    return replace(prof, **extra) if extra else prof
+    unknown = sorted(set(extra) - set(Profile.__dataclass_fields__))
+    if unknown:
+        raise FirstError(f"unknown profile key {unknown[0]!r} in per_setting[{setting!r}]")
+    return check_profile(replace(prof, **extra)) if extra else prof

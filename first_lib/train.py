@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from first_lib import calibration, losses
+from first_lib import calibration, fsio, losses
 from first_lib.errors import FirstError
 
 Example = dict  # {"id": str, "input_ids": list[int], "target_mask": list[bool]}
@@ -93,6 +93,11 @@ class TrainConfig:
         if self.transform not in ("none", "ts", "ls", "power"):
             raise FirstError(f"transform must be none|ts|ls|power, got {self.transform!r}")
         calibration.check_coefficient(self.transform, self.coef)  # c > 0, 0 <= delta < 1
+        for name in ("lora_r", "lora_layers", "max_steps"):
+            if getattr(self, name) < 0:
+                raise FirstError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.save_every < 1:
+            raise FirstError(f"save_every must be >= 1, got {self.save_every}")
         self.lora_targets = tuple(self.lora_targets)
 
     def to_dict(self) -> dict:
@@ -247,7 +252,9 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, losses_seen: list) -> None:
-    """Write a checkpoint atomically: a temp folder renamed into place; the old one removed last."""
+    """Write a checkpoint atomically: a temp folder (files and folder fsynced) renamed into place;
+    the old one removed last. A `.old` left by a kill after the second rename is removed first
+    (the checkpoint next to it is complete), so a rotation never wedges on it."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -258,11 +265,33 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, losses_s
     )
     save_file({"cpu_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses_seen}))
+    for name in ("trainable.safetensors", "optim.pt", "rng.safetensors", "state.json"):
+        fsio.fsync_file(tmp / name)
+    fsio.fsync_dir(tmp)
     old = path.with_name(path.name + ".old")
+    if old.exists() and path.exists():
+        shutil.rmtree(old)
     if path.exists():
         path.rename(old)
     tmp.rename(path)
+    fsio.fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_checkpoint(path: Path) -> None:
+    """Repair what a kill during `save_checkpoint` leaves at `path`: a half-written `.tmp` is
+    removed; a lone `.old` (killed between the two renames) is the last complete checkpoint and
+    is renamed back; a `.old` next to `path` (killed before it was removed) is dropped, since
+    `path` was renamed into place whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old)
+        else:
+            old.rename(path)
+        fsio.fsync_dir(path.parent)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list]:
@@ -333,9 +362,9 @@ def train(
 
     ckpt = work_dir / "checkpoint" if work_dir is not None else None
     step, history = 0, []
-    if ckpt is not None and not ckpt.exists() and ckpt.with_name(ckpt.name + ".old").exists():
-        # killed between the two renames of `save_checkpoint`: the previous one is complete
-        ckpt.with_name(ckpt.name + ".old").rename(ckpt)
+    if ckpt is not None and acc.is_main_process:
+        recover_checkpoint(ckpt)
+    acc.wait_for_everyone()
     if ckpt is not None and (ckpt / "state.json").exists():
         step, history = load_checkpoint(ckpt, model, optimizer, scheduler)
 

@@ -272,6 +272,65 @@ def test_config_value_of_wrong_type(home, run_in):
     assert msg == "first: error: profile key 'k' expects an integer, got 'five'"
 
 
+def test_student_trained_with_kd_through_set(home, run_in):
+    """The fine-tuning stages are CE; the distill stages set loss=kd themselves."""
+    msg = run_in(["run", "--profile", "tiny", "--set", "student_train.loss=kd"], home)
+    assert msg.startswith("first: error: student_train.loss = 'kd'") and "loss=ce" in msg
+    msg = run_in(["teacher", "--profile", "tiny", "--set", "teacher_train.loss=kd"], home)
+    assert msg.startswith("first: error: teacher_train.loss = 'kd'")
+
+
+def test_unknown_key_foo(home, run_in):
+    msg = run_in(["run", "--profile", "tiny", "--set", "foo=1"], home)
+    assert msg == "first: error: unknown profile key 'foo'"
+
+
+@pytest.mark.parametrize("value, shown", [("true", "True"), ("1.5", "1.5")])
+def test_integer_key_given_a_bool_or_a_float(home, run_in, value, shown):
+    msg = run_in(["run", "--profile", "tiny", "--set", f"k={value}"], home)
+    assert msg == f"first: error: profile key 'k' expects an integer, got {shown}"
+
+
+def test_negative_size(home, run_in):
+    msg = run_in(["run", "--profile", "tiny", "--set", "n_train=-3"], home)
+    assert "n_train = -3 leaves the train split empty" in msg
+
+
+def test_unknown_prompt_style(home, run_in):
+    msg = run_in(["run", "--profile", "tiny", "--set", "style=x"], home)
+    assert msg == "first: error: style = 'x' must be one of plain, chat, auto"
+
+
+def test_negative_threads(home, run_in):
+    msg = run_in(["run", "--profile", "tiny", "--set", "threads=-1"], home)
+    assert "threads = -1 must be >= 0" in msg
+
+
+def test_training_value_out_of_range_names_its_key(home, run_in):
+    msg = run_in(["run", "--profile", "tiny", "--set", "student_train.save_every=0"], home)
+    assert msg == "first: error: student_train: save_every must be >= 1, got 0"
+
+
+def test_unknown_key_in_per_setting(home, run_in):
+    msg = run_in(
+        ["run", "--profile", "tiny", "--set", 'per_setting={"csqa": {"n_trian": 3}}'], home
+    )
+    assert msg == "first: error: unknown profile key 'n_trian' in per_setting['csqa']"
+
+
+def test_bad_values_fail_before_anything_loads(home, run_in, monkeypatch):
+    """The profile checks run before data, tokenizers or models are touched."""
+    from first_lib import pipeline
+
+    def loaded(*a, **kw):
+        raise AssertionError("data loaded before the profile was checked")
+
+    monkeypatch.setattr(pipeline, "load_questions", loaded)
+    monkeypatch.setattr(pipeline, "accelerator", loaded)
+    for bad in ("student_train.loss=kd", "style=x", "threads=-1", "k=1.5", "foo=1"):
+        run_in(["run", "--profile", "tiny", "--set", bad], home)
+
+
 # ----------------------------------------------------------------------------- resources
 
 

@@ -184,6 +184,88 @@ def test_checkpoint_killed_between_renames_resumes_identically(tmp_path, one_thr
         assert torch.equal(a, b), name
 
 
+def _ckpt_examples() -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(24):
+        n = int(torch.randint(6, 16, (1,), generator=g))
+        ids = torch.randint(0, 64, (n,), generator=g).tolist()
+        out.append({"id": f"x{i}", "input_ids": ids, "target_mask": [t == n - 2 for t in range(n)]})
+    return out
+
+
+@pytest.mark.parametrize("window", ["new_and_old", "old_half_removed", "tmp_only", "old_only"])
+def test_checkpoint_every_kill_window_resumes_identically(
+    tmp_path, one_thread, monkeypatch, window
+):
+    """Each state a kill inside `save_checkpoint` can leave, made by hand: training resumes from
+    the newest complete checkpoint, later rotations do not wedge on a leftover `.old`, and the
+    result is bit-identical to an uninterrupted run (fp32)."""
+    from first_lib import models, train
+
+    cfg = train.TrainConfig(lr=1e-3, epochs=2, batch_size=4, save_every=2)
+    data = _ckpt_examples()
+
+    def run(**kw):
+        model = models.make_tiny_model(64, "student")
+        return train.train(model, data, cfg, pad_id=0, progress=False, precision="fp32", **kw)
+
+    full, full_log = run()
+    work = tmp_path / "work"
+    ckpt, old, tmp = work / "checkpoint", work / "checkpoint.old", work / "checkpoint.tmp"
+    with pytest.raises(KeyboardInterrupt):
+        run(work_dir=work, stop_after=2)
+    shutil.copytree(ckpt, tmp_path / "step2")
+    with pytest.raises(KeyboardInterrupt):
+        run(work_dir=work, stop_after=4)  # resumes at 2; `checkpoint` now holds step 4
+    if window == "new_and_old":  # killed after the second rename, before the removal of .old
+        shutil.copytree(tmp_path / "step2", old)
+    elif window == "old_half_removed":  # killed inside the removal of .old
+        shutil.copytree(tmp_path / "step2", old)
+        (old / "trainable.safetensors").unlink()
+        (old / "optim.pt").unlink()
+    elif window == "tmp_only":  # killed while the next checkpoint was being written
+        tmp.mkdir()
+        (tmp / "trainable.safetensors").write_bytes(b"\0" * 10)
+    else:  # killed between the two renames: only .old, complete, and the new one half-written
+        ckpt.rename(old)
+        shutil.copytree(tmp_path / "step2", tmp)
+        (tmp / "state.json").unlink()
+    resumed_from = []
+    load = train.load_checkpoint
+
+    def record(*a, **kw):
+        step, hist = load(*a, **kw)
+        resumed_from.append(step)
+        return step, hist
+
+    monkeypatch.setattr(train, "load_checkpoint", record)
+    resumed, log = run(work_dir=work)
+    assert resumed_from == [4]  # the newest complete one
+    assert log["steps"] == full_log["steps"] == 12 and log["losses"] == full_log["losses"]
+    assert ckpt.is_dir() and not old.exists() and not tmp.exists()
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 12
+    for (name, a), (_, b) in zip(
+        full.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_save_checkpoint_removes_a_stale_old(tmp_path):
+    """A rotation next to a leftover `.old` (a kill after the second rename) succeeds."""
+    from first_lib import models, train
+
+    model = models.make_tiny_model(64, "student")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    path = tmp_path / "checkpoint"
+    train.save_checkpoint(path, model, opt, sched, 1, [0.5])
+    shutil.copytree(path, tmp_path / "checkpoint.old")
+    train.save_checkpoint(path, model, opt, sched, 2, [0.5, 0.4])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    assert json.loads((path / "state.json").read_text())["step"] == 2
+
+
 def _reader(proc, lines: list[str]) -> threading.Thread:
     def read():
         for line in proc.stderr:
@@ -251,6 +333,65 @@ def test_tiny_profile_is_deterministic(reference):
     timings = json.loads((out / "timings.json").read_text())
     assert {"teacher", "extract", "calibrate"} <= set(timings)
     assert "seconds" not in (out / "results.json").read_text()
+
+
+def _foreign_key(meta: str) -> str:
+    obj = json.loads(meta)
+    obj["key"] = {**obj["key"], "k": 99}
+    return json.dumps(obj)
+
+
+@pytest.mark.parametrize(
+    "stage, damage",
+    [
+        ("calibrate", lambda meta: ""),  # empty
+        ("evaluate", lambda meta: meta[: len(meta) // 2]),  # truncated
+        ("extract", _foreign_key),  # another artefact's key
+    ],
+    ids=["empty", "truncated", "foreign-key"],
+)
+def test_damaged_meta_is_moved_aside_and_recomputed(
+    reference, tmp_path, monkeypatch, one_thread, stage, damage
+):
+    """A finished artefact whose meta.json is empty, truncated or records another key is not
+    served: the next run says so in one line, moves the folder aside (never deletes it),
+    recomputes it and ends with the reference's results; `first clean` lists it as stale."""
+    work, ref_home, ref_out = reference
+    home = work / "home"  # the reference run's path: evaluation keys name model folders
+    shutil.rmtree(home, ignore_errors=True)
+    shutil.copytree(ref_home, home, symlinks=True)
+    monkeypatch.setenv("FIRST_HOME", str(home))
+    art = sorted(p for p in (home / "runs").glob(f"{stage}-*") if p.is_dir())[0]
+    meta = art / "meta.json"
+    meta.write_text(damage(meta.read_text()))
+    assert not pipeline.is_done(
+        art, json.loads((ref_home / "runs" / art.name / "meta.json").read_text())["key"]
+    )
+
+    if stage != "evaluate":  # --dry-run shows it (evaluations are not listed there)
+        plan = pipeline.describe_plan(get_profile("tiny"), "csqa").splitlines()
+        assert [x.split() for x in plan if art.name in x][0][:2] == [stage, "corrupt"]
+    lines: list[str] = []
+    out = tmp_path / "out"
+    pipeline.run("tiny", "csqa", out=out, log=lines.append)
+    moved = [x for x in lines if "moved aside" in x]
+    assert len(moved) == 1, lines
+    (aside,) = (home / "runs").glob(f"{art.name}.corrupt-*")
+    assert moved[0].startswith(f"{art.name}: meta.json ") and aside.name in moved[0]
+    assert "\n" not in moved[0]
+    assert (aside / "meta.json").read_text() == damage(
+        (ref_home / "runs" / art.name / "meta.json").read_text()
+    )  # kept as it was
+    assert any(x.startswith(f"{stage}:") for x in lines), lines  # recomputed
+    assert json.loads(meta.read_text())["stage"] == stage
+    assert (out / "results.json").read_text() == (ref_out / "results.json").read_text()
+
+    listed: list[str] = []
+    pipeline.clean(log=listed.append)
+    assert [x for x in listed if x.startswith("stale")] == [
+        x for x in listed if x.startswith(f"stale  {aside.name} ")
+    ]
+    assert len([x for x in listed if x.startswith("stale")]) == 1, listed
 
 
 @pytest.mark.slow
