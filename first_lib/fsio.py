@@ -5,10 +5,38 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 # This module is the ground floor: it imports nothing from the project, so every module may use it.
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, log=None, what: str = "") -> Iterator[None]:
+    """An exclusive advisory lock held on the file `path` (created if needed) while the block
+    runs; a second process waits, saying so through `log` when given. The kernel releases the
+    lock of a killed process."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log is not None:
+                log(f"waiting: another process is {what or 'holding ' + path.name}")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def offline() -> bool:
+    """Whether `FIRST_OFFLINE` forbids downloads (the test suite sets it after its set-up)."""
+    return os.environ.get("FIRST_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def fsync_file(path: str | os.PathLike) -> None:

@@ -395,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     os.environ["FIRST_PRECISION"] = precision  # the kernels inherit it
+    os.environ["FIRST_ALLOW_COMPUTE"] = "1"  # `make book` computes what the chapters need
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of the chapters' kernels
     profile = args.profile

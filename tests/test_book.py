@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from first_lib import book, device
+from first_lib.errors import FirstError
 from scripts import build_book, check_pages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -475,3 +476,17 @@ def test_metrics_table_lists_the_untuned_models_only_where_they_were_evaluated()
     assert len(with_base) == 7 and len(without) == 5
     assert list(without.index) == list(with_base.index)[2:]
     assert without.loc["FIRST w/ TS 0.5B", "ECE ↓"] == "10.0 [5.0, 20.0]"
+
+
+def test_chapter_without_its_runs_does_not_compute_by_surprise(tmp_path, monkeypatch):
+    """At a real profile, a chapter whose runs are missing stops with one line saying what it
+    would compute and how to allow it, before anything is loaded."""
+    monkeypatch.setenv("FIRST_HOME", str(tmp_path / "empty-home"))
+    monkeypatch.delenv(book.ALLOW_COMPUTE, raising=False)
+    todo = book.missing_work("cpu", "csqa")
+    assert todo[:3] == ["teacher", "extract", "calibrate"]
+    assert "evaluate first_ts on csqa" in todo and "evaluate student_base on csqa" in todo
+    with pytest.raises(FirstError, match=r"profile cpu, setting csqa: \d+ artefacts are not") as e:
+        book.run_setting("cpu", "csqa", tmp_path / "out")
+    assert "FIRST_ALLOW_COMPUTE=1" in str(e.value) and "--dry-run" in str(e.value)
+    assert not (tmp_path / "empty-home" / "runs").exists()  # nothing was started

