@@ -666,30 +666,78 @@ def describe_plan(prof: Profile, setting: str) -> str:
 # ----------------------------------------------------------------------------- clean
 
 
+def run_artefacts(prof: Profile, setting: str, precision: str) -> set[str]:
+    """Names of every artefact a run of `prof` x `setting` at `precision` uses (the plan, the tiny
+    models and the evaluations), computed from the keys without loading anything."""
+    steps = plan(prof, setting, precision)
+    dirs = {s["stage"]: artefact_dir(s["stage"], s["key"]) for s in steps}
+    names = {p.name for p in dirs.values()}
+    tiny = None
+    if prof.teacher.startswith("tiny:"):
+        tiny = artefact_dir("tiny-models", tiny_key(prof, setting))
+        names.add(tiny.name)
+    models = [dirs["teacher"], dirs["finetune"]]
+    models += [dirs[f"distill-{t}"] for t in TRANSFORM_OF.values()]
+    if prof.baselines:
+        models += [model_source(prof, role, tiny) for role in ("teacher", "student")]
+    for test_name in test_tasks(setting):
+        names.update(
+            artefact_dir("evaluate", eval_key(prof, test_name, m, precision)).name for m in models
+        )
+    return names
+
+
 def live_artefacts() -> set[str]:
     """Names of every artefact a built-in profile and setting of this version would use at either
-    precision (the plan, the tiny models and the evaluations), computed from the keys without
-    loading anything."""
+    precision, plus those of runs in progress (`in_use`)."""
     names = set()
     combos = itertools.product(PROFILES.values(), SETTINGS, ("fp32", "bf16"))
     for base, setting, precision in combos:
-        prof = for_setting(base, setting)
-        steps = plan(prof, setting, precision)
-        dirs = {s["stage"]: artefact_dir(s["stage"], s["key"]) for s in steps}
-        tiny = None
-        if prof.teacher.startswith("tiny:"):
-            tiny = artefact_dir("tiny-models", tiny_key(prof, setting))
-            names.add(tiny.name)
-        names.update(p.name for p in dirs.values())
-        models = [dirs["teacher"], dirs["finetune"]]
-        models += [dirs[f"distill-{t}"] for t in TRANSFORM_OF.values()]
-        if prof.baselines:
-            models += [model_source(prof, role, tiny) for role in ("teacher", "student")]
-        for test_name in test_tasks(setting):
-            names.update(
-                artefact_dir("evaluate", eval_key(prof, test_name, m, precision)).name
-                for m in models
-            )
+        names |= run_artefacts(for_setting(base, setting), setting, precision)
+    return names | names_in_use()
+
+
+def _in_use_dir() -> Path:
+    return first_home() / "runs" / ".in-use"
+
+
+@contextlib.contextmanager
+def in_use(names: set[str]) -> Iterator[None]:
+    """Register `names` as used by this process while the block runs: a file listing them, held
+    under an exclusive lock, so `first clean` keeps them (a run with `--set` whose keys no
+    built-in profile names included). The kernel drops the lock of a killed process."""
+    folder = _in_use_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{os.getpid()}-{time.monotonic_ns()}.json"
+    tmp = path.with_suffix(".tmp")  # locked before it gets the name `names_in_use` reads
+    with open(tmp, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.write(json.dumps(sorted(names)))
+        fh.flush()
+        os.replace(tmp, path)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def names_in_use() -> set[str]:
+    """Artefact names registered by runs in progress; registrations of dead runs are removed."""
+    names: set[str] = set()
+    folder = _in_use_dir()
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            with open(path) as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:  # held: the run is alive
+                    names.update(json.loads(path.read_text() or "[]"))
+                    continue
+                fcntl.flock(fh, fcntl.LOCK_UN)
+            path.unlink(missing_ok=True)  # nobody holds it: a run that was killed
+        except (OSError, ValueError):
+            continue
     return names
 
 
@@ -705,14 +753,21 @@ def _is_locked(path: Path) -> bool:
 def clean(apply: bool = False, log=print) -> tuple[list[Path], int]:
     """The artefacts under `first_home()/runs` that no built-in profile and setting of this version
     uses (older versions' keys, `--set` overrides), with their total size; deleted when `apply`.
-    In-progress work of a live key (`.work`, `.tmp`) and anything whose lock is held are kept;
-    folders moved aside as corrupt (`.corrupt-*`) are stale."""
+    Artefacts of runs in progress (`in_use`, e.g. with `--set`), in-progress work of a live key
+    (`.work`, `.tmp`) and anything whose lock is held are kept; folders moved aside as corrupt
+    (`.corrupt-*`) and the `.work` leftovers of finished artefacts are stale."""
     runs = first_home() / "runs"
     live = live_artefacts()
     stale, total, kept = [], 0, 0
     for path in sorted(runs.iterdir()) if runs.is_dir() else []:
+        if path.name == ".in-use":
+            continue
         name = path.name.split(".", 1)[0]  # <stage>-<hash>, without .lock / .work / .tmp
         aside = ".corrupt-" in path.name  # moved aside by `claim_done`: never in use
+        # the work folder of a finished artefact is left over (a kill before its removal)
+        leftover = path.name.endswith(".work") and is_done(runs / name)
+        if leftover and not _is_locked(runs / name):
+            aside = True
         if name in live and not aside:
             kept += 1
             continue
@@ -740,6 +795,21 @@ def _cmd_clean(args) -> int:
 
 
 def run(
+    profile: str = "cpu",
+    setting: str = "csqa",
+    out: Path | None = None,
+    until: str | None = None,
+    log=None,
+    **overrides,
+) -> dict:
+    """Run every missing stage of `profile` x `setting` and write `out/results.json`; the run's
+    artefacts are registered as in use (`first clean` keeps them) while it runs."""
+    prof = for_setting(get_profile(profile, **overrides), setting)
+    with in_use(run_artefacts(prof, setting, run_precision(prof))):
+        return _run(profile, setting, out, until, log, **overrides)
+
+
+def _run(
     profile: str = "cpu",
     setting: str = "csqa",
     out: Path | None = None,

@@ -206,3 +206,72 @@ def test_clean_keeps_what_a_run_made_and_removes_the_rest(tiny_run):
     assert busy.exists() and saving.exists()
     expected = [*made, busy.name, busy.name + ".lock", saving.name]
     assert sorted(p.name for p in runs.iterdir()) == sorted(expected)
+
+
+def test_clean_keeps_the_artefacts_of_a_run_in_progress(tmp_path, monkeypatch):
+    """A run with `--set` (keys no built-in profile names) registers its artefacts while it
+    runs: `first clean --yes` keeps them then, removes them once the run has ended, and removes
+    the `.work` leftover of a finished artefact at any time."""
+    monkeypatch.setenv("FIRST_HOME", str(tmp_path / "home"))
+    runs = tmp_path / "home" / "runs"
+    mine = runs / "teacher-aaaaaaaaaaaa"  # a finished artefact of a run with --set
+    (mine / "w").mkdir(parents=True)
+    (mine / "meta.json").write_text('{"key": {}}')
+    (runs / "teacher-aaaaaaaaaaaa.work").mkdir()  # left over by a kill before its removal
+    unfinished = runs / "extract-bbbbbbbbbbbb.work"  # the run is working on it
+    unfinished.mkdir()
+    names = {mine.name, "extract-bbbbbbbbbbbb"}
+    with pipeline.in_use(names):
+        assert pipeline.names_in_use() == names
+        pipeline.clean(apply=True, log=lambda m: None)
+        assert mine.exists() and unfinished.exists()
+        assert not (runs / "teacher-aaaaaaaaaaaa.work").exists()
+    assert pipeline.names_in_use() == set()  # released with the run
+    pipeline.clean(apply=True, log=lambda m: None)
+    assert not mine.exists() and not unfinished.exists()
+
+
+def test_in_use_of_a_killed_run_is_dropped(tmp_path, monkeypatch):
+    """A registration whose process died (no lock held) no longer protects anything."""
+    monkeypatch.setenv("FIRST_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "home" / "runs" / ".in-use"
+    folder.mkdir(parents=True)
+    (folder / "12345-1.json").write_text('["teacher-cccccccccccc"]')  # nobody holds its lock
+    assert pipeline.names_in_use() == set()
+    assert not (folder / "12345-1.json").exists()
+
+
+def test_clean_yes_during_a_run_with_set(tmp_path):
+    """`first clean --yes` while a `first run --set seed=1` is between stages: the run's finished
+    artefacts (no built-in profile names their keys) are kept and the run ends normally."""
+    from first_lib.profiles import get_profile
+
+    env = {**os.environ, "FIRST_HOME": str(_isolated_home(tmp_path)), "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "first_lib.cli", "run", "--profile", "tiny", "--set", "seed=1"]
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(tmp_path / "out")],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    prof = get_profile("tiny", seed=1)
+    old = os.environ["FIRST_HOME"]
+    os.environ["FIRST_HOME"] = env["FIRST_HOME"]
+    try:
+        step = pipeline.plan(prof, "csqa")[0]
+        teacher = pipeline.artefact_dir(step["stage"], step["key"])
+    finally:
+        os.environ["FIRST_HOME"] = old
+    deadline = time.monotonic() + 600
+    while not (teacher / "meta.json").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before the clean could race it"
+    cleaned = _clean(env, "--yes")
+    assert cleaned.returncode == 0, cleaned.stderr
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert (teacher / "meta.json").exists() and (tmp_path / "out" / "results.json").exists()
+    assert f"removed  {teacher.name} " not in cleaned.stdout
