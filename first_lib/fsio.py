@@ -112,9 +112,12 @@ def file_table(folder: str | os.PathLike, skip: tuple[str, ...] = ("meta.json",)
     return table
 
 
-def table_problem(folder: str | os.PathLike, table: dict, hashes: bool = False) -> str | None:
-    """Why the files under `folder` do not match `table` (from `file_table`), or None: a missing
-    file or another size (a stat each), or with `hashes` another sha256 (a full read)."""
+def table_problem(
+    folder: str | os.PathLike, table: dict, hashes: bool = False, source: str = "meta.json"
+) -> str | None:
+    """Why the files under `folder` do not match `table` (from `file_table`; `source` names where
+    it is recorded), or None: a missing file or another size (a stat each), or with `hashes`
+    another sha256 (a full read)."""
     folder = Path(folder)
     for rel, want in table.items():
         path = folder / rel
@@ -123,9 +126,9 @@ def table_problem(folder: str | os.PathLike, table: dict, hashes: bool = False) 
         except OSError:
             return f"{rel} is missing"
         if size != want["size"]:
-            return f"{rel} has {size} bytes, meta.json records {want['size']}"
+            return f"{rel} has {size} bytes, {source} records {want['size']}"
         if hashes and file_sha256(path) != want["sha256"]:
-            return f"{rel} does not match the sha256 meta.json records"
+            return f"{rel} does not match the sha256 {source} records"
     return None
 
 

@@ -190,13 +190,22 @@ def _hash_problem(root: Path) -> str | None:
     if problem is None:
         problem = fsio.table_problem(root, read_meta(root).get("files", {}), hashes=True)
     if problem is None and root.name.startswith("extract-"):
-        from first_lib.knowledge import MANIFEST, TopKStore
+        from first_lib.knowledge import MANIFEST
 
-        for store in sorted(p.parent for p in root.glob(f"*/{MANIFEST}")):
+        for manifest in sorted(root.glob(f"*/{MANIFEST}")):  # a store's own file hashes
+            rel = manifest.relative_to(root)
             try:
-                TopKStore(store).validate(check_hashes=True)
-            except (FirstError, OSError, ValueError, KeyError) as err:
-                return f"store {store.name}: {' '.join(str(err).split())}"
+                shards = json.loads(manifest.read_text())["shards"]
+                table = {
+                    f"{s['name']}/{name}": {"size": f["bytes"], "sha256": f["sha256"]}
+                    for s in shards
+                    for name, f in s["files"].items()
+                }
+            except (OSError, ValueError, KeyError, TypeError):
+                return f"{rel} is unreadable"
+            problem = fsio.table_problem(manifest.parent, table, hashes=True, source=str(rel))
+            if problem is not None:
+                return f"{manifest.parent.name}/{problem}"
     return problem
 
 

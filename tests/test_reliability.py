@@ -409,6 +409,18 @@ def _flip_last_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _flip_and_reseal_meta(path: Path) -> None:
+    """A flipped byte in a store shard, with the extract meta.json's file table rewritten to
+    match: only the store's MANIFEST hashes can still see it."""
+    from first_lib import fsio
+
+    _flip_last_byte(path)
+    art = path.parents[2]  # <extract>/train/shard-00000/values.bin
+    meta = json.loads((art / "meta.json").read_text())
+    meta["files"] = fsio.file_table(art)
+    (art / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
@@ -425,10 +437,16 @@ def _evaluations_of(home: Path, model: Path) -> list[Path]:
     "stage, rel, damage, reader",
     [
         ("extract", "train/shard-00000/values.bin", _flip_last_byte, "calibrate"),
+        ("extract", "train/shard-00000/values.bin", _flip_and_reseal_meta, "calibrate"),
         ("finetune", "model.safetensors", _flip_last_byte, "evaluate"),
         ("teacher", "model.safetensors", _truncate, None),
     ],
-    ids=["store-shard-flipped", "student-model-flipped", "teacher-model-truncated"],
+    ids=[
+        "store-shard-flipped",
+        "store-shard-flipped-meta-resealed",
+        "student-model-flipped",
+        "teacher-model-truncated",
+    ],
 )
 def test_damaged_file_is_moved_aside_and_recomputed(
     reference, tmp_path, monkeypatch, one_thread, stage, rel, damage, reader
@@ -453,7 +471,7 @@ def test_damaged_file_is_moved_aside_and_recomputed(
     assert len(readers) == (1 if reader else 0)
     for path in readers:
         shutil.rmtree(path)
-    assert pipeline.is_done(art) == (damage is _flip_last_byte)  # sizes only, cheap
+    assert pipeline.is_done(art) == (damage is not _truncate)  # sizes only, cheap
 
     lines: list[str] = []
     out = tmp_path / "out"
