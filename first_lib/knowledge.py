@@ -818,6 +818,7 @@ def _extract_shards(
                     model, parts, device, examples, cfg, data, index, lo, hi, bar
                 )
                 _write_shard(out, index, files, info)
+                fsio.crash_point("extract:shard-written")
                 if on_shard_written is not None:
                     on_shard_written(index)
     finally:
@@ -979,6 +980,7 @@ def finalize_store(out_dir: str | os.PathLike) -> Path:
         "coverage": coverage,
     }
     _write_json_atomic(out / "meta.json", meta)
+    fsio.crash_point("extract:store-meta-written")
     meta_sha = hashlib.sha256((out / "meta.json").read_bytes()).hexdigest()
     manifest = {
         "format": FORMAT,

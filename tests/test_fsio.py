@@ -64,6 +64,81 @@ def test_write_meta_is_fsynced_before_it_counts(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
     pipeline.write_meta(tmp_path, {"stage": "x", "path": tmp_path})
     monkeypatch.setattr(os, "fsync", fsync)
-    assert json.loads((tmp_path / "meta.json").read_text()) == {"stage": "x", "path": str(tmp_path)}
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta == {"stage": "x", "path": str(tmp_path), "files": {}}
     assert str(tmp_path) in synced and any(".meta.json.tmp-" in s for s in synced)
     assert pipeline.is_done(tmp_path)
+
+
+def test_file_table_lists_files_but_not_meta_locks_or_temporaries(tmp_path):
+    (tmp_path / "sub" / ".locks").mkdir(parents=True)
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    (tmp_path / "sub" / "b.txt").write_bytes(b"")
+    (tmp_path / "meta.json").write_text("{}")
+    (tmp_path / "sub" / ".locks" / "process-0.lock").write_text("")
+    (tmp_path / ".meta.json.tmp-12").write_text("{")
+    (tmp_path / "shard-00001.tmp-3").mkdir()
+    (tmp_path / "shard-00001.tmp-3" / "x").write_bytes(b"1")
+    table = fsio.file_table(tmp_path)
+    assert list(table) == ["a.bin", "sub/b.txt"]
+    assert table["a.bin"] == {"size": 3, "sha256": fsio.file_sha256(tmp_path / "a.bin")}
+    assert fsio.table_problem(tmp_path, table, hashes=True) is None
+    (tmp_path / "a.bin").write_bytes(b"abd")  # same size: only the full check sees it
+    assert fsio.table_problem(tmp_path, table) is None
+    assert "a.bin does not match" in fsio.table_problem(tmp_path, table, hashes=True)
+    (tmp_path / "a.bin").write_bytes(b"ab")
+    assert fsio.table_problem(tmp_path, table) == "a.bin has 2 bytes, meta.json records 3"
+    (tmp_path / "sub" / "b.txt").unlink()
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    assert fsio.table_problem(tmp_path, table) == "sub/b.txt is missing"
+
+
+def test_crash_point_exits_137_at_the_nth_time_only():
+    """FIRST_CRASH_AT=name:N exits with 137 the N-th time `name` is reached; other points and
+    unset variables do nothing; an unknown name is a programming error."""
+    import subprocess
+    import sys
+
+    code = (
+        "from first_lib import fsio\n"
+        "for i in range(3):\n"
+        "    fsio.crash_point('meta:written'); fsio.crash_point('meta:tmp-written')\n"
+        "    print('passed', i, flush=True)\n"
+    )
+
+    def run(spec):
+        env = {**os.environ, fsio.CRASH_ENV: spec} if spec else dict(os.environ)
+        env.pop(fsio.CRASH_ENV, None) if not spec else None
+        cwd = Path(fsio.__file__).parents[1]
+        return subprocess.run(
+            [sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True
+        )
+
+    r = run("meta:tmp-written:2")
+    assert r.returncode == 137 and r.stdout.split("\n")[:-1] == ["passed 0"]
+    assert "crash point meta:tmp-written:2 reached" in r.stderr
+    r = run("meta:written")
+    assert r.returncode == 137 and r.stdout == ""
+    assert run("").returncode == 0 and run("meta:written:4").returncode == 0
+    assert fsio.parse_crash_spec("a:b:12") == ("a:b", 12)
+    assert fsio.parse_crash_spec("a:b") == ("a:b", 1)
+    with pytest.raises(ValueError, match="unknown crash point"):
+        fsio.crash_point("no-such-point")
+
+
+def test_every_crash_point_is_registered_and_placed():
+    """The names passed to `crash_point` in the project are exactly `CRASH_POINTS`."""
+    used = set()
+    for path in Path(fsio.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", getattr(node.func, "id", "")) == "crash_point"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
+                used.add(node.args[0].value)
+            for kw in getattr(node, "keywords", []) if isinstance(node, ast.Call) else []:
+                if kw.arg == "crash_at" and isinstance(kw.value, ast.Constant) and kw.value.value:
+                    used.add(kw.value.value)
+    assert used == set(fsio.CRASH_POINTS)

@@ -401,3 +401,172 @@ def test_fault_injection_short(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "1/1 trials match" in out
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _flip_and_reseal_meta(path: Path) -> None:
+    """A flipped byte in a store shard, with the extract meta.json's file table rewritten to
+    match: only the store's MANIFEST hashes can still see it."""
+    from first_lib import fsio
+
+    _flip_last_byte(path)
+    art = path.parents[2]  # <extract>/train/shard-00000/values.bin
+    meta = json.loads((art / "meta.json").read_text())
+    meta["files"] = fsio.file_table(art)
+    (art / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _evaluations_of(home: Path, model: Path) -> list[Path]:
+    return [
+        p.parent
+        for p in (home / "runs").glob("evaluate-*/meta.json")
+        if json.loads(p.read_text())["key"]["model"] == str(model)
+    ]
+
+
+@pytest.mark.parametrize(
+    "stage, rel, damage, reader",
+    [
+        ("extract", "train/shard-00000/values.bin", _flip_last_byte, "calibrate"),
+        ("extract", "train/shard-00000/values.bin", _flip_and_reseal_meta, "calibrate"),
+        ("finetune", "model.safetensors", _flip_last_byte, "evaluate"),
+        ("teacher", "model.safetensors", _truncate, None),
+    ],
+    ids=[
+        "store-shard-flipped",
+        "store-shard-flipped-meta-resealed",
+        "student-model-flipped",
+        "teacher-model-truncated",
+    ],
+)
+def test_damaged_file_is_moved_aside_and_recomputed(
+    reference, tmp_path, monkeypatch, one_thread, stage, rel, damage, reader
+):
+    """A file of a finished artefact that no longer matches its meta.json: a truncated one is
+    seen by the size check whenever the stage asks whether it is done; a same-size flip by the
+    sha256 check when a stage reads the artefact (`reader`'s artefact is removed so that one
+    does). Either is reported in one line, the folder moved aside, the artefact recomputed, and
+    results.json ends byte-identical to the reference."""
+    work, ref_home, ref_out = reference
+    home = work / "home"  # the reference run's path: evaluation keys name model folders
+    shutil.rmtree(home, ignore_errors=True)
+    shutil.copytree(ref_home, home, symlinks=True)
+    monkeypatch.setenv("FIRST_HOME", str(home))
+    monkeypatch.setattr(pipeline, "_VERIFIED", set())
+    (art,) = [p for p in (home / "runs").glob(f"{stage}-*") if p.is_dir() and "." not in p.name]
+    damage(art / rel)
+    if reader == "evaluate":
+        readers = _evaluations_of(home, art)
+    else:
+        readers = [p for p in (home / "runs").glob(f"{reader}-*") if p.is_dir()] if reader else []
+    assert len(readers) == (1 if reader else 0)
+    for path in readers:
+        shutil.rmtree(path)
+    assert pipeline.is_done(art) == (damage is not _truncate)  # sizes only, cheap
+
+    lines: list[str] = []
+    out = tmp_path / "out"
+    pipeline.run("tiny", "csqa", out=out, log=lines.append)
+    moved = [x for x in lines if "moved aside" in x]
+    assert len(moved) == 1, lines
+    (aside,) = (home / "runs").glob(f"{art.name}.corrupt-*")
+    assert moved[0].startswith(f"{art.name}: {rel} ") and aside.name in moved[0], moved
+    assert (aside / rel).read_bytes() != (ref_home / "runs" / art.name / rel).read_bytes()
+    assert any(x.startswith(f"{stage}:") for x in lines), lines  # recomputed
+    assert (art / rel).read_bytes() == (ref_home / "runs" / art.name / rel).read_bytes()
+    assert (out / "results.json").read_bytes() == (ref_out / "results.json").read_bytes()
+
+
+def test_corrupt_checkpoint_is_reported_and_training_starts_over(reference, tmp_path, one_thread):
+    """A run killed inside the teacher's training leaves `<teacher>.work/checkpoint`; with its
+    weights file truncated the next run says so in one line, trains the teacher from the start,
+    and ends byte-identical to the reference."""
+    work, ref_home, ref_out = reference
+    home = fi.fresh_home(work / "home")
+    out = tmp_path / "out"
+    env = {**fi.env_for(home), "FIRST_CRASH_AT": "checkpoint:renamed:2"}
+    crashed = fi.run_first(fi.first_command(out), env)
+    assert crashed.rc == 137, crashed.stderr[-2000:]
+    (ckpt,) = (home / "runs").glob("teacher-*.work/checkpoint")
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 8
+    _truncate(ckpt / "trainable.safetensors")
+
+    env = {k: v for k, v in fi.env_for(home).items() if k != "FIRST_CRASH_AT"}
+    done = fi.run_first(fi.first_command(out), env)
+    assert done.rc == 0, done.stderr[-3000:]
+    reported = [x for x in done.stderr.splitlines() if "checkpoint" in x and "unreadable" in x]
+    assert len(reported) == 1 and "training from the start" in reported[0], done.stderr[-3000:]
+    assert (out / "results.json").read_bytes() == (ref_out / "results.json").read_bytes()
+    assert fi.store_files(home) == fi.store_files(ref_home)
+
+
+def test_checkpoint_with_a_flipped_byte_is_not_resumed(tmp_path, one_thread):
+    """Same size, other bytes: the sha256s in state.json catch it before anything is loaded;
+    training starts over and ends bit-identical to an uninterrupted run (fp32)."""
+    from first_lib import models, train
+
+    cfg = train.TrainConfig(lr=1e-3, epochs=2, batch_size=4, save_every=2)
+    data = _ckpt_examples()
+
+    def run(**kw):
+        model = models.make_tiny_model(64, "student")
+        return train.train(model, data, cfg, pad_id=0, progress=False, precision="fp32", **kw)
+
+    full, full_log = run()
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):
+        run(work_dir=work, stop_after=4)
+    _flip_last_byte(work / "checkpoint" / "optim.pt")
+    lines: list[str] = []
+    resumed, log = run(work_dir=work, log=lines.append)
+    assert len(lines) == 1 and "optim.pt does not match" in lines[0], lines
+    assert log["tokens"] == full_log["tokens"] and log["losses"] == full_log["losses"]
+    for (name, a), (_, b) in zip(
+        full.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_crash_trial_covers_every_point():
+    from first_lib import fsio
+    from scripts import crash_trial
+
+    assert crash_trial.points_of(crash_trial.TRIALS) == set(fsio.CRASH_POINTS)
+    assert set(crash_trial.FAST) <= set(crash_trial.TRIALS)
+
+
+def test_crash_trial_fast_subset(reference, capsys):
+    """A deterministic kill at the checkpoint rotation (between the renames) and between the
+    stores' MANIFESTs and the extract meta.json: each resumed run matches the reference."""
+    from scripts import crash_trial
+
+    work, _, _ = reference
+    rc = crash_trial.main(
+        ["--workdir", str(work), "--reuse-reference", "--points", *crash_trial.FAST]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert [x.split()[:2] for x in out.splitlines() if x.startswith(("PASS", "FAIL"))] == [
+        ["PASS", p] for p in crash_trial.FAST
+    ]
+
+
+@pytest.mark.slow
+def test_crash_trial_every_point(reference, capsys):
+    """Every trial of `scripts.crash_trial.TRIALS` (about 20 min on two cores)."""
+    from scripts import crash_trial
+
+    work, _, _ = reference
+    rc = crash_trial.main(["--workdir", str(work), "--reuse-reference"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert f"{len(crash_trial.TRIALS)}/{len(crash_trial.TRIALS)} trials pass" in out
