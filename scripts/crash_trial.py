@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--points", nargs="+", help="trials to run (default: every one of TRIALS)")
     p.add_argument("--list", action="store_true", help="list the crash points and trials")
-    p.add_argument("--workdir", help="where the homes go (default: a temporary folder)")
+    p.add_argument(
+        "--workdir", help="where the homes go (default: a temporary folder, removed after a pass)"
+    )
     p.add_argument(
         "--reuse-reference",
         action="store_true",
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     from first_lib.paths import first_home
 
     cache = first_home()
+    own = not args.workdir  # a temporary folder of its own: removed after a clean pass
     work = Path(args.workdir or tempfile.mkdtemp(prefix="first-crash-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     if not args.reuse_reference:
@@ -177,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         + (f" (not tested: {', '.join(sorted(missing))})" if missing else "")
         + f", {time.perf_counter() - t0:.0f} s"
     )
-    if args.keep or passed != len(rows):
+    if own and (args.keep or passed != len(rows)):
         log(f"work folder kept: {work}")
-    else:
+    elif own:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if passed == len(rows) else 1
 
