@@ -562,7 +562,7 @@ def test_crash_trial_fast_subset(reference, capsys):
 
 @pytest.mark.slow
 def test_crash_trial_every_point(reference, capsys):
-    """Every trial of `scripts.crash_trial.TRIALS` (about 20 min on two cores)."""
+    """Every trial of `scripts.crash_trial.TRIALS` (about 10 min on two cores)."""
     from scripts import crash_trial
 
     work, _, _ = reference
