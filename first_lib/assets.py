@@ -356,7 +356,8 @@ def _write_stamp(path: Path, sha256: str) -> None:
     st = path.stat()
     stamp = {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     with contextlib.suppress(OSError):  # a read-only cache still works, status just re-says
-        _stamp_path(path).write_text(json.dumps(stamp))
+        # atomic: a process reading the stamp meanwhile never sees half of it (and re-hashes)
+        fsio.atomic_write_text(_stamp_path(path), json.dumps(stamp))
 
 
 def _stamp_ok(path: Path, sha256: str) -> bool:
