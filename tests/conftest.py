@@ -33,6 +33,18 @@ def pytest_configure(config):
     os.environ["PIP_NO_INDEX"] = "1"  # and so does any pip a test starts
 
 
+def isolated_home(tmp: Path) -> Path:
+    """A fresh FIRST_HOME under `tmp` whose wheels/ folder is the suite's (downloads shared)."""
+    from first_lib.paths import first_home
+
+    shared = first_home() / "wheels"
+    shared.mkdir(parents=True, exist_ok=True)
+    home = tmp / "home"
+    home.mkdir()
+    (home / "wheels").symlink_to(shared, target_is_directory=True)
+    return home
+
+
 def pytest_unconfigure(config):
     if _HOME is not None:
         shutil.rmtree(_HOME, ignore_errors=True)

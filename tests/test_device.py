@@ -4,7 +4,6 @@ a model is needed: machinery only)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from first_lib import device, models, pipeline, train
 from first_lib.errors import FirstError
 from first_lib.paths import first_home
 from first_lib.profiles import get_profile
+from tests.conftest import isolated_home
 
 HOSTS = {
     "avx2-only": {"avx2": True, "avx512_bf16": False, "amx_bf16": False},
@@ -108,19 +108,10 @@ def test_training_at_both_precisions_in_one_process():
     assert seen["fp32"][0] != seen["bf16"][0]  # and bf16 rounding shows
 
 
-def _isolated_home(tmp: Path) -> Path:
-    shared = first_home() / "wheels"
-    shared.mkdir(parents=True, exist_ok=True)
-    home = tmp / "home"
-    home.mkdir()
-    (home / "wheels").symlink_to(shared, target_is_directory=True)
-    return home
-
-
 def test_pipeline_stages_at_two_precisions_in_one_process(tmp_path, monkeypatch):
     """Two pipeline stages (tiny teacher fine-tune) at fp32 and at bf16 in one process: two
     artefacts, each recording its precision, and no accelerate error."""
-    monkeypatch.setenv("FIRST_HOME", str(_isolated_home(tmp_path)))
+    monkeypatch.setenv("FIRST_HOME", str(isolated_home(tmp_path)))
     monkeypatch.setenv("TQDM_DISABLE", "1")
     threads = torch.get_num_threads()
     dirs = {}

@@ -15,20 +15,9 @@ import pytest
 from first_lib import pipeline
 from first_lib.errors import FirstError
 from first_lib.knowledge import TopKStore
-from first_lib.paths import first_home
-from tests.conftest import PRECISIONS
+from tests.conftest import PRECISIONS, isolated_home
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _isolated_home(tmp: Path) -> Path:
-    """A fresh FIRST_HOME whose wheels/ folder is the user's cache (downloads are shared)."""
-    shared = first_home() / "wheels"
-    shared.mkdir(parents=True, exist_ok=True)
-    home = tmp / "home"
-    home.mkdir()
-    (home / "wheels").symlink_to(shared, target_is_directory=True)
-    return home
 
 
 def _first_run(out: Path, env: dict, launcher: tuple[str, ...] = (), *extra: str):
@@ -45,7 +34,7 @@ def tiny_run(request, tmp_path_factory):
     """One tiny run per precision, whatever the host (FIRST_PRECISION in its environment)."""
     precision = request.param
     tmp = tmp_path_factory.mktemp(f"tiny-{precision}")
-    env = {**os.environ, "FIRST_HOME": str(_isolated_home(tmp)), "TQDM_DISABLE": "1"}
+    env = {**os.environ, "FIRST_HOME": str(isolated_home(tmp)), "TQDM_DISABLE": "1"}
     env["FIRST_PRECISION"] = precision
     out = tmp / "out"
     t0 = time.perf_counter()
@@ -116,7 +105,7 @@ def test_unknown_profile_setting_and_key():
 
 def test_two_processes_match_one(tiny_run, tmp_path):
     """accelerate with 2 CPU processes (gloo) gives the same store and metrics as 1 process."""
-    env = {**tiny_run["env"], "FIRST_HOME": str(_isolated_home(tmp_path))}
+    env = {**tiny_run["env"], "FIRST_HOME": str(isolated_home(tmp_path))}
     out = tmp_path / "out2"
     # torchrun: accelerate's own launcher starts a single process for MULTI_CPU configs; the
     # same global batch as the 1-process run: 4 per process x 2 processes
@@ -246,7 +235,7 @@ def test_clean_yes_during_a_run_with_set(tmp_path):
     artefacts (no built-in profile names their keys) are kept and the run ends normally."""
     from first_lib.profiles import get_profile
 
-    env = {**os.environ, "FIRST_HOME": str(_isolated_home(tmp_path)), "TQDM_DISABLE": "1"}
+    env = {**os.environ, "FIRST_HOME": str(isolated_home(tmp_path)), "TQDM_DISABLE": "1"}
     cmd = [sys.executable, "-m", "first_lib.cli", "run", "--profile", "tiny", "--set", "seed=1"]
     proc = subprocess.Popen(
         [*cmd, "--out", str(tmp_path / "out")],

@@ -184,6 +184,16 @@ def test_checkpoint_killed_between_renames_resumes_identically(tmp_path, one_thr
         assert torch.equal(a, b), name
 
 
+def _ckpt_train(**kw):
+    """A tiny student trained for 12 steps at fp32 on `_ckpt_examples` (checkpoint every 2)."""
+    from first_lib import models, train
+
+    cfg = train.TrainConfig(lr=1e-3, epochs=2, batch_size=4, save_every=2)
+    model = models.make_tiny_model(64, "student")
+    data = _ckpt_examples()
+    return train.train(model, data, cfg, pad_id=0, progress=False, precision="fp32", **kw)
+
+
 def _ckpt_examples() -> list[dict]:
     g = torch.Generator().manual_seed(1)
     out = []
@@ -201,14 +211,9 @@ def test_checkpoint_every_kill_window_resumes_identically(
     """Each state a kill inside `save_checkpoint` can leave, made by hand: training resumes from
     the newest complete checkpoint, later rotations do not wedge on a leftover `.old`, and the
     result is bit-identical to an uninterrupted run (fp32)."""
-    from first_lib import models, train
+    from first_lib import train
 
-    cfg = train.TrainConfig(lr=1e-3, epochs=2, batch_size=4, save_every=2)
-    data = _ckpt_examples()
-
-    def run(**kw):
-        model = models.make_tiny_model(64, "student")
-        return train.train(model, data, cfg, pad_id=0, progress=False, precision="fp32", **kw)
+    run = _ckpt_train
 
     full, full_log = run()
     work = tmp_path / "work"
@@ -512,14 +517,8 @@ def test_corrupt_checkpoint_is_reported_and_training_starts_over(reference, tmp_
 def test_checkpoint_with_a_flipped_byte_is_not_resumed(tmp_path, one_thread):
     """Same size, other bytes: the sha256s in state.json catch it before anything is loaded;
     training starts over and ends bit-identical to an uninterrupted run (fp32)."""
-    from first_lib import models, train
 
-    cfg = train.TrainConfig(lr=1e-3, epochs=2, batch_size=4, save_every=2)
-    data = _ckpt_examples()
-
-    def run(**kw):
-        model = models.make_tiny_model(64, "student")
-        return train.train(model, data, cfg, pad_id=0, progress=False, precision="fp32", **kw)
+    run = _ckpt_train
 
     full, full_log = run()
     work = tmp_path / "work"
