@@ -157,7 +157,7 @@ def _fingerprint(precision: str, device: str, threads: int) -> dict:
     }
 
 
-def measure_peak_gflops(precision: str, device: str = "cpu", seconds: float = 1.0) -> float:
+def measure_peak_gflops(precision: str, device: str = "cpu", seconds: float = 0.5) -> float:
     """The best rate of a square matmul at `precision` on `device`, timed for ~`seconds`:
     n = 1024 on CPU (large enough to be compute-bound on a few cores), 8192 on a GPU."""
     import torch
@@ -223,7 +223,12 @@ def perf_record(
     the machine's peak at the stage's precision (`mfu`) and the padding share."""
     peak = peak_gflops(precision, device)
     rate = flops / seconds / 1e9 if seconds > 0 else 0.0
+    from first_lib import device as device_mod
+
     return {
+        "hardware": device_mod.cpu_model()
+        if device == "cpu"
+        else _fingerprint(precision, device, 0)["hardware"],
         "model_gflop": round(flops / 1e9, 3),
         "seconds": round(seconds, 3),
         "gflops": round(rate, 2),
