@@ -27,9 +27,9 @@ from first_lib import flops
 # stage's meta.json) once it has finished a stage of that kind at that precision.
 PRIOR_MFU = {"train": 0.17, "extract": 0.26, "evaluate": 0.24}
 # Without a tokenizer at hand: ~4 characters a token for English BPE text, and the chat
-# template's wrapping (role markers and Qwen2.5's default system prompt, ~30 tokens).
+# template's wrapping (Qwen2.5's role markers: 14 tokens; its default system prompt: 16 more).
 CHARS_PER_TOKEN = 4.0
-CHAT_OVERHEAD = 30
+CHAT_OVERHEAD = {"chat": 30, "chat-nosys": 14}
 
 
 # What the FLOPs do not see: loading the model and writing the result, ~1 s plus ~2 s per GB of
@@ -90,7 +90,7 @@ def _lengths(rows, tok, prof, setting) -> list[tuple[int, int]]:
             (len(e["input_ids"]), sum(e["target_mask"]))
             for e in pipeline.tokenize(tok, rows, prof, setting)
         ]
-    wrap = CHAT_OVERHEAD if prof.style == "chat" else 0
+    wrap = CHAT_OVERHEAD.get(prof.style, 0)
     out = []
     for row in rows:
         if isinstance(row, tasks.MCQuestion):
@@ -112,7 +112,7 @@ def _question_lengths(questions, tok, prof) -> list[int]:
             min(prof.max_length, len(tasks.encode(tok, tasks.render_prompt(q, tok, style), style)))
             for q in questions
         ]
-    wrap = CHAT_OVERHEAD if prof.style == "chat" else 0
+    wrap = CHAT_OVERHEAD.get(prof.style, 0)
     return [
         min(prof.max_length, math.ceil(len(tasks.render_prompt(q, None, "plain")) / 4 + wrap))
         for q in questions

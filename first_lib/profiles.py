@@ -28,7 +28,7 @@ class Profile:
     teacher_train: TrainConfig
     student_train: TrainConfig
     k: int = 5
-    style: str = "auto"  # prompt style: plain | chat | auto
+    style: str = "auto"  # prompt style: plain | chat | chat-nosys | auto
     max_length: int = 512
     extract_batch: int = 8
     eval_batch: int = 8
@@ -169,7 +169,8 @@ def _coerce(key: str, value, annotation: str):
     return value
 
 
-STYLES = ("plain", "chat", "auto")  # the prompt styles of first_lib.tasks (not imported here)
+# the prompt styles of first_lib.tasks (not imported here)
+STYLES = ("plain", "chat", "chat-nosys", "auto")
 
 
 def check_profile(prof: Profile) -> Profile:
