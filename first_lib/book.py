@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import html
 import inspect
@@ -634,6 +635,8 @@ def _jsonable(obj: Any) -> Any:
         return bool(obj)
     if isinstance(obj, Difference):
         return {"point": obj.point, "lo": obj.lo, "hi": obj.hi}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # e.g. stats.Estimate
+        return _jsonable(dataclasses.asdict(obj))
     if isinstance(obj, Path):
         return str(obj)
     return obj
