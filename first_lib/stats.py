@@ -135,6 +135,19 @@ class Runs:
     def n_seeds(self) -> int:
         return len(self.seeds)
 
+    @classmethod
+    def of_arrays(cls, confidence: Any, correct: Any, **columns: Any) -> Runs:
+        """A table from arrays [S, N] (or [N] for one seed): confidence, correct and any other
+        per-question columns (``brier``, ``nll``); questions are named 0..N-1."""
+        cols = {"confidence": confidence, "correct": correct, **columns}
+        cols = {k: np.atleast_2d(np.asarray(v, dtype=np.float64)) for k, v in cols.items()}
+        s, n = cols["confidence"].shape
+        if any(v.shape != (s, n) for v in cols.values()):
+            raise FirstError(
+                f"columns must share one shape, got {[v.shape for v in cols.values()]}"
+            )
+        return cls(tuple(range(s)), tuple(str(i) for i in range(n)), cols)
+
 
 def _by_seed(variant: Any) -> dict[Any, Sequence[Mapping]]:
     """{seed: records} from one run's records, a list of runs (seeds 0..S-1) or a mapping."""
@@ -207,6 +220,8 @@ def metric_rows(metric: str, cols: Mapping[str, np.ndarray], n_bins: int = 10) -
     """
     if metric not in _ROWS:
         raise FirstError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    if metric in ("brier", "nll") and metric not in cols:
+        raise FirstError(f"{metric} needs the candidate probabilities (records with 'probs')")
     return _ROWS[metric](cols, n_bins)
 
 
