@@ -289,3 +289,12 @@ def test_learned_checks_tuned_against_untuned_accuracy():
     same = Runs.of_arrays(conf, np.tile(untuned, (3, 1)))
     ok, est = stats.learned(same, Runs.of_arrays(conf[:1], untuned), n_boot=200)
     assert not ok and est.point == 0.0
+
+
+def test_estimates_are_written_to_chapter_json(tmp_path):
+    import json
+
+    est = stats.compare(calibrated_records(50, 1), calibrated_records(50, 2), "acc", n_boot=20)
+    path = book.write_chapter_json(tmp_path, "ch", {"first_vs_ft": est})
+    saved = json.loads(path.read_text())["first_vs_ft"]
+    assert saved["point"] == est.point and saved["n_seeds"] == [1, 1] and saved["seeds"] == "single"
