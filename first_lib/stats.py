@@ -77,6 +77,8 @@ __all__ = [
     "compare",
     "interval",
     "mde",
+    "variance_split",
+    "planned_mde",
     "holm",
     "decide",
     "decide_all",
@@ -233,8 +235,11 @@ def _point(runs: Runs, metric: str, n_bins: int) -> float:
 # --------------------------------------------------------------------------- the bootstrap
 
 
-def _draw_seeds(rng: np.random.Generator, c: int, s: int) -> np.ndarray:
-    return np.zeros((c, s), dtype=np.intp) if s == 1 else rng.integers(0, s, size=(c, s))
+def _draw_seeds(rng: np.random.Generator, c: int, s: int, resample: bool = True) -> np.ndarray:
+    """[c, s] seed indices: drawn with replacement, or all s seeds once (``resample`` False)."""
+    if s == 1 or not resample:
+        return np.broadcast_to(np.arange(s), (c, s))
+    return rng.integers(0, s, size=(c, s))
 
 
 def _gathered(runs: Runs, metric: str, sidx: np.ndarray, qidx: np.ndarray, n_bins: int):
@@ -246,23 +251,36 @@ def _gathered(runs: Runs, metric: str, sidx: np.ndarray, qidx: np.ndarray, n_bin
     return metric_rows(metric, rows, n_bins).reshape(c, s).mean(axis=1)
 
 
+_LEVELS = ("both", "questions", "seeds")
+
+
 def _replicates(
-    sides: Sequence[Runs], metric: str, n_boot: int, seed: int, paired: bool, n_bins: int
+    sides: Sequence[Runs],
+    metric: str,
+    n_boot: int,
+    seed: int,
+    paired: bool,
+    n_bins: int,
+    levels: str = "both",
 ) -> list[np.ndarray]:
     """Bootstrap replicates [n_boot] of each side's metric, the same questions for all sides.
 
     Questions come from `metrics.resample_indices(N, n_boot, seed)` (as in
     `metrics.bootstrap_ci`); seeds from a second stream, once for all sides when ``paired``.
+    ``levels`` 'questions' or 'seeds' resamples that level only (the other is kept whole).
     """
     n = len(sides[0].ids)
     width = max(r.n_seeds for r in sides)
     seed_rng = np.random.default_rng([seed, 1])
+    draw = levels != "questions"
     out: list[list[np.ndarray]] = [[] for _ in sides]
     for qidx in metrics.resample_indices(n, n_boot, seed, width):
         c = qidx.shape[0]
-        shared = _draw_seeds(seed_rng, c, sides[0].n_seeds) if paired else None
+        if levels == "seeds":
+            qidx = np.broadcast_to(np.arange(n), qidx.shape)
+        shared = _draw_seeds(seed_rng, c, sides[0].n_seeds, draw) if paired else None
         for k, runs in enumerate(sides):
-            sidx = shared if paired else _draw_seeds(seed_rng, c, runs.n_seeds)
+            sidx = shared if paired else _draw_seeds(seed_rng, c, runs.n_seeds, draw)
             out[k].append(_gathered(runs, metric, sidx, qidx, n_bins))
     return [np.concatenate(o) for o in out]
 
@@ -430,6 +448,54 @@ def compare(
     rep_a, rep_b = _replicates([ra, rb], metric, n_boot, seed, paired, n_bins)
     scheme = "paired" if paired else "single" if ra.n_seeds == rb.n_seeds == 1 else "independent"
     return _estimate(point, rep_a - rep_b, metric, method, alpha, power, scheme, [ra, rb])
+
+
+def variance_split(
+    a: Any,
+    b: Any,
+    metric: str,
+    n_boot: int = 500,
+    seed: int = 0,
+    pair_seeds: str = "auto",
+    n_bins: int = 10,
+) -> dict[str, Any]:
+    """Where the uncertainty of ``metric(a) - metric(b)`` comes from: the bootstrap variance
+    with only the questions resampled (all seeds kept) and with only the seeds resampled (all
+    questions kept). Their sum is about the variance `compare` reports; each shrinks in
+    proportion to its own sample size, which is what `planned_mde` uses to say whether more
+    seeds or more questions buy the larger gain. With one seed per side the seed part is 0
+    (unknown, not absent: one run cannot show how runs differ).
+
+    Returns {"questions": var, "seeds": var, "n_questions": N, "n_seeds": S} (S the larger
+    side's count).
+    """
+    metrics._check_boot(n_boot, 0.05)
+    ra, rb = runs_of(a), runs_of(b)
+    if ra.ids != rb.ids:
+        raise FirstError("the two variants were not evaluated on the same questions")
+    paired = _paired_seeds(ra, rb, pair_seeds)
+    out: dict[str, Any] = {"n_questions": len(ra.ids), "n_seeds": max(ra.n_seeds, rb.n_seeds)}
+    for level in ("questions", "seeds"):
+        rep_a, rep_b = _replicates([ra, rb], metric, n_boot, seed, paired, n_bins, level)
+        out[level] = float(np.var(rep_a - rep_b, ddof=1)) if n_boot > 1 else 0.0
+    return out
+
+
+def planned_mde(
+    split: Mapping[str, Any],
+    n_questions: int | None = None,
+    n_seeds: int | None = None,
+    alpha: float = 0.05,
+    power: float = 0.8,
+) -> float:
+    """The `mde` of a design with ``n_questions`` and ``n_seeds`` (default: the measured
+    ones), from a `variance_split`: ``se^2 = var_q N / N' + var_s S / S'``."""
+    nq = n_questions or split["n_questions"]
+    ns = n_seeds or split["n_seeds"]
+    if nq < 1 or ns < 1:
+        raise FirstError(f"a design needs questions and seeds, got {nq}, {ns}")
+    var = split["questions"] * split["n_questions"] / nq + split["seeds"] * split["n_seeds"] / ns
+    return mde(float(np.sqrt(var)), alpha, power)
 
 
 # --------------------------------------------------------------------------- multiplicity

@@ -91,26 +91,40 @@ def test_every_metric_orders_a_calibrated_and_an_overconfident_model():
     assert aurc.lo <= aurc.point <= aurc.hi
 
 
-def test_seed_level_standard_error_matches_the_crossed_variance_formula():
-    # difference table D[s, i] = correct_A - correct_B with a strong seed effect: seed s moves
-    # A's accuracy by a_s. The crossed (pigeonhole) bootstrap's variance of the mean is about
-    # var(row means) / S + var(column means) / N.
+def seed_effect_tables(s: int = 5, n: int = 400):
+    """A and B on s seeds x n questions; seed s moves A's accuracy by a_s, B has no seed
+    effect; both have per-question difficulty."""
     rng = np.random.default_rng(0)
-    s, n = 5, 400
-    shift = np.array([-0.15, -0.05, 0.0, 0.08, 0.15])
+    shift = np.linspace(-0.15, 0.15, s)
     p_a = np.clip(0.6 + shift[:, None] + 0.2 * rng.standard_normal(n), 0.05, 0.95)
     ca = rng.random((s, n)) < p_a
     cb = rng.random((s, n)) < 0.55
     conf = np.full((s, n), 0.7)
-    a, b = Runs.of_arrays(conf, ca), Runs.of_arrays(conf, cb)
-    d = ca.astype(float) - cb
-    expected = np.sqrt(d.mean(1).var(ddof=1) / s + d.mean(0).var(ddof=1) / n)
+    return Runs.of_arrays(conf, ca), Runs.of_arrays(conf, cb), ca.astype(float) - cb
+
+
+def test_seed_level_standard_error_matches_the_crossed_variance_formula():
+    # the crossed (pigeonhole) bootstrap's variance of the mean difference is about
+    # var(row means) / S + var(column means) / N of the seeds x questions table D
+    a, b, d = seed_effect_tables()
+    s, n = d.shape
+    var_s, var_q = d.mean(1).var(ddof=1) / s, d.mean(0).var(ddof=1) / n
     est = stats.compare(a, b, "acc", n_boot=1500, seed=1)
     assert est.seeds == "paired"
-    assert est.se == pytest.approx(expected, rel=0.15)
+    assert est.se == pytest.approx(np.sqrt(var_s + var_q), rel=0.15)
     # ignoring the seeds (one seed's worth of uncertainty) would be far too narrow
-    one = stats.compare(Runs.of_arrays(conf[:1], ca[:1]), Runs.of_arrays(conf[:1], cb[:1]), "acc")
+    one = stats.compare(Runs.of_arrays(*(c[:1] for c in a.columns.values())), b, "acc")
     assert est.se > 1.5 * one.se / np.sqrt(s)
+    # the split: each level's share, and the design's mde rescaled from it
+    split = stats.variance_split(a, b, "acc", n_boot=1500, seed=1)
+    assert split["seeds"] == pytest.approx(var_s, rel=0.25)
+    assert split["questions"] == pytest.approx(var_q, rel=0.25)
+    assert stats.planned_mde(split) == pytest.approx(est.mde, rel=0.15)
+    four = stats.planned_mde(split, n_questions=4 * n, n_seeds=4 * s)
+    assert four == pytest.approx(stats.planned_mde(split) / 2)
+    more_seeds = stats.planned_mde(split, n_seeds=4 * s)
+    more_questions = stats.planned_mde(split, n_questions=4 * n)
+    assert more_seeds < more_questions  # the seed effect dominates here: seeds buy more
 
 
 def test_pairing_seeds_removes_what_two_variants_share():
@@ -291,10 +305,9 @@ def test_learned_checks_tuned_against_untuned_accuracy():
     assert not ok and est.point == 0.0
 
 
-def test_estimates_are_written_to_chapter_json(tmp_path):
+def test_estimates_are_json_ready_for_chapter_json():
     import json
 
     est = stats.compare(calibrated_records(50, 1), calibrated_records(50, 2), "acc", n_boot=20)
-    path = book.write_chapter_json(tmp_path, "ch", {"first_vs_ft": est})
-    saved = json.loads(path.read_text())["first_vs_ft"]
+    saved = json.loads(json.dumps(book._jsonable({"first_vs_ft": est})))["first_vs_ft"]
     assert saved["point"] == est.point and saved["n_seeds"] == [1, 1] and saved["seeds"] == "single"
