@@ -25,8 +25,9 @@ both, with the bootstrap:
   bootstrap interval ``[2 t - q(1 - a/2), 2 t - q(a/2)]`` (Davison & Hinkley 1997, eq. 5.6),
   whose centre is the bias-corrected estimate ``2 t - mean(t*)`` (Efron & Tibshirani 1993,
   sec. 10.6) -- the same correction Kumar et al. (2019, "Verified uncertainty calibration")
-  apply in their debiased l1 calibration error. In a simulation (tests/test_stats.py) its
-  coverage of a small true ECE is near nominal where the percentile interval's is far below.
+  apply in their debiased l1 calibration error. In a simulation (tests/test_stats.py: N = 300,
+  a true ECE of 3 points, 100 trials) it covered the truth 90% of the time, the percentile
+  interval 48%; Efron's BC percentile interval, which moves the same way, fell in between.
   At a true ECE of exactly 0 no interval for a non-negative quantity is exact: the lower end
   reaches 0 about half the time (clipped at 0 for a single model's ECE).
 - **p-values by inverting the interval**: the two-sided p-value is the smallest alpha at which
@@ -35,7 +36,9 @@ both, with the bootstrap:
   (Davison & Hinkley 1997, sec. 4.4). An interval excluding 0 and p < alpha thus agree.
 - **Power.** ``mde = (z(1 - alpha/2) + z(power)) * se``, with se the bootstrap standard error of
   the difference (questions and seeds together): the smallest true difference this design
-  would declare at level alpha with that probability (normal approximation).
+  would declare at level alpha with that probability (normal approximation). `variance_split`
+  says how much of se comes from questions and how much from seeds, and `planned_mde` what
+  more of either would buy.
 - **Multiplicity.** `holm` adjusts the p-values of the primary claims (Holm 1979); secondary
   claims are reported unadjusted and say so.
 - **Verdicts.** `decide` returns one of `VERDICTS`; `BOOK_VERDICT` maps them onto the three
