@@ -213,6 +213,7 @@ _ROWS: dict[str, Callable[..., np.ndarray]] = {
     "aurc": lambda c, n_bins: metrics.aurc_rows(c["confidence"], c["correct"]),
 }
 METRICS = tuple(_ROWS)
+_NEEDS = {"acc": ("correct",), "brier": ("brier",), "nll": ("nll",)}  # else confidence, correct
 # Plug-in estimates biased upwards by sampling noise: their intervals are bias-corrected.
 BIASED_METRICS = ("ece", "trust", "ece_equal_mass", "smece")
 
@@ -248,8 +249,11 @@ def _draw_seeds(rng: np.random.Generator, c: int, s: int, resample: bool = True)
 def _gathered(runs: Runs, metric: str, sidx: np.ndarray, qidx: np.ndarray, n_bins: int):
     """[c] replicate values: seeds sidx [c, S] x questions qidx [c, N], mean over seeds."""
     c, s = sidx.shape
+    need = _NEEDS.get(metric, ("confidence", "correct"))
     rows = {
-        k: v[sidx[:, :, None], qidx[:, None, :]].reshape(c * s, -1) for k, v in runs.columns.items()
+        k: v[sidx[:, :, None], qidx[:, None, :]].reshape(c * s, -1)
+        for k, v in runs.columns.items()
+        if k in need
     }
     return metric_rows(metric, rows, n_bins).reshape(c, s).mean(axis=1)
 
