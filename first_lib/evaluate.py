@@ -203,8 +203,10 @@ def summarize(
     """Metrics of evaluation records (fractions, not percentages).
 
     Returns ``{"n", "ece", "acc", "trust", "ece_ci", "acc_ci", "trust_ci", "brier", "nll",
-    "mean_confidence"}``; the intervals are 95% percentile bootstrap intervals over questions
-    (``n_boot`` replicates, ``seed``). Brier and NLL use each record's ``probs`` (questions with
+    "mean_confidence", "ece_equal_mass", "smece", "aurc"}``; the intervals are 95% percentile
+    bootstrap intervals over questions (``n_boot`` replicates, ``seed``). ``ece_equal_mass``,
+    ``smece`` (smooth ECE) and ``aurc`` (area under the risk-coverage curve): see
+    `first_lib.metrics`. Brier and NLL use each record's ``probs`` (questions with
     fewer candidates are padded with zeros, which changes neither score).
     """
     if not records:
@@ -234,6 +236,9 @@ def summarize(
         "brier": metrics.brier(probs, gold),
         "nll": metrics.nll(probs, gold),
         "mean_confidence": float(conf.mean()),
+        "ece_equal_mass": metrics.ece_equal_mass(conf, correct, n_bins),
+        "smece": metrics.smooth_ece(conf, correct),
+        "aurc": metrics.aurc(conf, correct),
     }
 
 

@@ -187,12 +187,15 @@ def test_summarize_known_values():
     s = summarize(perfect, n_boot=50)
     assert (s["ece"], s["acc"], s["trust"], s["brier"]) == (0.0, 1.0, 1.0, 0.0)
     assert s["nll"] == pytest.approx(0.0)
+    assert (s["ece_equal_mass"], s["smece"], s["aurc"]) == (0.0, 0.0, 0.0)
     wrong = [dict(r, pred=0, probs=[0.8, 0.2], confidence=0.8, correct=False) for r in perfect]
     s = summarize(wrong, n_boot=50)
     assert s["ece"] == pytest.approx(0.8) and s["acc"] == 0.0
     assert s["trust"] == pytest.approx(-0.8)
     assert s["brier"] == pytest.approx(0.64 + 0.64)
     assert s["nll"] == pytest.approx(-np.log(0.2))
+    assert s["ece_equal_mass"] == pytest.approx(0.8) and s["smece"] == pytest.approx(0.8)
+    assert s["aurc"] == 1.0  # every answer wrong: the risk is 1 at every coverage
     with pytest.raises(FirstError, match="no evaluation records"):
         summarize([])
 

@@ -11,15 +11,26 @@ from first_lib.errors import FirstError
 from first_lib.metrics import (
     accuracy,
     adaptive_ece,
+    aurc,
+    aurc_rows,
     bin_indices,
     bootstrap_ci,
     brier,
     brier_binary,
+    brier_per_question,
     ece,
+    ece_equal_mass,
+    ece_rows,
+    equal_mass_ece_rows,
     mce,
     nll,
+    nll_per_question,
     rankwise_calibration,
     reliability_bins,
+    risk_coverage,
+    smooth_ece,
+    smooth_ece_rows,
+    smooth_reliability,
     trust_score,
 )
 
@@ -238,3 +249,158 @@ def test_bootstrap_ci_resamples_rows_jointly():
     gold = probs.argmax(axis=1)  # jointly resampled rows keep gold = argmax: accuracy stays 1
     lo, hi = bootstrap_ci(lambda p, g: float(np.mean(p.argmax(1) == g)), probs, gold, n_boot=200)
     assert lo == hi == 1.0
+
+
+# --------------------------------------------------------------------------- beyond 10-bin ECE
+
+
+def gap_sample(n: int, seed: int, gap: float = 0.1):
+    """Confidence ~ U(0.5, 1), correct ~ Bernoulli(confidence - gap): over-confident by exactly
+    `gap` at every confidence, so every ECE (binned, equal-mass, smooth) has population value
+    `gap`."""
+    rng = np.random.default_rng(seed)
+    conf = 0.5 + 0.5 * rng.random(n)
+    return conf, rng.random(n) < conf - gap
+
+
+def test_equal_mass_ece_is_adaptive_ece_and_rows_agree():
+    assert ece_equal_mass is adaptive_ece
+    rng = np.random.default_rng(0)
+    conf = rng.random((4, 57))
+    corr = (rng.random((4, 57)) < conf).astype(float)
+    for n_bins in (1, 10, 15):
+        rows = equal_mass_ece_rows(conf, corr, n_bins)
+        assert rows == pytest.approx(
+            [adaptive_ece(c, k, n_bins) for c, k in zip(conf, corr, strict=True)]
+        )
+        assert ece_rows(conf, corr, n_bins) == pytest.approx(
+            [ece(c, k, n_bins) for c, k in zip(conf, corr, strict=True)]
+        )
+    # every group holds N/M predictions: 4 groups of 2 here, whatever the confidences
+    conf1 = [0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97, 0.98]
+    corr1 = [1, 1, 1, 1, 0, 0, 0, 0]
+    assert ece_equal_mass(conf1, corr1, 4) == pytest.approx(
+        (abs(2 - 1.83) + abs(2 - 1.87) + abs(0 - 1.91) + abs(0 - 1.95)) / 8
+    )
+
+
+def test_per_question_scores_average_to_brier_and_nll():
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4], [0.0, 0.0, 1.0]])
+    gold = np.array([0, 2, 0])
+    assert brier_per_question(probs, gold).mean() == pytest.approx(brier(probs, gold))
+    assert nll_per_question(probs, gold).mean() == pytest.approx(nll(probs, gold))
+    assert brier_per_question(probs, gold)[2] == pytest.approx(2.0)
+
+
+def _naive_smece(f, y, sigma=None, grid=1001):
+    """Smooth ECE straight from the definition: the reflected kernel at every (t, f_i), no
+    binning of the confidences, a fine trapezoid over t, bisection for the fixed point."""
+    f = np.asarray(f, float)
+    r = np.asarray(y, float) - f
+    t = np.linspace(0, 1, grid)[:, None]
+
+    def at(s):
+        k = sum(
+            np.exp(-0.5 * ((t - f + 2 * j) / s) ** 2) + np.exp(-0.5 * ((t + f + 2 * j) / s) ** 2)
+            for j in range(-3, 4)
+        )
+        big_r, dens = (k * r).mean(1), k.mean(1)
+        return np.trapezoid(np.abs(big_r)) / np.trapezoid(dens)
+
+    if sigma is not None:
+        return at(sigma)
+    lo, hi = 0.0, 1.0
+    for _ in range(16):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if at(mid) > mid else (lo, mid)
+    return at(hi)
+
+
+@pytest.mark.parametrize("sample", ["calibrated", "overconfident"])
+def test_smooth_ece_matches_a_naive_implementation(sample):
+    conf, corr = calibrated_sample(150, 3) if sample == "calibrated" else gap_sample(150, 3)
+    assert smooth_ece(conf, corr, sigma=0.1) == pytest.approx(
+        _naive_smece(conf, corr, 0.1), rel=0.01
+    )
+    assert smooth_ece(conf, corr) == pytest.approx(_naive_smece(conf, corr), rel=0.02)
+
+
+def test_smooth_ece_matches_relplot():
+    relplot = pytest.importorskip("relplot")  # test-only cross-check, not a dependency
+    for conf, corr in (calibrated_sample(400, 1), gap_sample(400, 2)):
+        ref = relplot.smECE(conf, corr.astype(float))
+        assert smooth_ece(conf, corr) == pytest.approx(ref, rel=0.03)
+        ref = relplot.smECE_sigma(conf, corr.astype(float), 0.05)
+        assert smooth_ece(conf, corr, sigma=0.05) == pytest.approx(ref, rel=0.01)
+
+
+def test_smooth_ece_fixed_point_curve_and_limits():
+    conf, corr = gap_sample(3000, 0)
+    rel = smooth_reliability(conf, corr)
+    assert rel.smece == pytest.approx(rel.sigma, abs=2e-3)  # the fixed point smECE = sigma
+    assert rel.smece == pytest.approx(0.1, abs=0.02)  # over-confident by 0.1 everywhere
+    step = rel.t[1] - rel.t[0]
+    assert (rel.density.sum() - (rel.density[0] + rel.density[-1]) / 2) * step == pytest.approx(1)
+    inside = (rel.t > 0.6) & (rel.t < 0.9)  # the curve runs 0.1 below the diagonal
+    assert np.abs(rel.accuracy[inside] - (rel.t[inside] - 0.1)).max() < 0.06
+    assert smooth_ece(*calibrated_sample(20_000, 0)) < 0.015  # calibrated: tends to 0
+    # smECE_sigma falls as sigma grows (wider kernels cancel more noise), which is why the
+    # fixed point is unique; where the gap has one sign everywhere it hardly moves
+    mixed = calibrated_sample(1000, 1)
+    values = [smooth_ece(*mixed, sigma=s) for s in (0.01, 0.05, 0.2, 0.8)]
+    assert values == sorted(values, reverse=True) and values[0] > 2 * values[-1]
+    flat = [smooth_ece(conf, corr, sigma=s) for s in (0.01, 0.8)]
+    assert flat == pytest.approx([0.1, 0.1], abs=0.01)
+    with pytest.raises(FirstError):
+        smooth_ece(conf, corr, sigma=0.0)
+
+
+def test_smooth_ece_is_continuous_where_binned_ece_jumps():
+    # half the predictions sit just below the bin edge 0.8, half just above; all are right
+    # 75% of the time. Moving them across the edge by 0.002 changes the binned ECE a lot.
+    rng = np.random.default_rng(0)
+    corr = rng.random(2000) < 0.75
+    below = np.where(np.arange(2000) % 2 == 0, 0.799, 0.701)
+    above = below + 0.002
+    assert abs(ece(below, corr) - ece(above, corr)) > 0.02
+    assert abs(smooth_ece(below, corr) - smooth_ece(above, corr)) < 0.005
+
+
+def test_smooth_ece_rows_match_single_calls():
+    conf, corr = calibrated_sample(200, 5)
+    rows = smooth_ece_rows(np.stack([conf, conf[::-1]]), np.stack([corr, corr[::-1]]).astype(float))
+    assert rows == pytest.approx([smooth_ece(conf, corr)] * 2)
+
+
+def test_risk_coverage_and_aurc_hand_examples():
+    curve = risk_coverage([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0])
+    assert curve.coverage.tolist() == [0.25, 0.5, 0.75, 1.0]
+    assert curve.risk == pytest.approx([0, 1 / 2, 1 / 3, 2 / 4])
+    assert aurc([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0]) == pytest.approx(
+        (0 + 1 / 2 + 1 / 3 + 1 / 2) / 4
+    )
+    # ties are averaged over their order: the same AURC whichever tied answer comes first
+    assert aurc([0.9, 0.9], [1, 0]) == aurc([0.9, 0.9], [0, 1]) == pytest.approx(0.5)
+    assert risk_coverage([0.9, 0.5, 0.5, 0.5], [1, 1, 0, 0]).risk == pytest.approx(
+        [0, (2 / 3) / 2, (4 / 3) / 3, 2 / 4]  # 2 errors among the 3 tied: 2/3 per answered
+    )
+    conf = np.random.default_rng(0).random((3, 40))
+    corr = (conf > 0.4).astype(float)
+    assert aurc_rows(conf, corr) == pytest.approx(
+        [aurc(c, k) for c, k in zip(conf, corr, strict=True)]
+    )
+
+
+def test_aurc_orders_rankings_and_meets_its_limits():
+    rng = np.random.default_rng(0)
+    n, err = 20_000, 0.3
+    wrong = rng.random(n) < err
+    e = wrong.mean()
+    perfect = np.where(wrong, 0.2, 0.8) + 0.01 * rng.random(n)
+    noisy = perfect + 0.4 * rng.standard_normal(n)
+    flat = np.full(n, 0.6)
+    scores = [aurc(np.clip(c, 0, 1), ~wrong) for c in (perfect, noisy, flat)]
+    assert scores == sorted(scores)  # better ranking, lower AURC
+    assert scores[0] == pytest.approx(e + (1 - e) * np.log(1 - e), abs=1e-3)
+    assert scores[2] == pytest.approx(e)  # uninformative: the error rate at every coverage
+    assert risk_coverage(noisy.clip(0, 1), ~wrong).risk[-1] == pytest.approx(e)
