@@ -221,15 +221,16 @@ def perf_record(
     device: str = "cpu",
 ) -> dict:
     """What a stage writes under `perf` in its meta.json: model FLOPs, their rate, the ratio to
-    the machine's peak at the stage's precision (`mfu`) and the padding share."""
+    the machine's peak at the stage's precision (`mfu`) and the padding share. Rate and mfu are
+    None when no time was measured (a resumed stage whose work was all done before)."""
     peak = peak_gflops(precision, device)
-    rate = flops / seconds / 1e9 if seconds > 0 else 0.0
+    rate = flops / seconds / 1e9 if seconds > 0 else None
     return {
         "model_gflop": round(flops / 1e9, 3),
         "seconds": round(seconds, 3),
-        "gflops": round(rate, 2),
+        "gflops": None if rate is None else round(rate, 2),
         "peak_gflops": round(peak, 1),
-        "mfu": round(rate / peak, 4) if peak > 0 else None,
+        "mfu": round(rate / peak, 4) if rate is not None and peak > 0 else None,
         "real_tokens": int(real_tokens),
         "computed_tokens": int(computed_tokens),
         "pad_fraction": round(pad_fraction(real_tokens, computed_tokens), 4),

@@ -698,6 +698,7 @@ def extract_topk(
     process_index: int = 0,
     num_processes: int = 1,
     on_shard_written: Callable[[int], None] | None = None,
+    tally: Any = None,
 ) -> Path:
     """Run the teacher over `examples` and store its top-k at every stored position.
 
@@ -719,6 +720,9 @@ def extract_topk(
             i % num_processes == process_index; with several processes the caller waits for
             all (a barrier) and then calls `finalize_store` on the main process.
         on_shard_written: called with the shard index after each shard is renamed into place.
+        tally: a `first_lib.flops.Tally` that counts this process's model work (tokens, padding,
+            FLOPs with the LM head at the stored rows) and its seconds (the forward passes,
+            top-k and copies to the host of each shard; not the writes to disk).
 
     Returns:
         out_dir as a Path. With one process the store is finished (MANIFEST.json written).
@@ -779,7 +783,9 @@ def extract_topk(
             if not path.exists():
                 todo.append(i)
         if todo:
-            _extract_shards(model, examples, out, cfg, data, todo, progress, on_shard_written)
+            _extract_shards(
+                model, examples, out, cfg, data, todo, progress, on_shard_written, tally
+            )
     if num_processes == 1:
         finalize_store(out)
     return out
@@ -794,6 +800,7 @@ def _extract_shards(
     shards: list[int],
     progress: bool,
     on_shard_written: Callable[[int], None] | None,
+    tally: Any = None,
 ) -> None:
     parts = _model_parts(model)
     device = next(model.parameters()).device
@@ -814,9 +821,10 @@ def _extract_shards(
         with torch.inference_mode(), amp:
             for index in shards:
                 lo, hi = index * cfg.shard_size, min((index + 1) * cfg.shard_size, cfg.n_examples)
-                files, info = _extract_one_shard(
-                    model, parts, device, examples, cfg, data, index, lo, hi, bar
-                )
+                with tally.clock(device.type) if tally is not None else contextlib.nullcontext():
+                    files, info = _extract_one_shard(
+                        model, parts, device, examples, cfg, data, index, lo, hi, bar, tally
+                    )
                 _write_shard(out, index, files, info)
                 fsio.crash_point("extract:shard-written")
                 if on_shard_written is not None:
@@ -837,6 +845,7 @@ def _extract_one_shard(
     lo: int,
     hi: int,
     bar: Any,
+    tally: Any = None,
 ) -> tuple[dict[str, bytes], dict]:
     """Top-k of examples[lo:hi]: returns the shard's files (name -> bytes) and its info."""
     k, width = cfg.k, cfg.coverage_width
@@ -867,6 +876,8 @@ def _extract_one_shard(
     pending: _Pending | None = None
     for local in _batches(data.lengths[lo:hi], cfg.batch_size):
         ids, att, rows, n_tok = _pad_batch([exs[j] for j in local], cfg.positions)
+        if tally is not None:
+            tally.forward(data.lengths[lo + local].tolist(), ids.numel(), len(rows))
         ids, att, rows = (x.to(device, non_blocking=True) for x in (ids, att, rows))
         top, idx, lse = _teacher_topk(model, parts, ids, att, rows, width, cfg.vocab_size)
         logp = top - lse[:, None]  # [N, width] fp32

@@ -189,3 +189,20 @@ def test_config_checks():
         TrainConfig(lr=0)
     with pytest.raises(FirstError, match="store"):
         train.train(_model(), _examples(2), TrainConfig(loss="kd"), pad_id=0, progress=False)
+
+
+def test_lora_is_merged_before_saving_so_evaluation_loads_a_plain_model(tmp_path):
+    """Evaluation loads what training saved: one plain causal LM with the adapters merged into
+    its weights (no PEFT wrapper, no adapter files, no extra matmuls at evaluation)."""
+    ex = _examples(8)
+    cfg = TrainConfig(lr=1e-2, epochs=1, batch_size=4, lora_r=2, lora_targets=("q_proj", "v_proj"))
+    trained, _ = train.train(_model(), ex, cfg, pad_id=0, progress=False, precision="fp32")
+    trained.save_pretrained(tmp_path, safe_serialization=True)
+    assert not (tmp_path / "adapter_config.json").exists()
+    loaded = models.load_model(tmp_path, dtype=torch.float32)
+    assert type(loaded) is type(_model()) and not hasattr(loaded, "peft_config")
+    assert not any("lora" in name for name, _ in loaded.named_modules())
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(loaded.state_dict()[q], _model().state_dict()[q])  # the delta is in
+    ids = torch.tensor([ex[0]["input_ids"]])
+    torch.testing.assert_close(loaded(ids).logits, trained.float().eval()(ids).logits)
