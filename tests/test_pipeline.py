@@ -72,7 +72,7 @@ def test_every_model_stage_records_its_model_work(tiny_run):
     res = json.loads((tiny_run["out"] / "results.json").read_text())
     home = Path(tiny_run["env"]["FIRST_HOME"])
     dirs = [Path(res["artefacts"][n]) for n in ("teacher", "finetune", "distill", "store")]
-    dirs += sorted((home / "runs").glob("evaluate-*"))
+    dirs += sorted(p for p in (home / "runs").glob("evaluate-*") if p.is_dir())
     assert len(dirs) > 4
     for d in dirs:
         perf = json.loads((d / "meta.json").read_text())["perf"]
