@@ -468,8 +468,13 @@ def test_pickled_store_reopens_maps(built) -> None:
     np.testing.assert_array_equal(clone.example(4)[0], store.example(4)[0])
 
 
-def test_forward_throughput_runs(model, examples) -> None:
-    assert kn.forward_throughput(model, examples[:4], batch_size=2, autocast=False) > 0
+@pytest.mark.parametrize("positions", ["targets", "all", None])
+def test_forward_throughput_runs(model, examples, positions) -> None:
+    """The reference forward: the LM head at the stored rows, or the plain full-logits forward."""
+    tps = kn.forward_throughput(
+        model, examples[:4], batch_size=2, autocast=False, positions=positions
+    )
+    assert tps > 0
 
 
 def test_lse_paths_agree_with_logsumexp():
