@@ -272,7 +272,8 @@ class Tally:
         return real, attention_length(lengths)
 
     def forward(self, lengths, computed: int, head_rows: int, layers=None) -> None:
-        """A forward pass (extraction, evaluation) over one batch."""
+        """A forward pass (extraction, evaluation) over one batch; `layers`: the decoder layers
+        it ran (None: all; fewer when a cached frozen prefix skips the bottom ones)."""
         real, seq = self._tokens(lengths, computed)
         self.flops += forward_flops(self.shape, real, seq, head_rows, layers=layers)
 

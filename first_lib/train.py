@@ -418,6 +418,11 @@ def train(
     positions. `work_dir` holds the resumable checkpoint. `stop_after` stops after that many
     optimizer steps without finalising (used to test resumption). `log` reports a checkpoint
     that cannot be read (training then starts from the beginning).
+
+    Batches are length-bucketed (`epoch_batches`). The log's `perf` (`flops.perf_record`) covers
+    the optimizer steps this call ran (after a resume, not the ones before it) on this process:
+    their model FLOPs, the seconds of the steps themselves (collate, forward, backward, optimizer;
+    not loading, checkpoints or the progress bar) and the padding share of the micro-batches.
     """
     from transformers import get_cosine_schedule_with_warmup
 
