@@ -19,6 +19,7 @@ NLL and percentile bootstrap intervals, using `first_lib.metrics`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 from collections.abc import Sequence
@@ -139,11 +140,14 @@ def evaluate_multiple_choice(
     progress: bool = True,
     autocast: bool = False,
     max_length: int | None = None,
+    tally: Any = None,
 ) -> list[dict[str, Any]]:
     """Score each question's answer candidates at the next token; one record per question.
 
     Questions are batched by length (longest first) to waste little padding; records come back
-    in the order of ``questions``. The model is put in eval mode and restored afterwards.
+    in the order of ``questions``. The model is put in eval mode and restored afterwards. A
+    `first_lib.flops.Tally` given as `tally` counts the forward passes (the LM head at one row
+    per question) and their seconds.
     """
     if confidence not in CONFIDENCES:
         raise FirstError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}")
@@ -162,6 +166,7 @@ def evaluate_multiple_choice(
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    device = _model_device(model).type
     records: list[dict[str, Any] | None] = [None] * len(seqs)
     was_training = getattr(model, "training", False)
     model.eval()
@@ -170,9 +175,13 @@ def evaluate_multiple_choice(
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
-                logp = last_token_logprobs(model, [seqs[i] for i in batch], pad_id, autocast)
-                for row, i in enumerate(batch):
-                    records[i] = _record(questions[i], logp[row, cand_ids[i]], confidence)
+                with tally.clock(device) if tally is not None else contextlib.nullcontext():
+                    logp = last_token_logprobs(model, [seqs[i] for i in batch], pad_id, autocast)
+                    for row, i in enumerate(batch):
+                        records[i] = _record(questions[i], logp[row, cand_ids[i]], confidence)
+                if tally is not None:
+                    lengths = [len(seqs[i]) for i in batch]
+                    tally.forward(lengths, len(batch) * max(lengths), head_rows=len(batch))
                 bar.update(len(batch))
     finally:
         bar.close()
@@ -268,9 +277,11 @@ def run_evaluation(
     questions: Sequence[MCQuestion],
     out_dir: str | Path | None = None,
     progress: bool = True,
+    tally: Any = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The evaluation stage: records and metrics; with ``out_dir``, also written there as
-    ``records.jsonl`` and ``metrics.json`` (the metrics with the config that made them)."""
+    ``records.jsonl`` and ``metrics.json`` (the metrics with the config that made them).
+    `tally`: see `evaluate_multiple_choice`."""
     records = evaluate_multiple_choice(
         model,
         tokenizer,
@@ -281,6 +292,7 @@ def run_evaluation(
         progress=progress,
         autocast=config.autocast,
         max_length=config.max_length,
+        tally=tally,
     )
     summary = summarize(records, n_boot=config.n_boot, seed=config.seed, n_bins=config.n_bins)
     if out_dir is not None:

@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -220,9 +221,10 @@ def perf_record(
     device: str = "cpu",
 ) -> dict:
     """What a stage writes under `perf` in its meta.json: model FLOPs, their rate, the ratio to
-    the machine's peak at the stage's precision (`mfu`) and the padding share."""
+    the machine's peak at the stage's precision (`mfu`) and the padding share. Rate and mfu are
+    None when no time was measured (a resumed stage whose work was all done before)."""
     peak = peak_gflops(precision, device)
-    rate = flops / seconds / 1e9 if seconds > 0 else 0.0
+    rate = flops / seconds / 1e9 if seconds > 0 else None
     from first_lib import device as device_mod
 
     return {
@@ -231,12 +233,83 @@ def perf_record(
         else _fingerprint(precision, device, 0)["hardware"],
         "model_gflop": round(flops / 1e9, 3),
         "seconds": round(seconds, 3),
-        "gflops": round(rate, 2),
+        "gflops": None if rate is None else round(rate, 2),
         "peak_gflops": round(peak, 1),
-        "mfu": round(rate / peak, 4) if peak > 0 else None,
+        "mfu": round(rate / peak, 4) if rate is not None and peak > 0 else None,
         "real_tokens": int(real_tokens),
         "computed_tokens": int(computed_tokens),
         "pad_fraction": round(pad_fraction(real_tokens, computed_tokens), 4),
         "precision": precision,
         "device": device,
     }
+
+
+# ----------------------------------------------------------------------------- a stage's tally
+
+
+def attention_length(lengths) -> float:
+    """The `seq_len` that makes `forward_flops` exact for a batch of sequences of `lengths` real
+    tokens: a token of a sequence of length n attends over n positions, so the attention FLOPs are
+    proportional to sum(n^2) = sum(n) * (sum(n^2) / sum(n))."""
+    total = sum(lengths)
+    return sum(n * n for n in lengths) / total if total else 0.0
+
+
+class Tally:
+    """Running totals of one stage's model work, batch by batch: model FLOPs, real and computed
+    (padded) tokens, and the seconds of model work that the caller times with `clock`.
+
+    `forward` and `train` take a batch's real lengths, its computed positions (batch x padded
+    length) and the rows where the LM head runs; `record` turns the totals into `perf_record`.
+    """
+
+    def __init__(self, shape: Shape):
+        self.shape = shape
+        self.flops = 0.0
+        self.real_tokens = 0
+        self.computed_tokens = 0
+        self.seconds = 0.0
+
+    def _tokens(self, lengths, computed: int) -> tuple[int, float]:
+        real = int(sum(lengths))
+        self.real_tokens += real
+        self.computed_tokens += int(computed)
+        return real, attention_length(lengths)
+
+    def forward(self, lengths, computed: int, head_rows: int, layers=None) -> None:
+        """A forward pass (extraction, evaluation) over one batch; `layers`: the decoder layers
+        it ran (None: all; fewer when a cached frozen prefix skips the bottom ones)."""
+        real, seq = self._tokens(lengths, computed)
+        self.flops += forward_flops(self.shape, real, seq, head_rows, layers=layers)
+
+    def train(
+        self, lengths, computed: int, head_rows: int, trained_layers: int, lora: bool, **kw
+    ) -> None:
+        """A training micro-batch (forward and backward); `forward_layers=` as in `train_flops`."""
+        real, seq = self._tokens(lengths, computed)
+        self.flops += train_flops(self.shape, real, seq, head_rows, trained_layers, lora, **kw)
+
+    @contextmanager
+    def clock(self, device: str = "cpu"):
+        """Add the wall time of the enclosed model work to `seconds` (on CUDA, synchronised at
+        both ends so the queued kernels are counted)."""
+        _sync(device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync(device)
+            self.seconds += time.perf_counter() - t0
+
+    def record(self, precision: str, device: str = "cpu") -> dict:
+        """The stage's `perf` dict (see `perf_record`)."""
+        return perf_record(
+            self.flops, self.seconds, self.real_tokens, self.computed_tokens, precision, device
+        )
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()

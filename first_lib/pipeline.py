@@ -518,7 +518,7 @@ def stage_train(
 
 def stage_extract(key: dict, teacher_dir: Path, splits: dict, prof: Profile, acc, log) -> Path:
     """The teacher's top-k over the training and validation sets, one store each."""
-    from first_lib import knowledge
+    from first_lib import flops, knowledge
 
     out = artefact_dir("extract", key)
     if is_done(out, key):
@@ -529,6 +529,7 @@ def stage_extract(key: dict, teacher_dir: Path, splits: dict, prof: Profile, acc
         verify_upstream(teacher_dir, log, acc)
         out.mkdir(parents=True, exist_ok=True)
         model = _load(str(teacher_dir), acc)
+        tally = flops.Tally(flops.shape_of_config(model.config))
         t0 = time.perf_counter()
         for split, examples in splits.items():
             log(f"extract: top-{prof.k} of the teacher over {len(examples)} {split} examples")
@@ -542,6 +543,7 @@ def stage_extract(key: dict, teacher_dir: Path, splits: dict, prof: Profile, acc
                 process_index=acc.process_index,
                 num_processes=acc.num_processes,
                 autocast=device.accelerator_precision(acc) == "bf16",
+                tally=tally,
             )
             _barrier(acc)
             if acc.is_main_process:
@@ -549,8 +551,10 @@ def stage_extract(key: dict, teacher_dir: Path, splits: dict, prof: Profile, acc
                 fsio.crash_point("extract:manifest-written")
             _barrier(acc)
         if acc.is_main_process:
-            meta = {"stage": "extract", "key": key, "precision": device.accelerator_precision(acc)}
-            write_meta(out, {**meta, "wall_seconds": time.perf_counter() - t0})
+            precision = device.accelerator_precision(acc)
+            meta = {"stage": "extract", "key": key, "precision": precision}
+            perf = tally.record(precision, acc.device.type)
+            write_meta(out, {**meta, "wall_seconds": time.perf_counter() - t0, "perf": perf})
     _barrier(acc)
     return out
 
@@ -616,7 +620,7 @@ def stage_calibrate(key: dict, store_dir: Path, examples: list[dict], log) -> di
 
 def stage_evaluate(key: dict, model_dir: str, questions: list, prof: Profile, acc, log) -> dict:
     """Multiple-choice evaluation: per-question records and metrics with bootstrap intervals."""
-    from first_lib import evaluate, models
+    from first_lib import evaluate, flops, models
 
     out = artefact_dir("evaluate", key)
     if not is_done(out, key) and acc.is_main_process:
@@ -636,7 +640,10 @@ def stage_evaluate(key: dict, model_dir: str, questions: list, prof: Profile, ac
                     seed=prof.seed,
                     autocast=precision == "bf16",
                 )
-                _, summary = evaluate.run_evaluation(config, model, tok, questions, out)
+                tally = flops.Tally(flops.shape_of_config(model.config))
+                _, summary = evaluate.run_evaluation(
+                    config, model, tok, questions, out, tally=tally
+                )
                 fsio.crash_point("evaluate:records-written")
                 write_meta(
                     out,
@@ -646,6 +653,7 @@ def stage_evaluate(key: dict, model_dir: str, questions: list, prof: Profile, ac
                         "metrics": summary,
                         "precision": precision,
                         "wall_seconds": time.perf_counter() - t0,
+                        "perf": tally.record(precision, acc.device.type),
                     },
                 )
     _barrier(acc)

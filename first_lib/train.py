@@ -151,10 +151,40 @@ def collate(
     return out
 
 
-def epoch_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
-    """The global batches of one epoch: a seeded permutation cut into chunks (last may be short)."""
-    order = np.random.default_rng([seed, epoch]).permutation(n).tolist()
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+BUCKET_POOL = 64  # batches per length-sorted pool (see `epoch_batches`)
+
+
+def epoch_batches(
+    n: int,
+    batch_size: int,
+    epoch: int,
+    seed: int,
+    lengths: Sequence[int] | None = None,
+    pool: int = BUCKET_POOL,
+) -> list[list[int]]:
+    """The global batches of one epoch, a function of (n, batch_size, epoch, seed, lengths) only,
+    so a resumed run replays them exactly. Every example appears once; the last batch may be short.
+
+    Without `lengths`: a seeded permutation cut into chunks. With `lengths` (tokens per example),
+    length-bucketed: the permutation is cut into pools of `pool` batches, each pool is sorted by
+    length (stable, so equal lengths keep their random order) and cut into batches, and the order
+    of all the batches is shuffled. A batch then holds examples of similar length and wastes
+    little padding, while which examples meet and when still change from epoch to epoch.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n)
+    if lengths is None:
+        return [order[i : i + batch_size].tolist() for i in range(0, n, batch_size)]
+    lengths = np.asarray(lengths)
+    if len(lengths) != n:
+        raise FirstError(f"epoch_batches: {len(lengths)} lengths for {n} examples")
+    size = batch_size * max(1, pool)
+    batches = []
+    for start in range(0, n, size):
+        chunk = order[start : start + size]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size].tolist() for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 # ----------------------------------------------------------------------------- model
@@ -191,7 +221,7 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, bf16: bool = False) -> nn.
 
         model = model.to(torch.bfloat16 if bf16 else torch.float32)
         n_layers = model.config.num_hidden_layers
-        top = min(cfg.lora_layers, n_layers) if cfg.lora_layers > 0 else n_layers
+        top = trained_layers(cfg, n_layers)
         lora = LoraConfig(
             r=cfg.lora_r,
             lora_alpha=cfg.lora_alpha,
@@ -209,6 +239,27 @@ def prepare_model(model: nn.Module, cfg: TrainConfig, bf16: bool = False) -> nn.
         if not cfg.train_embeddings:
             model.get_input_embeddings().weight.requires_grad_(False)
     return model
+
+
+def trained_layers(cfg: TrainConfig, n_layers: int) -> int:
+    """Decoder layers whose weights train: LoRA's top `lora_layers` (0: all), or all of them."""
+    if cfg.lora_r > 0 and cfg.lora_layers > 0:
+        return min(cfg.lora_layers, n_layers)
+    return n_layers
+
+
+def count_batch(tally, batch: dict[str, torch.Tensor], cfg: TrainConfig, forward_layers=None):
+    """Add one micro-batch (still on the host) to a `flops.Tally`: its real tokens, its computed
+    (padded) positions and the LM head at its target rows. `forward_layers` is where a path that
+    runs only the top layers (a cached frozen prefix) says how many it ran; None: all."""
+    tally.train(
+        batch["attention_mask"].sum(1).tolist(),
+        batch["input_ids"].numel(),
+        int(batch["target_mask"].sum()),
+        trained_layers(cfg, tally.shape.layers),
+        lora=cfg.lora_r > 0,
+        forward_layers=forward_layers,
+    )
 
 
 def finalize_model(model: nn.Module) -> nn.Module:
@@ -367,10 +418,15 @@ def train(
     positions. `work_dir` holds the resumable checkpoint. `stop_after` stops after that many
     optimizer steps without finalising (used to test resumption). `log` reports a checkpoint
     that cannot be read (training then starts from the beginning).
+
+    Batches are length-bucketed (`epoch_batches`). The log's `perf` (`flops.perf_record`) covers
+    the optimizer steps this call ran (after a resume, not the ones before it) on this process:
+    their model FLOPs, the seconds of the steps themselves (collate, forward, backward, optimizer;
+    not loading, checkpoints or the progress bar) and the padding share of the micro-batches.
     """
     from transformers import get_cosine_schedule_with_warmup
 
-    from first_lib import device
+    from first_lib import device, flops
 
     if cfg.loss == "kd" and teacher is None:
         raise FirstError("KD training needs the teacher's top-k store")
@@ -379,6 +435,8 @@ def train(
     torch.manual_seed(cfg.seed)
     acc = accelerator or device.accelerator(device.resolve_precision(precision))
     precision = device.accelerator_precision(acc)
+    tally = flops.Tally(flops.shape_of_config(model.config))  # this process's model work
+    lengths = [len(ex["input_ids"]) for ex in examples]
     model = prepare_model(model, cfg, bf16=precision == "bf16")
     wrapped = TargetRowsLM(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -418,13 +476,16 @@ def train(
     micro = step * cfg.grad_accum
     epoch = micro // per_epoch
     while step < total:
-        batches = epoch_batches(len(examples), global_bs, epoch, cfg.seed)
+        batches = epoch_batches(len(examples), global_bs, epoch, cfg.seed, lengths)
         start = micro - epoch * per_epoch
         for gb in batches[start:]:
             if step >= total:
                 break
+            if micro % cfg.grad_accum == 0:
+                step_start = time.perf_counter()
             mine = gb[acc.process_index :: acc.num_processes] or gb[:1]
             batch = collate(examples, mine, teacher, pad_id)
+            count_batch(tally, batch, cfg)
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             with acc.autocast():
                 logits = wrapped(batch["input_ids"], batch["attention_mask"], batch["target_mask"])
@@ -439,7 +500,8 @@ def train(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                history.append(round(float(loss.detach()) * cfg.grad_accum, 6))
+                history.append(round(float(loss.detach()) * cfg.grad_accum, 6))  # syncs
+                tally.seconds += time.perf_counter() - step_start
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{history[-1]:.4f}", tok_s=f"{tokens / elapsed:.0f}")
                 bar.update(1)
@@ -467,5 +529,6 @@ def train(
         "num_processes": acc.num_processes,
         "precision": precision,
         "config": cfg.to_dict(),
+        "perf": tally.record(precision, acc.device.type),
     }
     return finalize_model(model), log

@@ -66,6 +66,20 @@ def test_machine_block_and_table(results):
     assert "machine:" in table
 
 
+def test_peaks_and_utilisation(results):
+    """The matmul peak at both precisions, and each measured throughput as a share of the peak at
+    the bench's precision (mfu)."""
+    peaks = results["matmul_peak_gflops"]
+    assert set(peaks) == {"fp32", "bf16"} and all(finite(g) and g > 0 for g in peaks.values())
+    d = results["details"]
+    for key in ("extract_mfu", "forward_mfu", "extract_all_mfu", "forward_full_mfu"):
+        assert finite(d[key]) and 0 < d[key] < 1.5, key
+    assert set(d["train_mfu"]) == {"ce", "kd"}
+    assert all(finite(x) and 0 < x < 1.5 for x in d["train_mfu"].values())
+    assert finite(d["extract_over_full_logits_forward_throughput"])
+    assert "matmul_peak_gflops[bf16]" in bench.format_table(results)
+
+
 def test_store_bytes_are_the_files_on_disk(tmp_path):
     cfg = bench.preset("tiny")
     teacher = bench.build_model(cfg.teacher, "cpu", torch.float32, seed=0).eval()

@@ -468,12 +468,18 @@ def test_pickled_store_reopens_maps(built) -> None:
     np.testing.assert_array_equal(clone.example(4)[0], store.example(4)[0])
 
 
-def test_forward_throughput_runs(model, examples) -> None:
-    assert kn.forward_throughput(model, examples[:4], batch_size=2, autocast=False) > 0
+@pytest.mark.parametrize("positions", ["targets", "all", None])
+def test_forward_throughput_runs(model, examples, positions) -> None:
+    """The reference forward: the LM head at the stored rows, or the plain full-logits forward."""
+    tps = kn.forward_throughput(
+        model, examples[:4], batch_size=2, autocast=False, positions=positions
+    )
+    assert tps > 0
 
 
 def test_lse_paths_agree_with_logsumexp():
-    """The eager in-place normaliser (CPU) and the formula compiled on CUDA give logsumexp."""
+    """The eager in-place normaliser and the formula compiled (GPU, large bf16 chunks) give
+    logsumexp."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(7, 1000, generator=g) * 4
     ref = torch.logsumexp(logits.double(), -1)
@@ -486,6 +492,21 @@ def test_lse_paths_agree_with_logsumexp():
         assert torch.allclose(kn._lse_from_max(x, m).double(), exact, atol=1e-5)
         assert torch.equal(idx, torch.topk(x, 5).indices)
     assert torch.allclose(lse.double(), ref, atol=0.05)  # bf16 rounding of the inputs only
+
+
+def test_fused_normaliser_of_bf16_chunks_matches_the_eager_one(monkeypatch):
+    """Large bf16 chunks take the compiled kernel (no fp32 copy of the logits): same top-k, and
+    the same normaliser as the eager path to fp32 rounding (summation order only), far below
+    the float16 resolution of the stored probabilities (~5e-4)."""
+    x = (torch.randn(6, 4096, generator=torch.Generator().manual_seed(1)) * 4).bfloat16()
+    monkeypatch.setattr(kn, "FUSE_MIN_LOGITS", 1 << 62)
+    eager = kn._topk_logits(x.clone(), 5)
+    monkeypatch.setattr(kn, "FUSE_MIN_LOGITS", x.numel())
+    fused = kn._topk_logits(x.clone(), 5)
+    assert torch.equal(fused[0], eager[0]) and torch.equal(fused[1], eager[1])
+    torch.testing.assert_close(fused[2], eager[2], rtol=0, atol=1e-5)
+    exact = torch.logsumexp(x.double(), -1)
+    assert torch.allclose(fused[2].double(), exact, atol=1e-5)
 
 
 def test_chunk_rows_bigger_on_gpu():

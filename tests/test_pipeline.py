@@ -66,6 +66,23 @@ def test_tiny_run_schema(tiny_run):
         assert v["acc_ci"][0] <= v["acc"] <= v["acc_ci"][1] + 1e-12
 
 
+def test_every_model_stage_records_its_model_work(tiny_run):
+    """`perf` in the meta.json of training, extraction and every evaluation: model FLOPs, their
+    rate against this machine's peak at the run's precision (mfu), and the padding share."""
+    res = json.loads((tiny_run["out"] / "results.json").read_text())
+    home = Path(tiny_run["env"]["FIRST_HOME"])
+    dirs = [Path(res["artefacts"][n]) for n in ("teacher", "finetune", "distill", "store")]
+    dirs += sorted(p for p in (home / "runs").glob("evaluate-*") if p.is_dir())
+    assert len(dirs) > 4
+    for d in dirs:
+        perf = json.loads((d / "meta.json").read_text())["perf"]
+        assert perf["precision"] == tiny_run["precision"] and perf["device"] == "cpu", d
+        assert perf["model_gflop"] > 0 and perf["seconds"] > 0 and perf["peak_gflops"] > 0, d
+        assert 0 < perf["mfu"] < 1.5, d  # at most the peak, give or take timing noise
+        assert perf["computed_tokens"] >= perf["real_tokens"] > 0, d
+        assert 0 <= perf["pad_fraction"] < 0.5, d
+
+
 def test_tiny_run_is_cached(tiny_run):
     t0 = time.perf_counter()
     proc = _first_run(tiny_run["out"] / "again", tiny_run["env"])

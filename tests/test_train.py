@@ -63,6 +63,58 @@ def test_epoch_batches_cover_every_example_once():
     assert batches != train.epoch_batches(23, 8, epoch=2, seed=3)
 
 
+def _padded(batches, lengths) -> float:
+    """pad_fraction of right-padded batches."""
+    real = sum(lengths[i] for b in batches for i in b)
+    computed = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 1 - real / computed
+
+
+def _skewed_lengths(n=400, seed=0) -> list[int]:
+    """Lognormal lengths (a long tail, like BoolQ's passages): 20 to ~1000 tokens."""
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.lognormal(np.log(120), 0.7, size=n), 20, 1000).astype(int).tolist()
+
+
+def test_bucketed_batches_cover_every_example_once_and_are_seeded():
+    lengths = _skewed_lengths(203)
+    batches = train.epoch_batches(203, 8, epoch=1, seed=3, lengths=lengths, pool=8)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(203))
+    assert sorted(len(b) for b in batches)[1:] == [8] * 25  # one short batch, as unbucketed
+    assert batches == train.epoch_batches(203, 8, epoch=1, seed=3, lengths=lengths, pool=8)
+    assert batches != train.epoch_batches(203, 8, epoch=2, seed=3, lengths=lengths, pool=8)
+    # The batches are not served in length order: the order of batches is shuffled too.
+    longest = [max(lengths[i] for i in b) for b in batches]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
+    # Without lengths: the plain seeded permutation, unchanged.
+    order = np.random.default_rng([3, 1]).permutation(203).tolist()
+    assert sum(train.epoch_batches(203, 8, epoch=1, seed=3), []) == order
+
+
+def test_bucketing_bounds_the_padding_of_a_skewed_length_distribution():
+    lengths = _skewed_lengths(400)
+    plain = _padded(train.epoch_batches(400, 8, 0, 0), lengths)
+    bucketed = _padded(train.epoch_batches(400, 8, 0, 0, lengths=lengths), lengths)
+    assert plain > 0.3 and bucketed < 0.1, (plain, bucketed)
+
+
+def test_training_records_its_model_work(precision):
+    """`perf` in the log: FLOPs from the real tokens, padding counted, a positive mfu."""
+    from first_lib import flops
+
+    ex = _examples(16)
+    cfg = TrainConfig(lr=1e-3, epochs=1, batch_size=4, lora_r=2, lora_targets=("q_proj",))
+    _, log = train.train(_model(), ex, cfg, pad_id=0, progress=False, precision=precision)
+    perf = log["perf"]
+    assert perf["precision"] == precision and perf["device"] == "cpu"
+    assert perf["real_tokens"] == sum(len(e["input_ids"]) for e in ex) == log["tokens"]
+    assert perf["computed_tokens"] >= perf["real_tokens"]
+    assert 0 <= perf["pad_fraction"] < 0.5
+    assert 0 < perf["seconds"] <= log["seconds"]
+    assert 0 < perf["mfu"] < 1.5 and perf["peak_gflops"] == round(flops.peak_gflops(precision), 1)
+
+
 def _weights(model):
     return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
 
@@ -137,3 +189,20 @@ def test_config_checks():
         TrainConfig(lr=0)
     with pytest.raises(FirstError, match="store"):
         train.train(_model(), _examples(2), TrainConfig(loss="kd"), pad_id=0, progress=False)
+
+
+def test_lora_is_merged_before_saving_so_evaluation_loads_a_plain_model(tmp_path):
+    """Evaluation loads what training saved: one plain causal LM with the adapters merged into
+    its weights (no PEFT wrapper, no adapter files, no extra matmuls at evaluation)."""
+    ex = _examples(8)
+    cfg = TrainConfig(lr=1e-2, epochs=1, batch_size=4, lora_r=2, lora_targets=("q_proj", "v_proj"))
+    trained, _ = train.train(_model(), ex, cfg, pad_id=0, progress=False, precision="fp32")
+    trained.save_pretrained(tmp_path, safe_serialization=True)
+    assert not (tmp_path / "adapter_config.json").exists()
+    loaded = models.load_model(tmp_path, dtype=torch.float32)
+    assert type(loaded) is type(_model()) and not hasattr(loaded, "peft_config")
+    assert not any("lora" in name for name, _ in loaded.named_modules())
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(loaded.state_dict()[q], _model().state_dict()[q])  # the delta is in
+    ids = torch.tensor([ex[0]["input_ids"]])
+    torch.testing.assert_close(loaded(ids).logits, trained.float().eval()(ids).logits)
