@@ -240,3 +240,24 @@ def test_corrupt_cache_entry_is_detected_and_recomputed(tmp_path):
     assert (
         len(said) == 2 and prefix._load(entry, prefix.cache_key(model, seqs, 2, False))[1] is None
     )
+
+
+def test_pipeline_shares_bottom_states_between_stages(tmp_path, monkeypatch):
+    """A tiny run with LoRA on the top layers: one cache entry for the teacher's training data,
+    one for the student's (shared by its four trainings), and at bf16 one per model for the test
+    questions (shared by the untuned model and its tuned variants)."""
+    from first_lib import pipeline
+    from tests.conftest import isolated_home
+
+    monkeypatch.setenv("FIRST_HOME", str(isolated_home(tmp_path)))
+    lora = {"teacher_train.lora_r": 4, "teacher_train.lora_layers": 2}
+    lora.update({"student_train.lora_r": 4, "student_train.lora_layers": 1})
+    said: list[str] = []
+    res = pipeline.run(
+        "tiny", "csqa", log=said.append, precision="bf16", n_train=24, n_val=16, n_test=16, **lora
+    )
+    assert set(res["variants"]) == set(pipeline.VARIANTS)
+    entries = [pipeline.read_meta(p)["key"] for p in prefix.cache_root().glob("*/")]
+    splits = sorted((k["layers"][1], k["n"]) for k in entries)
+    n_train = res["n_train"]
+    assert splits == [(1, 16), (1, n_train), (2, 16), (2, n_train)], splits
