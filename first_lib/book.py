@@ -95,7 +95,7 @@ def missing_work(profile: str, setting: str, **overrides) -> list[str]:
         models.update(teacher_base=prof.teacher, student_base=prof.student)
     for test in pipeline.test_tasks(setting):
         for name, model in models.items():
-            top = pipeline.eval_top_layers(prof, name)
+            top = pipeline.prefix_top_layers(prof, name)
             key = pipeline.eval_key(prof, test, model, precision, top)
             if not pipeline.is_done(pipeline.artefact_dir("evaluate", key), key):
                 todo.append(f"evaluate {name} on {test}")

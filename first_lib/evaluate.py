@@ -155,9 +155,7 @@ def batched_logprobs(
     n_bottom = prefix.n_frozen(model, top_layers)
     states = None
     if n_bottom:
-        states = prefix.cached_bottom_states(
-            model, seqs, n_bottom, autocast, prefix_cache, batch_size, log
-        )
+        states = prefix.cached_bottom_states(model, seqs, n_bottom, autocast, prefix_cache, log)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]

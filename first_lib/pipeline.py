@@ -67,7 +67,7 @@ CODE_OF = {
         "first_lib.models",
         "first_lib.prefix",
     ),
-    "extract": ("first_lib.knowledge", "first_lib.models"),
+    "extract": ("first_lib.knowledge", "first_lib.models", "first_lib.prefix"),
     "calibrate": ("first_lib.calibration", "first_lib.metrics"),
     "evaluate": ("first_lib.evaluate", "first_lib.metrics", "first_lib.models", "first_lib.prefix"),
     "tiny-models": ("first_lib.models",),
@@ -377,11 +377,11 @@ def tiny_key(prof: Profile, setting: str) -> dict:
     }
 
 
-def eval_top_layers(prof: Profile, label: str) -> int:
-    """The top layers an evaluation of model `label` (a variant, "teacher_base" or
-    "student_base") runs from cached bottom states (`first_lib.prefix`): the LoRA depth of its
-    model's training, also for the untuned model, so that it and its tuned variants share one
-    cache entry; 0 (the whole model) for full fine-tuning."""
+def prefix_top_layers(prof: Profile, label: str) -> int:
+    """The top layers that evaluating (or extracting with) model `label` (a variant,
+    "teacher_base" or "student_base") runs from cached bottom states (`first_lib.prefix`): the
+    LoRA depth of its model's training, also for the untuned model, so that it and its tuned
+    variants share one cache entry; 0 (the whole model) for full fine-tuning."""
     cfg = prof.teacher_train if label.startswith("teacher") else prof.student_train
     return cfg.lora_layers if cfg.lora_r > 0 else 0
 
@@ -389,7 +389,7 @@ def eval_top_layers(prof: Profile, label: str) -> int:
 def eval_key(prof: Profile, test_name: str, model, precision: str, top_layers: int = 0) -> dict:
     """An evaluation: the model, the test set (not the setting, so the untuned baselines are
     shared between settings that test on the same set), the precision it computes in and the
-    top layers it runs from cached bottom states (`eval_top_layers`)."""
+    top layers it runs from cached bottom states (`prefix_top_layers`)."""
     return {
         "model": str(model),
         "precision": precision,
@@ -560,6 +560,8 @@ def stage_extract(key: dict, teacher_dir: Path, splits: dict, prof: Profile, acc
                 process_index=acc.process_index,
                 num_processes=acc.num_processes,
                 autocast=device.accelerator_precision(acc) == "bf16",
+                top_layers=prefix_top_layers(prof, "teacher"),
+                prefix_cache=prefix.cache_root(),
             )
             _barrier(acc)
             if acc.is_main_process:
@@ -795,7 +797,7 @@ def run_artefacts(prof: Profile, setting: str, precision: str) -> set[str]:
         models.update({f"{r}_base": model_source(prof, r, tiny) for r in ("teacher", "student")})
     for test_name in test_tasks(setting):
         for label, m in models.items():
-            key = eval_key(prof, test_name, m, precision, eval_top_layers(prof, label))
+            key = eval_key(prof, test_name, m, precision, prefix_top_layers(prof, label))
             names.add(artefact_dir("evaluate", key).name)
     return names
 
@@ -1061,14 +1063,14 @@ def _run(prof: Profile, setting: str, out: Path | None, until: str | None, log) 
             variants, baselines, records = {}, {}, {}
             t0 = time.perf_counter()
             for variant in VARIANTS:
-                top = eval_top_layers(prof, variant)
+                top = prefix_top_layers(prof, variant)
                 key = eval_key(prof, test_name, model_dirs[variant], precision, top)
                 meta = stage_evaluate(key, key["model"], questions, prof, acc, log)
                 variants[variant] = meta["metrics"]
                 records[variant] = artefact_dir("evaluate", key)
             untuned = (("teacher_base", teacher_src), ("student_base", student_src))
             for base, src in untuned if prof.baselines else ():
-                key = eval_key(prof, test_name, src, precision, eval_top_layers(prof, base))
+                key = eval_key(prof, test_name, src, precision, prefix_top_layers(prof, base))
                 meta = stage_evaluate(key, src, questions, prof, acc, log)
                 baselines[base] = meta["metrics"]
                 records[base] = artefact_dir("evaluate", key)

@@ -40,6 +40,9 @@ from torch import nn
 from first_lib import fsio
 
 STATES_FILE = "states.safetensors"
+# Examples per batch when bottom states are computed: one fixed size, so that an entry's values
+# are a function of its key alone (other batch sizes round differently), whichever stage made it.
+BATCH_SIZE = 8
 
 
 # ----------------------------------------------------------------------------- the model's parts
@@ -156,7 +159,7 @@ def bottom_states(
     model: nn.Module,
     seqs: Sequence[Sequence[int]],
     n_bottom: int,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     autocast: bool = False,
 ) -> list[torch.Tensor]:
     """The output of decoder layer n_bottom - 1 (the input of layer n_bottom) for each token
@@ -314,7 +317,6 @@ def cached_bottom_states(
     n_bottom: int,
     autocast: bool = False,
     root: str | Path | None = None,
-    batch_size: int = 8,
     log: Callable[[str], None] | None = None,
 ) -> list[torch.Tensor]:
     """`bottom_states`, read from the disk cache under `root` when an entry of the same
@@ -322,7 +324,7 @@ def cached_bottom_states(
     cached). A damaged entry is reported through `log`, removed and recomputed. Processes
     asking for the same entry take turns (a lock file): the first computes, the others read."""
     if root is None:
-        return bottom_states(model, seqs, n_bottom, batch_size, autocast)
+        return bottom_states(model, seqs, n_bottom, autocast=autocast)
     from first_lib import pipeline
 
     key = cache_key(model, seqs, n_bottom, autocast)
@@ -334,6 +336,6 @@ def cached_bottom_states(
             if problem != "missing" and log is not None:
                 log(f"prefix cache {folder.name}: {problem}; recomputing")
             shutil.rmtree(folder, ignore_errors=True)
-            states = bottom_states(model, seqs, n_bottom, batch_size, autocast)
+            states = bottom_states(model, seqs, n_bottom, autocast=autocast)
             _save(folder, key, states)
     return [s.to(device) for s in states]

@@ -420,9 +420,7 @@ def train(
     if n_bottom:  # after resuming too: the states do not depend on the adapters
         seqs = [ex["input_ids"] for ex in examples]
         autocast = precision == "bf16"
-        bottom = prefix.cached_bottom_states(
-            model, seqs, n_bottom, autocast, prefix_cache, cfg.batch_size, log
-        )
+        bottom = prefix.cached_bottom_states(model, seqs, n_bottom, autocast, prefix_cache, log)
     build_seconds = time.perf_counter() - t_build
 
     tokens = 0

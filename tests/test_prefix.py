@@ -4,6 +4,9 @@ the bottom states depend on and nothing else; a damaged cache entry is recompute
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -243,9 +246,10 @@ def test_corrupt_cache_entry_is_detected_and_recomputed(tmp_path):
 
 
 def test_pipeline_shares_bottom_states_between_stages(tmp_path, monkeypatch):
-    """A tiny run with LoRA on the top layers: one cache entry for the teacher's training data,
-    one for the student's (shared by its four trainings), and at bf16 one per model for the test
-    questions (shared by the untuned model and its tuned variants)."""
+    """A tiny run with LoRA on the top layers, at bf16: one cache entry for the teacher's
+    training data (shared by its training and the extraction over them), one for its validation
+    data, one for the student's training data (shared by its four trainings), and one per model
+    for the test questions (shared by the untuned model and its tuned variants)."""
     from first_lib import pipeline
     from tests.conftest import isolated_home
 
@@ -254,10 +258,32 @@ def test_pipeline_shares_bottom_states_between_stages(tmp_path, monkeypatch):
     lora.update({"student_train.lora_r": 4, "student_train.lora_layers": 1})
     said: list[str] = []
     res = pipeline.run(
-        "tiny", "csqa", log=said.append, precision="bf16", n_train=24, n_val=16, n_test=16, **lora
+        "tiny", "csqa", log=said.append, precision="bf16", n_train=24, n_val=12, n_test=16, **lora
     )
     assert set(res["variants"]) == set(pipeline.VARIANTS)
     entries = [pipeline.read_meta(p)["key"] for p in prefix.cache_root().glob("*/")]
     splits = sorted((k["layers"][1], k["n"]) for k in entries)
-    n_train = res["n_train"]
-    assert splits == [(1, 16), (1, n_train), (2, 16), (2, n_train)], splits
+    assert splits == [(1, 16), (1, 24), (2, 12), (2, 16), (2, 24)], splits
+    store = Path(res["artefacts"]["store"]) / "train"
+    assert json.loads((store / "config.json").read_text())["bottom_layers"] == 2
+
+
+def test_extraction_from_cached_states_matches_plain_extraction(tmp_path):
+    """The tuned teacher's top-k store from its cached bottom (fp32): the same tokens, the same
+    probabilities up to the store's fp16 rounding (one step of 2^-11 near 1)."""
+    from first_lib import knowledge
+
+    ex = _examples(10)
+    model = models.make_tiny_model(64, "teacher")
+    opts = {"k": 3, "batch_size": 4, "progress": False, "autocast": False}
+    plain = knowledge.extract_topk(model, ex, tmp_path / "plain", **opts)
+    cached = knowledge.extract_topk(
+        model, ex, tmp_path / "cached", top_layers=TOP, prefix_cache=tmp_path / "prefix", **opts
+    )
+    a, b = knowledge.TopKStore(plain), knowledge.TopKStore(cached)
+    assert b.meta["n_positions"] == a.meta["n_positions"] > 0
+    for i in range(len(ex)):
+        (ids_a, p_a), (ids_b, p_b) = a.example(i), b.example(i)
+        np.testing.assert_array_equal(ids_a, ids_b)
+        np.testing.assert_allclose(p_a, p_b, atol=1e-3)
+    assert len(list((tmp_path / "prefix").glob("*/meta.json"))) == 1
