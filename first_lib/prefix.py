@@ -14,9 +14,9 @@ so the untuned model and every tuned variant of it share one bottom. This module
   model gets gradients in its adapters and a plain merged model evaluates;
 - caches bottom states on disk under ``$FIRST_HOME/prefix/<key hash>/`` (`cached_bottom_states`)
   so that other stages and processes reuse them. The key (`cache_key`) covers what the states
-  depend on: the bottom weights by content (embedding and bottom layers, as loaded), the
-  precision, the device type, the layer split, the attention settings, the token ids and this
-  module's code.
+  depend on: the bottom weights by content (bottom layers and the embedding rows of the tokens
+  used, as loaded), the precision, the device type, the layer split, the attention settings,
+  the token ids and this module's code.
 
 Where L = N (or full fine-tuning) nothing is cached: `n_frozen` returns 0 and the callers take
 the ordinary path.
@@ -197,18 +197,31 @@ def last_token_logprobs(
 # ----------------------------------------------------------------------------- the cache key
 
 
-def bottom_weights_hash(model: nn.Module, n_bottom: int) -> str:
-    """sha256 of the embedding's and the bottom layers' tensors (names, dtypes, shapes, bytes)
-    as the model holds them: equal for every model whose bottom is bitwise the same."""
+def _hash_tensor(h, name: str, t: torch.Tensor) -> None:
+    t = t.detach().to("cpu").contiguous()
+    h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+    h.update(t.view(-1).view(torch.uint8).numpy())
+
+
+def bottom_weights_hash(
+    model: nn.Module, n_bottom: int, token_ids: Sequence[int] | None = None
+) -> str:
+    """sha256 of the bottom layers' tensors and the embedding's (names, dtypes, shapes, bytes)
+    as the model holds them: equal for every model whose bottom is bitwise the same. With
+    `token_ids`, only those rows of the embedding (all the bottom states of sequences made of
+    them depend on; hashing 151,936 rows would cost as much as evaluating a few hundred
+    questions with the top layers of a reduced model)."""
     dec = decoder(model)
-    parts = [("embed_tokens", dec.embed_tokens)]
-    parts += [(f"layers.{i}", dec.layers[i]) for i in range(n_bottom)]
     h = hashlib.sha256()
-    for prefix, module in parts:
-        for name, t in sorted(module.state_dict().items()):
-            t = t.detach().to("cpu").contiguous()
-            h.update(f"{prefix}.{name} {t.dtype} {tuple(t.shape)}\n".encode())
-            h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    embedding = dec.embed_tokens.weight
+    if token_ids is not None:
+        rows = torch.tensor(sorted(set(token_ids)), dtype=torch.long)
+        _hash_tensor(h, "embed_tokens.rows", rows)
+        embedding = embedding[rows.to(embedding.device)]
+    _hash_tensor(h, "embed_tokens.weight", embedding)
+    for i in range(n_bottom):
+        for name, t in sorted(dec.layers[i].state_dict().items()):
+            _hash_tensor(h, f"layers.{i}.{name}", t)
     return h.hexdigest()
 
 
@@ -235,14 +248,15 @@ def _bottom_config(model: nn.Module, n_bottom: int) -> dict:
 def cache_key(
     model: nn.Module, seqs: Sequence[Sequence[int]], n_bottom: int, autocast: bool
 ) -> dict:
-    """What the bottom states of `seqs` depend on: the bottom weights (content hash), the
-    precision (weight dtype and autocast), the device type, the split (N, N - L), the bottom's
+    """What the bottom states of `seqs` depend on: the bottom weights (content hash of the
+    bottom layers and of the embedding rows of the tokens in `seqs`), the precision (weight dtype and autocast), the device type, the split (N, N - L), the bottom's
     config, the token ids and this module's code. Not the top layers or adapters."""
     from first_lib import pipeline
 
     dec = decoder(model)
+    used = {int(t) for seq in seqs for t in seq}
     return {
-        "weights": bottom_weights_hash(model, n_bottom),
+        "weights": bottom_weights_hash(model, n_bottom, used),
         "dtype": str(dec.embed_tokens.weight.dtype),
         "autocast_bf16": bool(autocast),
         "device": dec.embed_tokens.weight.device.type,

@@ -201,7 +201,10 @@ def test_cache_key_covers_bottom_precision_split_and_tokens():
     assert _key(model, seqs) != base
     with torch.no_grad():
         model.model.layers[1].self_attn.q_proj.weight[0, 0] -= 1e-3
-        model.model.embed_tokens.weight[5, 0] += 1e-3  # the embedding
+        model.model.embed_tokens.weight[63, 0] += 1e-3  # the row of a token no sequence uses
+    assert _key(model, seqs) == base
+    with torch.no_grad():
+        model.model.embed_tokens.weight[seqs[0][0], 0] += 1e-3  # a row in use
     assert _key(model, seqs) != base
 
 
