@@ -794,8 +794,9 @@ def extract_topk(
             if not path.exists():
                 todo.append(i)
         if todo:
-            run = (progress, on_shard_written, prefix_cache)
-            _extract_shards(model, examples, out, cfg, data, todo, *run)
+            _extract_shards(
+                model, examples, out, cfg, data, todo, progress, on_shard_written, prefix_cache
+            )
     if num_processes == 1:
         finalize_store(out)
     return out
