@@ -290,3 +290,32 @@ def test_extraction_from_cached_states_matches_plain_extraction(tmp_path):
         np.testing.assert_array_equal(ids_a, ids_b)
         np.testing.assert_allclose(p_a, p_b, atol=1e-3)
     assert len(list((tmp_path / "prefix").glob("*/meta.json"))) == 1
+
+
+@pytest.mark.slow
+def test_two_processes_with_reuse_match_one(tmp_path):
+    """accelerate with 2 CPU processes (gloo) and LoRA on the top layers: the forward goes
+    through the DDP-wrapped module with cached bottom states; the metrics match 1 process's.
+    About 30 s on two cores."""
+    import os
+
+    from tests.conftest import isolated_home
+    from tests.test_pipeline import _first_run
+
+    sets = {"teacher_train.lora_r": 4, "teacher_train.lora_layers": 2, "n_train": 32}
+    sets.update({"student_train.lora_r": 4, "student_train.lora_layers": 1, "n_test": 16})
+    extra = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
+    results = {}
+    for n, launcher in ((1, ()), (2, ("torch.distributed.run", "--nproc_per_node", "2"))):
+        (tmp_path / f"p{n}").mkdir()
+        home = isolated_home(tmp_path / f"p{n}")
+        env = {**os.environ, "FIRST_HOME": str(home), "FIRST_PRECISION": "fp32"}
+        per_process = [] if n == 1 else ["--set", "teacher_train.batch_size=4"]
+        per_process += [] if n == 1 else ["--set", "student_train.batch_size=4"]
+        _first_run(tmp_path / f"out{n}", env, launcher, *extra, *per_process)
+        results[n] = json.loads((tmp_path / f"out{n}" / "results.json").read_text())
+        assert len(list((home / "prefix").glob("*/meta.json"))) >= 4
+    for variant in results[1]["variants"]:
+        for key in ("ece", "acc"):
+            one, two = results[1]["variants"][variant][key], results[2]["variants"][variant][key]
+            assert two == pytest.approx(one, abs=0.02), (variant, key)
