@@ -128,11 +128,12 @@ def top_hidden(
 
 
 def pad_states(
-    states: Sequence[torch.Tensor], left: bool = False, length: int | None = None
+    states: Sequence[torch.Tensor], left: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example states [n_i, H] -> padded [B, T, H] (zeros at padding) and the attention
-    mask [B, T] (int64), padded on the right (training) or on the left (evaluation)."""
-    T = length or max(len(s) for s in states)
+    """Per-example states [n_i, H] -> padded [B, T, H] (zeros at padding; T the longest) and
+    the attention mask [B, T] (int64), padded on the right (training) or on the left
+    (evaluation)."""
+    T = max(len(s) for s in states)
     first = states[0]
     out = first.new_zeros((len(states), T, first.shape[-1]))
     mask = torch.zeros((len(states), T), dtype=torch.long, device=first.device)
