@@ -146,7 +146,7 @@ class BenchConfig:
     )
     prefix_seq_len: int = field(default=96, metadata={"help": "tokens per prefix-reuse example"})
     prefix_examples: int = field(
-        default=16, metadata={"help": "examples (training) and prompts (evaluation)"}
+        default=64, metadata={"help": "examples (training) and prompts (evaluation)"}
     )
     prefix_steps: int = field(default=3, metadata={"help": "optimizer steps per training run"})
     batch_size: int = field(default=4, metadata={"help": "examples per training step"})
@@ -1321,6 +1321,7 @@ def _cmd_bench(args) -> int:
             "coef_positions",
             "profile",
             "precision",
+            "prefix_model",
         )
         if getattr(args, k) is not None
     }
@@ -1383,6 +1384,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--online", help="comma list of auto,trl,equivalent,lean")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--profile", help="book profile whose chapter timings to include")
+    p.add_argument(
+        "--prefix-model",
+        help="24-layer config of the prefix-reuse measurement (default: prefix-student; "
+        f"{_QWEN_05} for the real width)",
+    )
     device_mod.add_precision_argument(p)
     p.set_defaults(func=_cmd_bench)
 
