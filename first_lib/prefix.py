@@ -61,8 +61,10 @@ def decoder(model: nn.Module) -> nn.Module:
 def n_frozen(model: nn.Module, top_layers: int) -> int:
     """How many bottom layers to cache when only the top `top_layers` change: N - L for
     0 < L < N; 0 (the ordinary path) when L is 0 (all layers) or >= N."""
+    if top_layers <= 0:
+        return 0
     n = causal_lm(model).config.num_hidden_layers
-    return n - top_layers if 0 < top_layers < n else 0
+    return n - top_layers if top_layers < n else 0
 
 
 # ----------------------------------------------------------------------------- running layers
