@@ -85,21 +85,19 @@ def missing_work(profile: str, setting: str, **overrides) -> list[str]:
     from first_lib.profiles import for_setting, get_profile
 
     prof = for_setting(get_profile(profile, **overrides), setting)
-    precision = pipeline.run_precision(prof)
-    steps = pipeline.plan(prof, setting, precision)
-    dirs = {s["stage"]: pipeline.artefact_dir(s["stage"], s["key"]) for s in steps}
-    todo = [s["stage"] for s in steps if not pipeline.is_done(dirs[s["stage"]], s["key"])]
-    models = {"teacher": dirs["teacher"], "finetune": dirs["finetune"]}
-    models.update({v: dirs[f"distill-{t}"] for v, t in pipeline.TRANSFORM_OF.items()})
-    if prof.baselines and not prof.teacher.startswith("tiny:"):
-        models.update(teacher_base=prof.teacher, student_base=prof.student)
-    for test in pipeline.test_tasks(setting):
-        for name, model in models.items():
-            top = pipeline.prefix_top_layers(prof, name)
-            key = pipeline.eval_key(prof, test, model, precision, top)
-            if not pipeline.is_done(pipeline.artefact_dir("evaluate", key), key):
-                todo.append(f"evaluate {name} on {test}")
-    return todo
+    return pipeline.missing(prof, setting)
+
+
+def compute_time(profile: str, setting: str, **overrides) -> str:
+    """How long the missing work of a run would take here, as a phrase."""
+    from first_lib import clock
+    from first_lib.profiles import for_setting, get_profile
+
+    prof = for_setting(get_profile(profile, **overrides), setting)
+    rows = clock.estimate(prof, setting)
+    if not rows:
+        return "on a CPU that is minutes to hours of training"
+    return f"about {clock.total_minutes(rows):.0f} min of compute on this machine"
 
 
 def run_setting(
@@ -127,8 +125,8 @@ def run_setting(
             more = f" and {len(todo) - 6} more" if len(todo) > 6 else ""
             raise FirstError(
                 f"profile {profile}, setting {setting}: {len(todo)} artefacts are not computed "
-                f"yet ({', '.join(todo[:6])}{more}); on a CPU that is minutes to hours of "
-                f"training. Run `first run --profile {profile} --setting {setting} --dry-run` to "
+                f"yet ({', '.join(todo[:6])}{more}); {compute_time(profile, setting, **overrides)}"
+                f". Run `first run --profile {profile} --setting {setting} --dry-run` to "
                 f"see the plan and `first run ...` to compute it, or let the chapter compute it "
                 f"({ALLOW_COMPUTE}=1, or papermill -p allow_compute True)"
             )
@@ -171,6 +169,53 @@ def stage_seconds(results: Mapping[str, Any]) -> dict[str, float | None]:
         walls = [wall(Path(path).parent) for path in block["records"].values()]
         out[f"evaluation on {test}"] = sum(w or 0.0 for w in walls)
     return out
+
+
+# stage of the plan -> its key in results["artefacts"]
+_ARTEFACT_OF = {
+    "teacher": "teacher",
+    "extract": "store",
+    "finetune": "finetune",
+    "distill-none": "distill",
+    "distill-ls": "distill_ls",
+    "distill-ts": "first_ts",
+}
+
+
+def stage_folder(results: Mapping[str, Any], stage: str) -> Path | None:
+    """The artefact folder of a stage of the clock (`teacher`, `distill-ts`, `evaluate first_ts
+    on csqa`, ...) in a run's results, or None (calibration keeps no folder in the results)."""
+    if stage in _ARTEFACT_OF:
+        return Path(results["artefacts"][_ARTEFACT_OF[stage]])
+    if stage.startswith("evaluate "):
+        _, model, _, test = stage.split(" ")
+        records = results["by_test"].get(test, {}).get("records", {})
+        return Path(records[model]).parent if model in records else None
+    return None
+
+
+def stage_costs(results: Mapping[str, Any]) -> list[dict]:
+    """Per stage of a run: the time estimated before it ran (`clock.json`), the time it took
+    (`wall_seconds` in its meta.json), and its utilisation (`perf.mfu`, `perf.pad_fraction`)
+    where the stage recorded them."""
+    from first_lib.pipeline import is_done, read_meta
+
+    rows = []
+    for stage, est in (results.get("clock") or {}).items():
+        folder = stage_folder(results, stage)
+        meta = read_meta(folder) if folder is not None and is_done(folder) else {}
+        perf = meta.get("perf") or {}
+        rows.append(
+            {
+                "stage": stage,
+                "estimate_s": est["seconds"],
+                "estimated": est.get("made", "before"),
+                "actual_s": meta.get("wall_seconds"),
+                "mfu": perf.get("mfu"),
+                "pad_fraction": perf.get("pad_fraction"),
+            }
+        )
+    return rows
 
 
 def load_records(path: str | os.PathLike) -> list[dict]:

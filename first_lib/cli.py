@@ -10,30 +10,51 @@ import argparse
 import importlib
 import sys
 
-# Modules that contribute sub-commands, imported lazily so `first --help` stays fast.
-_MODULES = (
-    "first_lib.assets",
-    "first_lib.models",  # after assets: it adds `assets peek`
-    "first_lib.tasks",
-    "first_lib.pipeline",
-    "first_lib.bench",
-    "first_lib.device",
-)
+# Each command, the modules that define it (imported only when that command runs, so `first
+# --help` answers without importing torch) and its one-line help. `models` adds `assets peek`.
+# tests/test_cli.py checks that this table says what the modules' own parsers say.
+COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "assets": (
+        ("first_lib.assets", "first_lib.models"),
+        "offline models and data from PyPI wheels",
+    ),
+    "data": (("first_lib.tasks",), "benchmark data: sizes and rendered prompts"),
+    "run": (("first_lib.pipeline",), "run every missing stage and write DIR/results.json"),
+    "clean": (
+        ("first_lib.pipeline",),
+        "list (or with --yes delete) artefacts that no built-in profile of this version uses",
+    ),
+    **{
+        stage: (("first_lib.pipeline",), f"run the pipeline up to the {stage} stage (cached)")
+        for stage in ("teacher", "extract", "calibrate", "finetune", "distill")
+    },
+    "bench": (
+        ("first_lib.bench",),
+        "measure cost against the targets (KD vs CE, extraction, disk, online KD, search)",
+    ),
+    "info": (
+        ("first_lib.device",),
+        "this machine: CPU features or GPU, the precision auto picks, versions",
+    ),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, everything: bool = False) -> argparse.ArgumentParser:
+    """The parser, with the full sub-parser of `command` (or of every command when
+    `everything`); the others are listed by name and help only."""
     parser = argparse.ArgumentParser(
         prog="first", description="FIRST: efficient trustworthy distillation, reproduced."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:  # a module not written yet
-            if err.name == name:
-                continue
-            raise
-        module.add_cli(sub)
+    wanted = set(COMMANDS) if everything else {command} & set(COMMANDS)
+    modules = dict.fromkeys(m for c in COMMANDS if c in wanted for m in COMMANDS[c][0])
+    for name in modules:
+        importlib.import_module(name).add_cli(sub)
+    for name, (_, help_text) in COMMANDS.items():
+        if name not in sub.choices:
+            sub.add_parser(name, help=help_text, add_help=False)
+    # list the commands in the table's order, whichever were built first
+    sub._choices_actions.sort(key=lambda a: list(COMMANDS).index(a.dest))
     return parser
 
 
@@ -44,7 +65,9 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -730,6 +730,38 @@ def plan(prof: Profile, setting: str, precision: str | None = None) -> list[dict
     return steps
 
 
+def evaluations(prof: Profile, setting: str, precision: str) -> list[tuple[str, str, dict]]:
+    """(model name, test, key) of every evaluation of a run: the five variants and, with
+    baselines, the untuned teacher and student (computable before the tiny models exist only for
+    real sources)."""
+    steps = {s["stage"]: s for s in plan(prof, setting, precision)}
+    dirs = {name: artefact_dir(name, s["key"]) for name, s in steps.items()}
+    models = {"teacher": dirs["teacher"], "finetune": dirs["finetune"]}
+    models.update({v: dirs[f"distill-{t}"] for v, t in TRANSFORM_OF.items()})
+    if prof.baselines and not prof.teacher.startswith("tiny:"):
+        models.update(teacher_base=prof.teacher, student_base=prof.student)
+    return [
+        (name, test, eval_key(prof, test, model, precision, prefix_top_layers(prof, name)))
+        for test in test_tasks(setting)
+        for name, model in models.items()
+    ]
+
+
+def missing(prof: Profile, setting: str, precision: str | None = None) -> list[str]:
+    """What a run would still compute: stage names, and `evaluate <model> on <test>`, from the
+    keys alone (nothing is loaded)."""
+    precision = precision or run_precision(prof)
+    todo = [
+        s["stage"]
+        for s in plan(prof, setting, precision)
+        if not is_done(artefact_dir(s["stage"], s["key"]), s["key"])
+    ]
+    for name, test, key in evaluations(prof, setting, precision):
+        if not is_done(artefact_dir("evaluate", key), key):
+            todo.append(f"evaluate {name} on {test}")
+    return todo
+
+
 def estimate_memory_gb(params_b: float, train: dict | None, precision: str = "bf16") -> float:
     """Rough peak memory of a stage: weights at the run's precision (2 bytes at bf16, 4 at fp32)
     for inference and LoRA; fp32 weights, grads and AdamW moments (16 bytes a parameter) for full
@@ -764,17 +796,33 @@ def describe_plan(prof: Profile, setting: str) -> str:
         f"test {prof.n_test or 'all'} on {', '.join(test_tasks(setting))}",
         f"artefacts under {first_home() / 'runs'}",
     ]
+    from first_lib import clock
+
+    est = {r["stage"]: r for r in clock.estimate(prof, setting, precision)}
     lines.append(
-        f"{'stage':<16} {'status':<8} {'est. memory':>11}  artefact   (memory: total, before sharding)"
+        f"{'stage':<34} {'status':<8} {'memory':>8} {'time':>9}  artefact  (memory: total, "
+        "before sharding; time: estimated for this machine)"
     )
+
+    def minutes(stage: str) -> str:
+        return f"{est[stage]['seconds'] / 60:6.1f} min" if stage in est else "        ?"
+
     for step in plan(prof, setting, precision):
         path = artefact_dir(step["stage"], step["key"])
         problem = _meta_problem(path, step["key"])
         status = "done" if problem is None else "missing" if problem == "missing" else "corrupt"
         mem = estimate_memory_gb(step["params_b"], step.get("train"), precision)
-        lines.append(f"{step['stage']:<16} {status:<8} {mem:>8.1f} GB  {path.name}")
-    base = " (+ the untuned teacher and student)" if prof.baselines else ""
-    lines.append(f"evaluate: {', '.join(VARIANTS)} on {', '.join(test_tasks(setting))}{base}")
+        lines.append(
+            f"{step['stage']:<34} {status:<8} {mem:>5.1f} GB {minutes(step['stage'])}  {path.name}"
+        )
+    for stage, row in est.items():
+        if stage.startswith("evaluate"):
+            status = "done" if row["done"] else "missing"
+            lines.append(f"{stage:<34} {status:<8} {'':>8} {minutes(stage)}")
+    if not est:
+        base = " (+ the untuned teacher and student)" if prof.baselines else ""
+        lines.append(f"evaluate: {', '.join(VARIANTS)} on {', '.join(test_tasks(setting))}{base}")
+    lines.append(clock.describe(list(est.values())))
     return "\n".join(lines)
 
 
@@ -959,6 +1007,9 @@ def _run(prof: Profile, setting: str, out: Path | None, until: str | None, log) 
         return result
 
     data = timed("data", load_questions, prof, setting)
+    clock_record = (
+        _start_clock(prof, setting, precision, data, out, log) if acc.is_main_process else {}
+    )
 
     def stages() -> dict:
         tiny_dir = None
@@ -1110,6 +1161,7 @@ def _run(prof: Profile, setting: str, out: Path | None, until: str | None, log) 
             "baselines": results_by_test[first_test]["baselines"],
             "by_test": results_by_test,
             "artefacts": {k: str(v) for k, v in {**model_dirs, "store": store}.items()},
+            "clock": clock_record,
         }
         if out is not None and acc.is_main_process:
             folder = Path(out)
@@ -1131,6 +1183,27 @@ def _run(prof: Profile, setting: str, out: Path | None, until: str | None, log) 
             if attempt >= len(steps) + 1:  # recomputed artefacts keep failing their checks
                 raise
     raise AssertionError("unreachable")
+
+
+def _start_clock(prof: Profile, setting: str, precision: str, data: dict, out, log) -> dict:
+    """Estimate every stage before any runs, say the total, and keep the estimates of the stages
+    this run computes in `out/clock.json` (earlier runs' estimates of finished stages stay), so
+    the book can set estimate against actual."""
+    from first_lib import clock
+
+    rows = clock.estimate(prof, setting, precision, data=data)
+    log(clock.describe(rows))
+    if out is None:
+        return {r["stage"]: {"seconds": r["seconds"], "basis": r["basis"]} for r in rows}
+    path = Path(out) / "clock.json"
+    previous = None
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except ValueError:
+            previous = None  # a damaged record of estimates is not worth stopping a run for
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return clock.write_clock(path, rows, previous)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -28,7 +28,7 @@ class Profile:
     teacher_train: TrainConfig
     student_train: TrainConfig
     k: int = 5
-    style: str = "auto"  # prompt style: plain | chat | auto
+    style: str = "auto"  # prompt style: plain | chat | chat-nosys | auto
     max_length: int = 512
     extract_batch: int = 8
     eval_batch: int = 8
@@ -82,7 +82,10 @@ PROFILES: dict[str, Profile] = {
         student_train=TrainConfig(
             lr=3e-4, epochs=2, batch_size=8, lora_r=16, lora_layers=8, save_every=5
         ),
-        style="chat",
+        # An empty system turn instead of Qwen2.5's default one: 16 fewer tokens a prompt (21% of
+        # a CSQA prompt, 9% of a BoolQ one) and no detectable change in accuracy or ECE on 300
+        # validation questions (scripts/probe_system_prompt.py, issue 17's note).
+        style="chat-nosys",
         max_length=384,
         note="Real Qwen2.5-Coder 1.5B -> 0.5B on task subsets; LoRA on the top 8 layers; "
         "sized for a 2-core CPU.",
@@ -102,7 +105,7 @@ PROFILES: dict[str, Profile] = {
         n_test=None,
         teacher_train=TrainConfig(**_PAPER_TRAIN),
         student_train=TrainConfig(**_PAPER_TRAIN),
-        style="chat",
+        style="chat-nosys",
         max_length=1024,
         extract_batch=32,
         eval_batch=32,
@@ -169,7 +172,8 @@ def _coerce(key: str, value, annotation: str):
     return value
 
 
-STYLES = ("plain", "chat", "auto")  # the prompt styles of first_lib.tasks (not imported here)
+# the prompt styles of first_lib.tasks (not imported here)
+STYLES = ("plain", "chat", "chat-nosys", "auto")
 
 
 def check_profile(prof: Profile) -> Profile:

@@ -373,6 +373,22 @@ def record_timing(results_dir: Path, chapter: str, seconds: float, forced: bool)
 # ----------------------------------------------------------------------------- main
 
 
+def print_estimate(profile: str, precision: str) -> None:
+    """Say before anything runs how long the book's missing runs will take on this machine."""
+    from first_lib import clock
+
+    minutes, per = clock.book_estimate(profile, precision)
+    if not per:
+        print("[book] compute time not estimated yet (the data wheel is not cached)", flush=True)
+        return
+    parts = ", ".join(f"{s} {m:.1f}" for s, m in per.items())
+    print(
+        f"[book] runs still to compute: about {minutes:.1f} min on this machine at {precision} "
+        f"({parts} min), plus executing the chapters",
+        flush=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="cpu", choices=PROFILES)
@@ -413,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown chapters: {', '.join(sorted(unknown))}")
 
+    print_estimate(profile, precision)
     t_all = time.perf_counter()
     report, failures, executed = [], [], {}
     for rel in notebooks:

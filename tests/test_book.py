@@ -490,3 +490,15 @@ def test_chapter_without_its_runs_does_not_compute_by_surprise(tmp_path, monkeyp
         book.run_setting("cpu", "csqa", tmp_path / "out")
     assert "FIRST_ALLOW_COMPUTE=1" in str(e.value) and "--dry-run" in str(e.value)
     assert not (tmp_path / "empty-home" / "runs").exists()  # nothing was started
+
+
+def test_chapter_without_its_runs_says_how_long_they_would_take(tmp_path, monkeypatch):
+    """With the data at hand the refusal prices the missing work for this machine."""
+    from first_lib import flops
+    from tests.conftest import isolated_home
+
+    monkeypatch.setenv("FIRST_HOME", str(isolated_home(tmp_path)))
+    monkeypatch.delenv(book.ALLOW_COMPUTE, raising=False)
+    monkeypatch.setattr(flops, "measure_peak_gflops", lambda p, d="cpu", seconds=0.5: 1000.0)
+    with pytest.raises(FirstError, match=r"about \d+ min of compute on this machine"):
+        book.run_setting("cpu", "csqa", tmp_path / "out")

@@ -72,6 +72,10 @@ def test_tiny_run_is_cached(tiny_run):
     assert "training" not in proc.stderr and "extract:" not in proc.stderr  # all cached
     a = json.loads((tiny_run["out"] / "results.json").read_text())
     b = json.loads((tiny_run["out"] / "again" / "results.json").read_text())
+    # the clock differs: the first run estimated its stages before computing them, the second
+    # found them done
+    assert {s["made"] for s in a.pop("clock").values()} == {"before"}
+    assert {s["made"] for s in b.pop("clock").values()} <= {"after", "before"}
     assert a == b
     assert time.perf_counter() - t0 < tiny_run["wall"]
 

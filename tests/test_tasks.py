@@ -356,6 +356,27 @@ def test_chat_style_puts_the_cue_after_the_assistant_turn_starts():
         resolve_style(char_tokenizer(chat=False), "chat")
 
 
+QWEN_LIKE_TEMPLATE = (  # a default system turn unless the messages bring their own, as Qwen2.5
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
+    "<|im_end|>\n{% endif %}" + CHAT_TEMPLATE
+)
+
+
+def test_chat_nosys_replaces_the_default_system_turn_with_an_empty_one():
+    tok = char_tokenizer()
+    tok.chat_template = QWEN_LIKE_TEMPLATE
+    with_default = render_prompt(CSQA_Q, tok, "chat")
+    bare = render_prompt(CSQA_Q, tok, "chat-nosys")
+    assert "You are a helpful assistant." in with_default
+    assert bare.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\nQ: Where")
+    assert bare.endswith(with_default.split("<|im_start|>user")[1])  # same user and cue
+    ex = tokenize_mc(tok, [CSQA_Q], "chat-nosys")[0]
+    assert len(ex["input_ids"]) < len(tokenize_mc(tok, [CSQA_Q], "chat")[0]["input_ids"])
+    assert resolve_style(tok, "chat-nosys") == "chat-nosys"
+    with pytest.raises(FirstError, match="chat template"):
+        resolve_style(char_tokenizer(chat=False), "chat-nosys")
+
+
 def test_candidate_token_ids_single_tokens():
     tok = char_tokenizer()
     ids = candidate_token_ids(tok, CSQA_Q, "plain")

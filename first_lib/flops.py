@@ -1,0 +1,242 @@
+"""How much arithmetic a stage does, and how fast this machine can do it.
+
+Three things, torch-free except where a peak is measured:
+
+- `Shape`: the few numbers of a decoder-only transformer that its cost depends on, read from a
+  `transformers` config, a shipped config (`first_lib/configs/<asset>.json`) or a tiny profile
+  size, without loading any weights (so `--dry-run` can price a run on a fresh machine).
+- FLOP counts per stage: `forward_flops` (extraction, evaluation) and `train_flops`. These are
+  *model* FLOPs in the PaLM convention (Chowdhery et al., 2022, app. B): 2 per multiply-add
+  of every weight matrix a token passes through, plus the attention scores and mixing, not
+  counting recomputation or padding. Padding tokens are computed but are not useful work, so
+  they count in `pad_fraction`, never in the FLOPs.
+- `peak_gflops`: the machine's measured dense-matmul rate at a precision (a square matmul timed
+  for about a second, at the threads torch uses), cached per machine in
+  `$FIRST_HOME/machine/`. `mfu` = achieved model FLOPs per second / that peak.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from first_lib import fsio
+from first_lib.errors import FirstError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A decoder-only transformer's cost-relevant sizes."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def layer_params(self) -> int:
+        """Weights of one decoder layer's matrices: q, o (h x h), k, v (h x kv*hd), gate/up/down."""
+        kv = self.kv_heads * self.head_dim
+        return (
+            2 * self.hidden * self.hidden
+            + 2 * self.hidden * kv
+            + 3 * self.hidden * self.intermediate
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def shape_of_config(cfg) -> Shape:
+    """From a `transformers` config object or a config.json dict."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+    heads = get("num_attention_heads")
+    return Shape(
+        layers=int(get("num_hidden_layers")),
+        hidden=int(get("hidden_size")),
+        intermediate=int(get("intermediate_size")),
+        heads=int(heads),
+        kv_heads=int(get("num_key_value_heads") or heads),
+        vocab=int(get("vocab_size")),
+    )
+
+
+def shape_of(source: str) -> Shape | None:
+    """The shape of a profile's model source without loading it: a shipped config for the asset
+    names, the tiny sizes for ``tiny:*``, a local folder's config.json; None when unknown (a hub
+    id on a machine without it)."""
+    if source.startswith("tiny:"):
+        from first_lib.models import _TINY_SIZES
+
+        hidden, inter, layers, heads, kv = _TINY_SIZES[source.split(":", 1)[1]]
+        return Shape(layers, hidden, inter, heads, kv, vocab=TINY_VOCAB)
+    for path in (CONFIG_DIR / f"{source}.json", Path(source).expanduser() / "config.json"):
+        if path.is_file():
+            return shape_of_config(json.loads(path.read_text()))
+    return None
+
+
+TINY_VOCAB = 1024  # the tiny profile's tokenizer size, order of magnitude (its cost is tiny)
+
+
+# ----------------------------------------------------------------------------- FLOP counts
+
+
+def forward_flops(shape: Shape, tokens: int, seq_len: float, head_rows: int, layers=None) -> float:
+    """Model FLOPs of a forward pass over `tokens` real tokens in sequences of mean length
+    `seq_len`, through `layers` decoder layers (default all), with the LM head computed at
+    `head_rows` positions (1 per sequence for multiple choice, every stored position in
+    extraction)."""
+    n = shape.layers if layers is None else layers
+    # Attention: q.k scores and the weighted sum of v, each 2 * seq_len * hidden per token and
+    # layer (the PaLM count, which does not halve for the causal mask).
+    per_token = n * (2 * shape.layer_params + 4 * seq_len * shape.hidden)
+    return tokens * per_token + head_rows * 2 * shape.hidden * shape.vocab
+
+
+def train_flops(
+    shape: Shape,
+    tokens: int,
+    seq_len: float,
+    head_rows: int,
+    trained_layers: int,
+    lora: bool,
+    forward_layers=None,
+) -> float:
+    """Model FLOPs of training steps over `tokens` tokens: the forward (through `forward_layers`,
+    default all; fewer when the frozen bottom's states are cached), then the backward through the
+    top `trained_layers` and the LM head. The backward computes the gradient with respect to each
+    layer's input (1x the forward) and, for weights that train, with respect to them (another
+    1x); LoRA's weights are frozen, so its backward is ~1x (the adapters' own products are a
+    rank-r sliver and are not counted)."""
+    fwd_layers = shape.layers if forward_layers is None else forward_layers
+    fwd = forward_flops(shape, tokens, seq_len, head_rows, layers=fwd_layers)
+    top = forward_flops(shape, tokens, seq_len, head_rows, layers=trained_layers)
+    return fwd + top * (1 if lora else 2)
+
+
+def pad_fraction(real_tokens: int, computed_tokens: int) -> float:
+    """Share of the computed positions that were padding."""
+    return 0.0 if computed_tokens <= 0 else 1.0 - real_tokens / computed_tokens
+
+
+# ----------------------------------------------------------------------------- the peak
+
+
+def _fingerprint(precision: str, device: str, threads: int) -> dict:
+    import torch
+
+    from first_lib import device as device_mod
+
+    if device == "cuda":
+        hw = torch.cuda.get_device_name(0)
+    else:
+        hw = device_mod.cpu_model() or platform.processor()
+    return {
+        "hardware": hw,
+        "device": device,
+        "precision": precision,
+        "threads": threads,
+        "torch": torch.__version__,
+        "isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+        + "/"
+        + os.environ.get("ATEN_CPU_CAPABILITY", ""),
+    }
+
+
+def measure_peak_gflops(precision: str, device: str = "cpu", seconds: float = 0.5) -> float:
+    """The best rate of a square matmul at `precision` on `device`, timed for ~`seconds`:
+    n = 1024 on CPU (large enough to be compute-bound on a few cores), 8192 on a GPU."""
+    import torch
+
+    from first_lib.device import torch_dtype
+
+    dtype = torch_dtype(precision)
+    n = 8192 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+
+    def once() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    once()  # warm-up: first call pays for kernel selection
+    best, spent = float("inf"), 0.0
+    while spent < seconds or best == float("inf"):
+        dt = once()
+        best, spent = min(best, dt), spent + dt
+    return 2 * n**3 / best / 1e9
+
+
+def peak_gflops(precision: str, device: str = "cpu", remeasure: bool = False) -> float:
+    """This machine's matmul peak at `precision`, measured once and cached under
+    `$FIRST_HOME/machine/` (keyed by hardware, precision, torch threads, torch version and any
+    ISA cap in the environment)."""
+    import torch
+
+    from first_lib.paths import first_home
+
+    if precision not in ("fp32", "bf16"):
+        raise FirstError(f"peak_gflops needs a resolved precision (fp32|bf16), got {precision!r}")
+    fp = _fingerprint(precision, device, torch.get_num_threads())
+    digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+    name = f"peak-{digest}.json"
+    path = first_home() / "machine" / name
+    if not remeasure and path.is_file():
+        try:
+            return float(json.loads(path.read_text())["gflops"])
+        except (ValueError, KeyError, OSError):
+            pass  # damaged: measure again
+    gflops = measure_peak_gflops(precision, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fsio.atomic_write_text(path, json.dumps({**fp, "gflops": gflops}, indent=1))
+    return gflops
+
+
+def perf_record(
+    flops: float,
+    seconds: float,
+    real_tokens: int,
+    computed_tokens: int,
+    precision: str,
+    device: str = "cpu",
+) -> dict:
+    """What a stage writes under `perf` in its meta.json: model FLOPs, their rate, the ratio to
+    the machine's peak at the stage's precision (`mfu`) and the padding share."""
+    peak = peak_gflops(precision, device)
+    rate = flops / seconds / 1e9 if seconds > 0 else 0.0
+    from first_lib import device as device_mod
+
+    return {
+        "hardware": device_mod.cpu_model()
+        if device == "cpu"
+        else _fingerprint(precision, device, 0)["hardware"],
+        "model_gflop": round(flops / 1e9, 3),
+        "seconds": round(seconds, 3),
+        "gflops": round(rate, 2),
+        "peak_gflops": round(peak, 1),
+        "mfu": round(rate / peak, 4) if peak > 0 else None,
+        "real_tokens": int(real_tokens),
+        "computed_tokens": int(computed_tokens),
+        "pad_fraction": round(pad_fraction(real_tokens, computed_tokens), 4),
+        "precision": precision,
+        "device": device,
+    }

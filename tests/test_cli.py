@@ -1,0 +1,44 @@
+"""The `first` command: help without torch, and a command table that matches the modules."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from first_lib import cli
+
+
+def test_help_answers_without_importing_torch():
+    code = (
+        "import sys, contextlib, io\n"
+        "from first_lib.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    try:\n"
+        "        main(['--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "assert 'run' in out.getvalue(), out.getvalue()\n"
+        "heavy = sorted({'torch', 'transformers', 'numpy'} & set(sys.modules))\n"
+        "print(','.join(heavy))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "", f"`first --help` imported {proc.stdout.strip()}"
+
+
+def _helps(parser) -> dict[str, str]:
+    action = parser._subparsers._group_actions[0]
+    return {a.dest: a.help for a in action._choices_actions}
+
+
+def test_command_table_matches_the_modules_parsers():
+    full = _helps(cli.build_parser(everything=True))
+    table = {name: help_text for name, (_, help_text) in cli.COMMANDS.items()}
+    assert full == table
+
+
+def test_each_command_builds_from_its_own_modules():
+    for name in cli.COMMANDS:
+        parser = cli.build_parser(name)
+        sub = parser._subparsers._group_actions[0].choices[name]
+        assert sub.add_help, f"{name}: the lazily listed stub was not replaced by the real parser"

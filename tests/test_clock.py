@@ -1,0 +1,87 @@
+"""The plan with a clock (first_lib/clock.py): estimated minutes per stage before a run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from first_lib import clock, flops, pipeline
+from first_lib.profiles import for_setting, get_profile
+from tests.conftest import isolated_home
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    home = isolated_home(tmp_path)
+    monkeypatch.setenv("FIRST_HOME", str(home))
+    monkeypatch.setattr(flops, "measure_peak_gflops", lambda p, d="cpu", seconds=0.5: 1000.0)
+    return home
+
+
+def _rows(profile="cpu", setting="csqa", **over):
+    prof = for_setting(get_profile(profile, precision="bf16", **over), setting)
+    return {r["stage"]: r for r in clock.estimate(prof, setting, "bf16")}
+
+
+def test_every_stage_and_evaluation_has_an_estimate(home):
+    rows = _rows()
+    stages = [s["stage"] for s in pipeline.plan(get_profile("cpu"), "csqa", "bf16")]
+    evals = [f"evaluate {n} on csqa" for n in (*pipeline.VARIANTS, "teacher_base", "student_base")]
+    assert set(rows) == set(stages) | set(evals)
+    assert all(not r["done"] for r in rows.values())
+    assert all(r["seconds"] > 0 for r in rows.values())
+    # the 1.5B teacher costs more per step than the 0.5B student on the same data
+    assert rows["teacher"]["gflop"] > 2 * rows["finetune"]["gflop"]
+    assert (
+        rows["evaluate teacher on csqa"]["gflop"] > 2 * rows["evaluate finetune on csqa"]["gflop"]
+    )
+
+
+def test_estimates_scale_with_the_work(home):
+    small, large = _rows(n_train=64), _rows(n_train=128)
+    ratio = large["finetune"]["gflop"] / small["finetune"]["gflop"]
+    assert 1.7 < ratio < 2.3  # twice the questions, about twice the FLOPs
+    assert (
+        large["evaluate finetune on csqa"]["gflop"] == small["evaluate finetune on csqa"]["gflop"]
+    )
+    deeper = _rows(**{"student_train.lora_layers": 24})
+    assert deeper["finetune"]["gflop"] > small["finetune"]["gflop"]
+
+
+def test_this_machines_records_replace_the_prior(home):
+    _, basis = clock.rate("train", "bf16")
+    assert "prior" in basis
+    folder = home / "runs" / "finetune-abc"
+    folder.mkdir(parents=True)
+    perf = {"mfu": 0.4, "precision": "bf16", "kind": "train"}
+    (folder / "meta.json").write_text(json.dumps({"perf": perf}))
+    gflops, basis = clock.rate("train", "bf16")
+    assert gflops == pytest.approx(400.0) and "median of 1" in basis
+    assert "prior" in clock.rate("train", "fp32")[1]  # another precision's record does not count
+
+
+def test_done_stages_cost_nothing_and_shared_artefacts_count_once(home):
+    rows = list(_rows().values())
+    assert clock.total_minutes(rows) == pytest.approx(sum(r["seconds"] for r in rows) / 60)
+    for r in rows:
+        r["done"] = True
+    assert clock.total_minutes(rows) == 0
+    total, per = clock.book_estimate("cpu", "bf16")
+    # the untuned pair's evaluations on CSQA are shared by the csqa and ood settings
+    assert total < sum(per.values()) + 1e-9 or total == pytest.approx(sum(per.values()))
+    assert set(per) == {"csqa", "boolq", "ood"}
+
+
+def test_dry_run_prints_minutes(home, capsys):
+    from first_lib.cli import main
+
+    assert main(["run", "--profile", "cpu", "--setting", "csqa", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "estimated time still to compute" in out and " min " in out
+
+
+def test_unknown_architecture_says_so(home):
+    prof = get_profile("paper")
+    assert clock.estimate(prof, "csqa", "bf16") == []
+    assert "not estimated" in clock.describe([])

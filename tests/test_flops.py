@@ -1,0 +1,88 @@
+"""The FLOP model and the machine's peak (first_lib/flops.py)."""
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from first_lib import flops
+from first_lib.models import make_tiny_model
+
+
+def _counted(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_shape_counts_every_weight_matrix_of_a_layer():
+    model = make_tiny_model(1024, "teacher")
+    shape = flops.shape_of_config(model.config)
+    layer = model.model.layers[0]
+    matrices = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    assert shape.layer_params == matrices
+    assert flops.shape_of("tiny:teacher") == shape
+
+
+def test_shipped_configs_give_the_real_sizes():
+    s = flops.shape_of("qwen2.5-coder-0.5b-instruct")
+    assert (s.layers, s.hidden, s.vocab) == (24, 896, 151936)
+    assert 350e6 < s.layers * s.layer_params < 370e6  # 494M minus the 136M embedding
+    assert flops.shape_of("no/such-model") is None
+
+
+def test_forward_flops_match_torch_flop_counter():
+    """torch counts every matmul (and the attention products) of a real forward; the model's
+    count must agree to within the non-matmul rounding."""
+    model = make_tiny_model(1024, "teacher").float()
+    model.config._attn_implementation = "eager"
+    B, T = 3, 40
+    ids = torch.randint(0, 1024, (B, T))
+    got = _counted(lambda: model(ids, logits_to_keep=1))
+    want = flops.forward_flops(flops.shape_of_config(model.config), B * T, T, head_rows=B)
+    assert abs(got - want) / want < 0.02, (got, want)
+
+
+def test_train_flops_match_torch_flop_counter_for_full_training():
+    model = make_tiny_model(1024, "student").float()
+    model.config._attn_implementation = "eager"
+    model.get_input_embeddings().weight.requires_grad_(False)
+    B, T = 2, 32
+    ids = torch.randint(0, 1024, (B, T))
+
+    def step():
+        model(ids).logits.sum().backward()
+
+    got = _counted(step)
+    shape = flops.shape_of_config(model.config)
+    want = flops.train_flops(
+        shape, B * T, T, head_rows=B * T, trained_layers=shape.layers, lora=False
+    )
+    # The first layer's input gradient is not needed (frozen embedding) but the count includes
+    # it: a small overestimate, bounded here.
+    assert 0.9 < want / got < 1.15, (got, want)
+
+
+def test_pad_fraction():
+    assert abs(flops.pad_fraction(90, 100) - 0.1) < 1e-12
+    assert flops.pad_fraction(0, 0) == 0.0
+
+
+def test_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("FIRST_HOME", str(tmp_path))
+    calls = []
+
+    def fake(precision, device="cpu", seconds=1.0):
+        calls.append(precision)
+        return 123.0
+
+    monkeypatch.setattr(flops, "measure_peak_gflops", fake)
+    assert flops.peak_gflops("fp32") == 123.0
+    assert flops.peak_gflops("fp32") == 123.0
+    assert calls == ["fp32"]
+    assert len(list((tmp_path / "machine").glob("peak-*.json"))) == 1
+    rec = flops.perf_record(246e9, 2.0, 90, 100, "fp32")
+    assert rec["mfu"] == 1.0 and abs(rec["pad_fraction"] - 0.1) < 1e-9
+
+
+def test_a_real_peak_is_positive_at_both_precisions():
+    for precision in ("fp32", "bf16"):
+        assert flops.measure_peak_gflops(precision, seconds=0.05) > 0
