@@ -211,9 +211,9 @@ def bottom_weights_hash(
 ) -> str:
     """sha256 of the bottom layers' tensors and the embedding's (names, dtypes, shapes, bytes)
     as the model holds them: equal for every model whose bottom is bitwise the same. With
-    `token_ids`, only those rows of the embedding (all the bottom states of sequences made of
-    them depend on; hashing 151,936 rows would cost as much as evaluating a few hundred
-    questions with the top layers of a reduced model)."""
+    `token_ids`, only those rows of the embedding: the bottom states of sequences made of these
+    tokens depend on no other row, and the full 151,936-row matrix would cost more to hash than
+    the bottom layers."""
     dec = decoder(model)
     h = hashlib.sha256()
     embedding = dec.embed_tokens.weight
@@ -252,8 +252,9 @@ def cache_key(
     model: nn.Module, seqs: Sequence[Sequence[int]], n_bottom: int, autocast: bool
 ) -> dict:
     """What the bottom states of `seqs` depend on: the bottom weights (content hash of the
-    bottom layers and of the embedding rows of the tokens in `seqs`), the precision (weight dtype and autocast), the device type, the split (N, N - L), the bottom's
-    config, the token ids and this module's code. Not the top layers or adapters."""
+    bottom layers and of the embedding rows of the tokens in `seqs`), the precision (weight
+    dtype and autocast), the device type, the split (N, N - L), the bottom's config, the token
+    ids and this module's code. Not the top layers, the LM head or any adapter."""
     from first_lib import pipeline
 
     dec = decoder(model)
