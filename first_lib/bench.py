@@ -30,6 +30,19 @@ other work slows every variant alike. What is measured, and through which code:
   online step we could write and is reported beside it. Target <= 0.5.
 - ``coefficient_search_seconds``: `first_lib.calibration.search_coefficient` (TS; LS as an
   extra key) on 10^6 stored positions x k = 5. Target < 1 s.
+- ``prefix_reuse_train_speedup`` and ``prefix_reuse_eval_speedup``: frozen-prefix reuse
+  (`first_lib.prefix`) against the plain path, at the `cpu` profile's student architecture
+  (Qwen2.5-Coder 0.5B: 24 layers, its vocabulary and head geometry) with a reduced width, LoRA
+  on the top L = 8 (the targets) and L = 12 (``..._L12``) of the 24 layers. Training: seconds
+  per optimizer step of `train.train` with and without reuse (same examples, same steps; the
+  loop's own clock, which starts after the bottom states are built). Evaluation:
+  `evaluate.batched_logprobs` over the same prompts, whole model against the top L layers from
+  a disk-cache entry that exists (what every variant after the first pays: the bottom-weights
+  hash, the entry's sha256 check, loading, the top layers). The one-off cost of building the
+  entry (bottom pass, hashing, writing) is reported separately, in seconds and in plain
+  steps (or plain evaluations) it costs: ``details.prefix_reuse``. Examples are MC-shaped
+  (about 96 tokens, a few answer targets), as in the book's runs. Targets >= 1.8 and >= 2 at
+  L = 8.
 - Per-chapter wall times of the book build, read from ``_build/results/<profile>/timings.json``
   when the build wrote one.
 
@@ -78,7 +91,10 @@ TARGETS: dict[str, tuple[str, float]] = {
     "store_bytes_per_token": ("<=", 22.0),
     "offline_over_online_step_time": ("<=", 0.5),
     "coefficient_search_seconds": ("<", 1.0),
+    "prefix_reuse_train_speedup": (">=", 1.8),
+    "prefix_reuse_eval_speedup": (">=", 2.0),
 }
+PREFIX_LAYERS = (8, 12)  # top layers adapted, of the 24 of the `cpu` profile's student
 
 # Small configs derived from the real ones: the real 151,936-token vocabulary (the LM head is
 # where top-k, CE and online KD differ), narrow and shallow bodies so a step takes a fraction of
@@ -107,6 +123,10 @@ DERIVED: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-teacher": _small(
         _QWEN_15, 1024, hidden_size=96, intermediate_size=192, num_hidden_layers=1
     ),
+    # Frozen-prefix reuse: the 0.5B student's 24 layers and vocabulary, 1/3.5 of its width
+    # (head size 64 and the MLP's 5.4x expansion kept).
+    "prefix-student": _small(_QWEN_05, hidden_size=256, intermediate_size=1408),
+    "tiny-prefix-student": _small(_QWEN_05, 1024, hidden_size=32, intermediate_size=64),
 }
 
 ONLINE_IMPLS = ("auto", "trl", "equivalent", "lean")
@@ -124,6 +144,14 @@ class BenchConfig:
     device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
     student: str = field(default="quick-student", metadata={"help": "config name or path"})
     teacher: str = field(default="quick-teacher", metadata={"help": "config name or path"})
+    prefix_model: str = field(
+        default="prefix-student", metadata={"help": "24-layer config for prefix reuse"}
+    )
+    prefix_seq_len: int = field(default=96, metadata={"help": "tokens per prefix-reuse example"})
+    prefix_examples: int = field(
+        default=64, metadata={"help": "examples (training) and prompts (evaluation)"}
+    )
+    prefix_steps: int = field(default=3, metadata={"help": "optimizer steps per training run"})
     batch_size: int = field(default=4, metadata={"help": "examples per training step"})
     seq_len: int = field(default=64, metadata={"help": "tokens per example"})
     target_frac: float = field(
@@ -193,6 +221,10 @@ def preset(name: str, device: str = "cpu", **overrides) -> BenchConfig:
         base = dict(
             student="tiny-student",
             teacher="tiny-teacher",
+            prefix_model="tiny-prefix-student",
+            prefix_seq_len=16,
+            prefix_examples=8,
+            prefix_steps=2,
             batch_size=2,
             seq_len=16,
             n_examples=4,
@@ -765,6 +797,129 @@ def measure_training(
     return out
 
 
+# ----------------------------------------------------------------------------- prefix reuse
+
+
+def _prefix_train_run(base, examples, cfg: BenchConfig, top: int, reuse: bool, cache: Path):
+    """(seconds per optimizer step, seconds building the bottom states) of one LoRA run of
+    `train.train` on a fresh copy of `base`; the bottom states go to an empty cache folder."""
+    from first_lib import train
+
+    tcfg = train.TrainConfig(
+        lr=1e-5,
+        epochs=1e6,  # max_steps decides
+        batch_size=cfg.batch_size,
+        warmup_ratio=0.0,
+        lora_r=16,
+        lora_layers=top,
+        seed=cfg.seed,
+        save_every=10**9,
+        max_steps=cfg.prefix_steps,
+    )
+    shutil.rmtree(cache, ignore_errors=True)
+    _, tlog = train.train(
+        copy.deepcopy(base),
+        examples,
+        tcfg,
+        pad_id=0,
+        accelerator=_accelerator(cfg),
+        progress=False,
+        prefix_reuse=reuse,
+        prefix_cache=cache,
+    )
+    return tlog["seconds"] / tlog["steps"], tlog["prefix"]["build_seconds"]
+
+
+def _prefix_eval_run(model, seqs, cfg: BenchConfig, top: int, cache: Path) -> float:
+    """Seconds of `evaluate.batched_logprobs` over `seqs` (every batch), from the top `top`
+    layers (0: the whole model) with bottom states cached under `cache`."""
+    import torch
+
+    from first_lib import evaluate
+
+    _sync(cfg.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for _ in evaluate.batched_logprobs(
+            model, seqs, 0, 8, cfg.precision == "bf16", top_layers=top, prefix_cache=cache
+        ):
+            pass
+    _sync(cfg.device)
+    return time.perf_counter() - t0
+
+
+def _prefix_run(what: str, base, examples, cfg: BenchConfig, top: int, cache: Path):
+    """One timed run of `what`: (seconds per step or per evaluation, one-off build seconds)."""
+    if what.startswith("train"):
+        return _prefix_train_run(base, examples, cfg, top, what == "train_cached", cache)
+    seqs = [ex["input_ids"] for ex in examples]
+    if what == "eval_plain":
+        return _prefix_eval_run(base, seqs, cfg, 0, cache), 0.0
+    shutil.rmtree(cache, ignore_errors=True)
+    first = _prefix_eval_run(base, seqs, cfg, top, cache)  # builds the entry
+    again = _prefix_eval_run(base, seqs, cfg, top, cache)  # as every later variant
+    return again, first - again
+
+
+def measure_prefix_reuse(
+    cfg: BenchConfig, work: Path, log: Callable[[str], None] = lambda s: None
+) -> dict[str, Any]:
+    """Frozen-prefix reuse against the plain path for each L in `PREFIX_LAYERS`, training and
+    evaluation, repetitions interleaved (the order rotates); see the module docstring."""
+    dtype, _ = _dtypes(cfg)
+    base = build_model(cfg.prefix_model, cfg.device, dtype, cfg.seed + 2).eval()
+    vocab = base.get_input_embeddings().num_embeddings
+    frac = 2.5 / cfg.prefix_seq_len  # a few answer targets per example, as in MC tuning
+    examples = make_examples(cfg.prefix_examples, cfg.prefix_seq_len, vocab, frac, cfg.seed)
+    out: dict[str, Any] = {
+        "model": cfg.prefix_model,
+        "layers": base.config.num_hidden_layers,
+        "hidden_size": base.config.hidden_size,
+        "examples": len(examples),
+        "seq_len": cfg.prefix_seq_len,
+        "train_steps": cfg.prefix_steps,
+        "batch_size": cfg.batch_size,
+    }
+    variants = ("train_plain", "train_cached", "eval_plain", "eval_cached")
+    for top in PREFIX_LAYERS:
+        runs: dict[str, list] = {v: [] for v in variants}
+        for r in range(cfg.warmup + cfg.reps):
+            shift = r % len(variants)
+            for v in variants[shift:] + variants[:shift]:
+                result = _prefix_run(v, base, examples, cfg, top, work / f"prefix-{top}")
+                if r >= cfg.warmup:
+                    runs[v].append(result)
+            log(f"prefix reuse L={top}: rep {r + 1}/{cfg.warmup + cfg.reps}")
+        out[f"L{top}"] = _prefix_summary(runs)
+    flat = {}
+    for top in PREFIX_LAYERS:
+        tail = "" if top == PREFIX_LAYERS[0] else f"_L{top}"
+        for what in ("train", "eval"):
+            flat[f"prefix_reuse_{what}_speedup{tail}"] = out[f"L{top}"][what]["speedup"]
+    return {**flat, "prefix_reuse": out}
+
+
+def _prefix_summary(runs: dict[str, list]) -> dict[str, Any]:
+    """Seconds per step (per evaluation) of both paths, their paired speedup, and the one-off
+    build cost in seconds and in plain steps (evaluations)."""
+
+    def summary(plain: list, cached: list) -> dict[str, float]:
+        return {
+            "speedup": _median([p[0] / c[0] for p, c in zip(plain, cached, strict=True)]),
+            "seconds_plain": _median([p[0] for p in plain]),
+            "seconds_cached": _median([c[0] for c in cached]),
+            "build_seconds": _median([c[1] for c in cached]),
+            "build_in_plain_runs": _median(
+                [c[1] / p[0] for p, c in zip(plain, cached, strict=True)]
+            ),
+        }
+
+    return {
+        "train": summary(runs["train_plain"], runs["train_cached"]),  # seconds per step
+        "eval": summary(runs["eval_plain"], runs["eval_cached"]),  # seconds per evaluation
+    }
+
+
 # ----------------------------------------------------------------------------- memory
 
 
@@ -1077,6 +1232,8 @@ def run_bench(
         details.update(measure_store_bytes(teacher, examples[: cfg.bytes_examples], cfg, work))
         log("training steps: CE, KD, online")
         details.update(measure_training(student, teacher, examples, store, cfg, work, log))
+        log("frozen-prefix reuse: training and evaluation, cached vs plain")
+        details.update(measure_prefix_reuse(cfg, work, log))
         del teacher, student
         if cfg.device == "cuda":
             torch.cuda.empty_cache()
@@ -1089,6 +1246,7 @@ def run_bench(
             tmp.cleanup()
 
     results: dict[str, Any] = {key: details.get(key) for key in TARGETS}
+    results.update({k: v for k, v in details.items() if k.startswith("prefix_reuse_")})
     results["targets"] = check_targets(results)
     results["online_impl"] = details.get("online_impl")
     results["matmul_peak_gflops"] = peaks
@@ -1147,6 +1305,15 @@ def format_table(results: dict[str, Any]) -> str:
         extra.append((f"matmul_peak_gflops[{p}]", gflops))
     for v, x in (d.get("train_mfu") or {}).items():
         extra.append((f"train_mfu[{v}]", x))
+    reuse = d.get("prefix_reuse") or {}
+    for top in PREFIX_LAYERS if reuse else ():
+        for what in ("train", "eval"):
+            r = reuse[f"L{top}"][what]
+            if top != PREFIX_LAYERS[0]:
+                extra.append((f"prefix_reuse_{what}_speedup_L{top}", r["speedup"]))
+            extra.append(
+                (f"prefix_reuse_{what}_build_in_plain_runs[L{top}]", r["build_in_plain_runs"])
+            )
     for impl, ratio in (d.get("offline_over_online_step_time_by_impl") or {}).items():
         extra.append((f"offline_over_online[{impl}]", ratio))
     for v, tps in (d.get("train_tokens_per_s") or {}).items():
@@ -1203,6 +1370,7 @@ def _cmd_bench(args) -> int:
             "coef_positions",
             "profile",
             "precision",
+            "prefix_model",
         )
         if getattr(args, k) is not None
     }
@@ -1265,6 +1433,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--online", help="comma list of auto,trl,equivalent,lean")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--profile", help="book profile whose chapter timings to include")
+    p.add_argument(
+        "--prefix-model",
+        help="24-layer config of the prefix-reuse measurement (default: prefix-student; "
+        f"{_QWEN_05} for the real width)",
+    )
     device_mod.add_precision_argument(p)
     p.set_defaults(func=_cmd_bench)
 

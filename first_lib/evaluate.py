@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from first_lib import fsio, metrics
+from first_lib import fsio, metrics, prefix
 from first_lib.errors import FirstError
 from first_lib.tasks import (
     STYLES,
@@ -67,6 +67,13 @@ class EvalConfig:
         default=None, metadata={"help": "cut longer prompts from the left (None: never)"}
     )
     autocast: bool = field(default=False, metadata={"help": "bf16 autocast (CPUs with AMX, GPUs)"})
+    top_layers: int = field(
+        default=0,
+        metadata={
+            "help": "run only the top N decoder layers from cached bottom states "
+            "(first_lib.prefix; 0: the whole model)"
+        },
+    )
     n_bins: int = field(default=10, metadata={"help": "equal-width ECE bins (paper: 10)"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap replicates for intervals"})
     seed: int = field(default=0, metadata={"help": "bootstrap seed"})
@@ -80,6 +87,8 @@ class EvalConfig:
             raise FirstError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_length is not None and self.max_length < 1:
             raise FirstError(f"max_length must be >= 1, got {self.max_length}")
+        if self.top_layers < 0:
+            raise FirstError(f"top_layers must be >= 0, got {self.top_layers}")
         if self.n_bins < 1 or self.n_boot < 1:
             raise FirstError(f"n_bins and n_boot must be >= 1, got {self.n_bins}, {self.n_boot}")
 
@@ -130,6 +139,34 @@ def last_token_logprobs(
     return logits.float().log_softmax(dim=-1)
 
 
+def batched_logprobs(
+    model: Any,
+    seqs: Sequence[list[int]],
+    pad_id: int,
+    batch_size: int = 8,
+    autocast: bool = False,
+    top_layers: int = 0,
+    prefix_cache: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """(indices into `seqs`, next-token log-probabilities [b, V]) batch by batch, longest
+    sequences first (little padding). With `top_layers` L < N, the frozen bottom's output is
+    computed once for all sequences (or read from the disk cache under `prefix_cache`, see
+    `first_lib.prefix`) and each batch runs the top L layers only."""
+    n_bottom = prefix.n_frozen(model, top_layers)
+    states = None
+    if n_bottom:
+        states = prefix.cached_bottom_states(model, seqs, n_bottom, autocast, prefix_cache, log)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        if states is None:
+            logp = last_token_logprobs(model, [seqs[i] for i in batch], pad_id, autocast)
+        else:
+            logp = prefix.last_token_logprobs(model, [states[i] for i in batch], n_bottom, autocast)
+        yield batch, logp
+
+
 def evaluate_multiple_choice(
     model: Any,
     tokenizer: Any,
@@ -141,13 +178,18 @@ def evaluate_multiple_choice(
     autocast: bool = False,
     max_length: int | None = None,
     tally: Any = None,
+    top_layers: int = 0,
+    prefix_cache: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Score each question's answer candidates at the next token; one record per question.
 
     Questions are batched by length (longest first) to waste little padding; records come back
-    in the order of ``questions``. The model is put in eval mode and restored afterwards. A
-    `first_lib.flops.Tally` given as `tally` counts the forward passes (the LM head at one row
-    per question) and their seconds.
+    in the order of ``questions``. The model is put in eval mode and restored afterwards.
+    `top_layers`, `prefix_cache`: frozen-prefix reuse (see `batched_logprobs`). A
+    `first_lib.flops.Tally` given as `tally` counts the forward passes (the layers run, the LM
+    head at one row per question) and their seconds (which include building the frozen bottom's
+    states when this evaluation had to compute them rather than read them).
     """
     if confidence not in CONFIDENCES:
         raise FirstError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}")
@@ -165,23 +207,28 @@ def evaluate_multiple_choice(
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     device = _model_device(model).type
+    layers = top_layers if prefix.n_frozen(model, top_layers) else None
     records: list[dict[str, Any] | None] = [None] * len(seqs)
     was_training = getattr(model, "training", False)
     model.eval()
     bar = tqdm(total=len(seqs), unit="q", desc="evaluate", disable=not progress)
+    reuse = {"top_layers": top_layers, "prefix_cache": prefix_cache, "log": log}
     try:
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
+            batches = batched_logprobs(model, seqs, pad_id, batch_size, autocast, **reuse)
+            while True:
                 with tally.clock(device) if tally is not None else contextlib.nullcontext():
-                    logp = last_token_logprobs(model, [seqs[i] for i in batch], pad_id, autocast)
+                    item = next(batches, None)
+                    if item is None:
+                        break
+                    batch, logp = item
                     for row, i in enumerate(batch):
                         records[i] = _record(questions[i], logp[row, cand_ids[i]], confidence)
                 if tally is not None:
                     lengths = [len(seqs[i]) for i in batch]
-                    tally.forward(lengths, len(batch) * max(lengths), head_rows=len(batch))
+                    computed = len(batch) * max(lengths)
+                    tally.forward(lengths, computed, head_rows=len(batch), layers=layers)
                 bar.update(len(batch))
     finally:
         bar.close()
@@ -278,10 +325,13 @@ def run_evaluation(
     out_dir: str | Path | None = None,
     progress: bool = True,
     tally: Any = None,
+    prefix_cache: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The evaluation stage: records and metrics; with ``out_dir``, also written there as
     ``records.jsonl`` and ``metrics.json`` (the metrics with the config that made them).
-    `tally`: see `evaluate_multiple_choice`."""
+    `tally`: see `evaluate_multiple_choice`; `prefix_cache`: where bottom states are cached when
+    ``config.top_layers`` asks for reuse."""
     records = evaluate_multiple_choice(
         model,
         tokenizer,
@@ -293,6 +343,9 @@ def run_evaluation(
         autocast=config.autocast,
         max_length=config.max_length,
         tally=tally,
+        top_layers=config.top_layers,
+        prefix_cache=prefix_cache,
+        log=log,
     )
     summary = summarize(records, n_boot=config.n_boot, seed=config.seed, n_bins=config.n_bins)
     if out_dir is not None:

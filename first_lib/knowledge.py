@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from first_lib import fsio
+from first_lib import fsio, prefix
 from first_lib.errors import FirstError
 
 FORMAT = "first-topk-store"
@@ -411,14 +411,21 @@ def _logit_chunks(
     attention_mask: torch.Tensor,
     flat_rows: torch.Tensor,
     vocab: int,
+    bottom: torch.Tensor | None = None,
+    n_bottom: int = 0,
 ) -> Iterator[torch.Tensor]:
     """The teacher's logits [n, V] at the positions `flat_rows` [N] (indices b * T + t into
     [B, T]), chunk by chunk: the forward pass that extraction rides on. With (body, head) the
-    LM head is applied to the selected rows only; else the full forward's logits are selected."""
+    LM head is applied to the selected rows only; else the full forward's logits are selected.
+    With `bottom`, the cached output of the frozen bottom `n_bottom` layers ([B, T, H],
+    right-padded, see `first_lib.prefix`), only the top layers run."""
     if parts is not None:
         body, head = parts
-        out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if bottom is not None:
+            hidden = prefix.top_hidden(model, bottom, attention_mask, n_bottom)
+        else:
+            out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_rows)  # [N, H]
         project = head
     else:
@@ -440,13 +447,19 @@ def _teacher_topk(
     flat_rows: torch.Tensor,
     width: int,
     vocab: int,
+    bottom: torch.Tensor | None = None,
+    n_bottom: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Teacher top-`width` at the positions `flat_rows` [N] (indices b * T + t into [B, T]).
 
+    With `bottom` (cached states of the frozen bottom `n_bottom` layers), only the top layers run.
     Returns (top logits fp32 [N, width], ids [N, width], lse fp32 [N]).
     """
     tops, idxs, lses = [], [], []
-    for logits in _logit_chunks(model, parts, input_ids, attention_mask, flat_rows, vocab):
+    chunks = _logit_chunks(
+        model, parts, input_ids, attention_mask, flat_rows, vocab, bottom, n_bottom
+    )
+    for logits in chunks:
         t, i, lse = _topk_logits(logits, width)
         tops.append(t)
         idxs.append(i)
@@ -635,6 +648,7 @@ class _Config:
     n_examples: int
     n_positions: int
     coverage_width: int
+    bottom_layers: int = 0  # frozen bottom layers run once from cached states (first_lib.prefix)
 
     def key(self) -> str:
         blob = json.dumps(self.__dict__, sort_keys=True).encode()
@@ -717,6 +731,8 @@ def extract_topk(
     num_processes: int = 1,
     on_shard_written: Callable[[int], None] | None = None,
     tally: Any = None,
+    top_layers: int = 0,
+    prefix_cache: str | os.PathLike | None = None,
 ) -> Path:
     """Run the teacher over `examples` and store its top-k at every stored position.
 
@@ -739,8 +755,13 @@ def extract_topk(
             all (a barrier) and then calls `finalize_store` on the main process.
         on_shard_written: called with the shard index after each shard is renamed into place.
         tally: a `first_lib.flops.Tally` that counts this process's model work (tokens, padding,
-            FLOPs with the LM head at the stored rows) and its seconds (the forward passes,
-            top-k and copies to the host of each shard; not the writes to disk).
+            FLOPs with the LM head at the stored rows, the top layers only with `top_layers`)
+            and its seconds (the forward passes, top-k and copies to the host of each shard;
+            not the writes to disk nor building the frozen bottom's states).
+        top_layers: with 0 < L < N (a teacher tuned with LoRA on its top L layers), the frozen
+            bottom's output of every example is read from the disk cache under `prefix_cache`
+            (written there by the teacher's training when it ran on the same examples; computed
+            otherwise) and only the top L layers run (`first_lib.prefix`).
 
     Returns:
         out_dir as a Path. With one process the store is finished (MANIFEST.json written).
@@ -774,6 +795,7 @@ def extract_topk(
         n_examples=data.n_examples,
         n_positions=int(data.n_rows.sum()),
         coverage_width=max(k, min(COVERAGE_MAX_J, vocab)),
+        bottom_layers=prefix.n_frozen(model, top_layers) if _model_parts(model) else 0,
     )
     out.mkdir(parents=True, exist_ok=True)
     with _lock(out, process_index):
@@ -802,7 +824,16 @@ def extract_topk(
                 todo.append(i)
         if todo:
             _extract_shards(
-                model, examples, out, cfg, data, todo, progress, on_shard_written, tally
+                model,
+                examples,
+                out,
+                cfg,
+                data,
+                todo,
+                progress,
+                on_shard_written,
+                tally,
+                prefix_cache,
             )
     if num_processes == 1:
         finalize_store(out)
@@ -819,6 +850,7 @@ def _extract_shards(
     progress: bool,
     on_shard_written: Callable[[int], None] | None,
     tally: Any = None,
+    prefix_cache: str | os.PathLike | None = None,
 ) -> None:
     parts = _model_parts(model)
     device = next(model.parameters()).device
@@ -836,12 +868,17 @@ def _extract_shards(
     )
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.autocast)
     try:
+        bottom = None
+        if cfg.bottom_layers:  # every example, so the entry is the one training wrote
+            seqs = [ex["input_ids"] for ex in examples]
+            n = cfg.bottom_layers
+            bottom = prefix.cached_bottom_states(model, seqs, n, cfg.autocast, prefix_cache)
         with torch.inference_mode(), amp:
             for index in shards:
                 lo, hi = index * cfg.shard_size, min((index + 1) * cfg.shard_size, cfg.n_examples)
                 with tally.clock(device.type) if tally is not None else contextlib.nullcontext():
                     files, info = _extract_one_shard(
-                        model, parts, device, examples, cfg, data, index, lo, hi, bar, tally
+                        model, parts, device, examples, cfg, data, index, lo, hi, bar, tally, bottom
                     )
                 _write_shard(out, index, files, info)
                 fsio.crash_point("extract:shard-written")
@@ -864,8 +901,10 @@ def _extract_one_shard(
     hi: int,
     bar: Any,
     tally: Any = None,
+    bottom: list[torch.Tensor] | None = None,
 ) -> tuple[dict[str, bytes], dict]:
-    """Top-k of examples[lo:hi]: returns the shard's files (name -> bytes) and its info."""
+    """Top-k of examples[lo:hi]: returns the shard's files (name -> bytes) and its info.
+    `bottom`: every example's cached bottom states (`cfg.bottom_layers` > 0)."""
     k, width = cfg.k, cfg.coverage_width
     exs = [examples[i] for i in range(lo, hi)]
     n_rows = data.n_rows[lo:hi]
@@ -895,9 +934,15 @@ def _extract_one_shard(
     for local in _batches(data.lengths[lo:hi], cfg.batch_size):
         ids, att, rows, n_tok = _pad_batch([exs[j] for j in local], cfg.positions)
         if tally is not None:
-            tally.forward(data.lengths[lo + local].tolist(), ids.numel(), len(rows))
+            layers = tally.shape.layers - cfg.bottom_layers  # the layers this pass runs
+            tally.forward(data.lengths[lo + local].tolist(), ids.numel(), len(rows), layers=layers)
         ids, att, rows = (x.to(device, non_blocking=True) for x in (ids, att, rows))
-        top, idx, lse = _teacher_topk(model, parts, ids, att, rows, width, cfg.vocab_size)
+        states = None
+        if bottom is not None:
+            states = prefix.pad_states([bottom[lo + j] for j in local])[0]
+        top, idx, lse = _teacher_topk(
+            model, parts, ids, att, rows, width, cfg.vocab_size, states, cfg.bottom_layers
+        )
         logp = top - lse[:, None]  # [N, width] fp32
         probs = logp.exp()
         vals = logp[:, :k] if log_values else probs[:, :k]

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from first_lib import device, fsio
+from first_lib import device, fsio, prefix
 from first_lib.errors import FirstError
 from first_lib.paths import first_home
 from first_lib.profiles import PROFILES, SETTINGS, Profile, for_setting, get_profile
@@ -60,10 +60,16 @@ def config_hash(obj) -> str:
 # The project's modules whose code each stage runs: a change to their code (not to comments,
 # docstrings or formatting) changes the stage's key, so old results are never served to new code.
 CODE_OF = {
-    "train": ("first_lib.train", "first_lib.losses", "first_lib.calibration", "first_lib.models"),
-    "extract": ("first_lib.knowledge", "first_lib.models"),
+    "train": (
+        "first_lib.train",
+        "first_lib.losses",
+        "first_lib.calibration",
+        "first_lib.models",
+        "first_lib.prefix",
+    ),
+    "extract": ("first_lib.knowledge", "first_lib.models", "first_lib.prefix"),
     "calibrate": ("first_lib.calibration", "first_lib.metrics"),
-    "evaluate": ("first_lib.evaluate", "first_lib.metrics", "first_lib.models"),
+    "evaluate": ("first_lib.evaluate", "first_lib.metrics", "first_lib.models", "first_lib.prefix"),
     "tiny-models": ("first_lib.models",),
 }
 _MODULE_HASHES: dict[str, str] = {}  # module name -> source_hash of its file, once per process
@@ -371,12 +377,23 @@ def tiny_key(prof: Profile, setting: str) -> dict:
     }
 
 
-def eval_key(prof: Profile, test_name: str, model, precision: str) -> dict:
+def prefix_top_layers(prof: Profile, label: str) -> int:
+    """The top layers that evaluating (or extracting with) model `label` (a variant,
+    "teacher_base" or "student_base") runs from cached bottom states (`first_lib.prefix`): the
+    LoRA depth of its model's training, also for the untuned model, so that it and its tuned
+    variants share one cache entry; 0 (the whole model) for full fine-tuning."""
+    cfg = prof.teacher_train if label.startswith("teacher") else prof.student_train
+    return cfg.lora_layers if cfg.lora_r > 0 else 0
+
+
+def eval_key(prof: Profile, test_name: str, model, precision: str, top_layers: int = 0) -> dict:
     """An evaluation: the model, the test set (not the setting, so the untuned baselines are
-    shared between settings that test on the same set) and the precision it computes in."""
+    shared between settings that test on the same set), the precision it computes in and the
+    top layers it runs from cached bottom states (`prefix_top_layers`)."""
     return {
         "model": str(model),
         "precision": precision,
+        "top_layers": top_layers,
         "test": test_name,
         "n_test": prof.n_test,
         "seed": prof.seed,
@@ -490,6 +507,7 @@ def stage_train(
             work_dir=work,
             accelerator=acc,
             log=log,
+            prefix_cache=prefix.cache_root(),
         )
         if acc.is_main_process:
             tmp = out.with_name(out.name + ".tmp")
@@ -544,6 +562,8 @@ def stage_extract(key: dict, teacher_dir: Path, splits: dict, prof: Profile, acc
                 num_processes=acc.num_processes,
                 autocast=device.accelerator_precision(acc) == "bf16",
                 tally=tally,
+                top_layers=prefix_top_layers(prof, "teacher"),
+                prefix_cache=prefix.cache_root(),
             )
             _barrier(acc)
             if acc.is_main_process:
@@ -619,7 +639,8 @@ def stage_calibrate(key: dict, store_dir: Path, examples: list[dict], log) -> di
 
 
 def stage_evaluate(key: dict, model_dir: str, questions: list, prof: Profile, acc, log) -> dict:
-    """Multiple-choice evaluation: per-question records and metrics with bootstrap intervals."""
+    """Multiple-choice evaluation: per-question records and metrics with bootstrap intervals;
+    the top `key["top_layers"]` layers run from cached bottom states (`first_lib.prefix`)."""
     from first_lib import evaluate, flops, models
 
     out = artefact_dir("evaluate", key)
@@ -639,10 +660,18 @@ def stage_evaluate(key: dict, model_dir: str, questions: list, prof: Profile, ac
                     n_boot=prof.n_boot,
                     seed=prof.seed,
                     autocast=precision == "bf16",
+                    top_layers=key["top_layers"],
                 )
                 tally = flops.Tally(flops.shape_of_config(model.config))
                 _, summary = evaluate.run_evaluation(
-                    config, model, tok, questions, out, tally=tally
+                    config,
+                    model,
+                    tok,
+                    questions,
+                    out,
+                    tally=tally,
+                    prefix_cache=prefix.cache_root(),
+                    log=log,
                 )
                 fsio.crash_point("evaluate:records-written")
                 write_meta(
@@ -725,7 +754,7 @@ def evaluations(prof: Profile, setting: str, precision: str) -> list[tuple[str, 
     if prof.baselines and not prof.teacher.startswith("tiny:"):
         models.update(teacher_base=prof.teacher, student_base=prof.student)
     return [
-        (name, test, eval_key(prof, test, model, precision))
+        (name, test, eval_key(prof, test, model, precision, prefix_top_layers(prof, name)))
         for test in test_tasks(setting)
         for name, model in models.items()
     ]
@@ -823,14 +852,14 @@ def run_artefacts(prof: Profile, setting: str, precision: str) -> set[str]:
     if prof.teacher.startswith("tiny:"):
         tiny = artefact_dir("tiny-models", tiny_key(prof, setting))
         names.add(tiny.name)
-    models = [dirs["teacher"], dirs["finetune"]]
-    models += [dirs[f"distill-{t}"] for t in TRANSFORM_OF.values()]
+    models = {"teacher": dirs["teacher"], "finetune": dirs["finetune"]}
+    models.update({v: dirs[f"distill-{t}"] for v, t in TRANSFORM_OF.items()})
     if prof.baselines:
-        models += [model_source(prof, role, tiny) for role in ("teacher", "student")]
+        models.update({f"{r}_base": model_source(prof, r, tiny) for r in ("teacher", "student")})
     for test_name in test_tasks(setting):
-        names.update(
-            artefact_dir("evaluate", eval_key(prof, test_name, m, precision)).name for m in models
-        )
+        for label, m in models.items():
+            key = eval_key(prof, test_name, m, precision, prefix_top_layers(prof, label))
+            names.add(artefact_dir("evaluate", key).name)
     return names
 
 
@@ -1098,13 +1127,14 @@ def _run(prof: Profile, setting: str, out: Path | None, until: str | None, log) 
             variants, baselines, records = {}, {}, {}
             t0 = time.perf_counter()
             for variant in VARIANTS:
-                key = eval_key(prof, test_name, model_dirs[variant], precision)
+                top = prefix_top_layers(prof, variant)
+                key = eval_key(prof, test_name, model_dirs[variant], precision, top)
                 meta = stage_evaluate(key, key["model"], questions, prof, acc, log)
                 variants[variant] = meta["metrics"]
                 records[variant] = artefact_dir("evaluate", key)
             untuned = (("teacher_base", teacher_src), ("student_base", student_src))
             for base, src in untuned if prof.baselines else ():
-                key = eval_key(prof, test_name, src, precision)
+                key = eval_key(prof, test_name, src, precision, prefix_top_layers(prof, base))
                 meta = stage_evaluate(key, src, questions, prof, acc, log)
                 baselines[base] = meta["metrics"]
                 records[base] = artefact_dir("evaluate", key)

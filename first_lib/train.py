@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from first_lib import calibration, fsio, losses
+from first_lib import calibration, fsio, losses, prefix
 from first_lib.errors import FirstError
 
 Example = dict  # {"id": str, "input_ids": list[int], "target_mask": list[bool]}
@@ -193,24 +193,26 @@ def epoch_batches(
 class TargetRowsLM(nn.Module):
     """Wraps a causal LM: decoder over all positions, LM head only at `target_mask` rows.
 
-    forward(input_ids [B,T], attention_mask [B,T], target_mask [B,T]) -> logits [N, V], where N is
-    the number of target positions in row-major order. Going through this module's forward keeps
+    forward(input_ids [B,T], attention_mask [B,T], target_mask [B,T], bottom=None) -> logits
+    [N, V], where N is the number of target positions in row-major order. With `bottom`, the
+    cached output of the frozen bottom `n_bottom` layers ([B, T, H], right-padded; see
+    `first_lib.prefix`), only the top layers run. Going through this module's forward keeps
     DDP's gradient hooks in play.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, n_bottom: int = 0):
         super().__init__()
         self.model = model
+        self.n_bottom = n_bottom
 
-    def _causal_lm(self) -> nn.Module:
-        m = self.model
-        return m.get_base_model() if hasattr(m, "get_base_model") else m
-
-    def forward(self, input_ids, attention_mask, target_mask):
-        lm = self._causal_lm()
-        hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
-        rows = hidden.last_hidden_state[target_mask]
-        return lm.get_output_embeddings()(rows)
+    def forward(self, input_ids, attention_mask, target_mask, bottom=None):
+        lm = prefix.causal_lm(self.model)
+        if bottom is None:
+            hidden = lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+            hidden = hidden.last_hidden_state
+        else:
+            hidden = prefix.top_hidden(lm, bottom, attention_mask, self.n_bottom)
+        return lm.get_output_embeddings()(hidden[target_mask])
 
 
 def prepare_model(model: nn.Module, cfg: TrainConfig, bf16: bool = False) -> nn.Module:
@@ -411,6 +413,8 @@ def train(
     stop_after: int | None = None,
     precision: str | None = None,
     log: Callable[[str], None] | None = None,
+    prefix_reuse: bool = True,
+    prefix_cache: str | Path | None = None,
 ) -> tuple[nn.Module, dict]:
     """Train `model` on `examples`; returns (finalized model, log dict).
 
@@ -423,6 +427,11 @@ def train(
     the optimizer steps this call ran (after a resume, not the ones before it) on this process:
     their model FLOPs, the seconds of the steps themselves (collate, forward, backward, optimizer;
     not loading, checkpoints or the progress bar) and the padding share of the micro-batches.
+
+    With LoRA on the top L < N layers (and `prefix_reuse`), the frozen bottom's output for every
+    example is computed once before the loop (read from the disk cache under `prefix_cache`
+    when given, see `first_lib.prefix`) and each step runs the top L layers only; `perf` then
+    counts the top layers' FLOPs and the build is recorded apart under the log's `prefix`.
     """
     from transformers import get_cosine_schedule_with_warmup
 
@@ -438,7 +447,8 @@ def train(
     tally = flops.Tally(flops.shape_of_config(model.config))  # this process's model work
     lengths = [len(ex["input_ids"]) for ex in examples]
     model = prepare_model(model, cfg, bf16=precision == "bf16")
-    wrapped = TargetRowsLM(model)
+    n_bottom = prefix.n_frozen(model, cfg.lora_layers) if cfg.lora_r > 0 and prefix_reuse else 0
+    wrapped = TargetRowsLM(model, n_bottom)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params,
@@ -464,6 +474,14 @@ def train(
     if ckpt is not None:
         step, history = resume_checkpoint(ckpt, model, optimizer, scheduler, log)
 
+    t_build = time.perf_counter()
+    bottom = None
+    if n_bottom:  # after resuming too: the states do not depend on the adapters
+        seqs = [ex["input_ids"] for ex in examples]
+        autocast = precision == "bf16"
+        bottom = prefix.cached_bottom_states(model, seqs, n_bottom, autocast, prefix_cache, log)
+    build_seconds = time.perf_counter() - t_build
+
     tokens = 0
     t0 = time.perf_counter()
     bar = tqdm(
@@ -485,10 +503,15 @@ def train(
                 step_start = time.perf_counter()
             mine = gb[acc.process_index :: acc.num_processes] or gb[:1]
             batch = collate(examples, mine, teacher, pad_id)
-            count_batch(tally, batch, cfg)
+            count_batch(tally, batch, cfg, forward_layers=tally.shape.layers - n_bottom)
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+            states = None
+            if bottom is not None:
+                states, _ = prefix.pad_states([bottom[i] for i in mine])
             with acc.autocast():
-                logits = wrapped(batch["input_ids"], batch["attention_mask"], batch["target_mask"])
+                logits = wrapped(
+                    batch["input_ids"], batch["attention_mask"], batch["target_mask"], states
+                )
             loss = step_loss(logits.float(), batch, cfg) / cfg.grad_accum
             acc.backward(loss)
             micro += 1
@@ -525,6 +548,7 @@ def train(
         "steps": step,
         "losses": history,
         "seconds": time.perf_counter() - t0,
+        "prefix": {"bottom_layers": n_bottom, "build_seconds": build_seconds},
         "tokens": tokens,
         "num_processes": acc.num_processes,
         "precision": precision,

@@ -53,6 +53,35 @@ def test_ratios_are_sane(results):
     assert results["store_bytes_per_token"] == knowledge.bytes_per_position(5, 1024) == 20
 
 
+def test_prefix_reuse_keys_and_shape(results):
+    """Frozen-prefix reuse at L = 8 (the targets) and L = 12 of 24 layers: finite speedups and
+    build costs; no bound on the ratios, which tiny models on a busy machine do not make
+    robust."""
+    for key in (
+        "prefix_reuse_train_speedup",
+        "prefix_reuse_eval_speedup",
+        "prefix_reuse_train_speedup_L12",
+        "prefix_reuse_eval_speedup_L12",
+    ):
+        assert finite(results[key]) and results[key] > 0, key
+    reuse = results["details"]["prefix_reuse"]
+    assert reuse["layers"] == 24
+    for top in bench.PREFIX_LAYERS:
+        for what in ("train", "eval"):
+            r = reuse[f"L{top}"][what]
+            assert set(r) == {
+                "speedup",
+                "seconds_plain",
+                "seconds_cached",
+                "build_seconds",
+                "build_in_plain_runs",
+            }
+            assert all(finite(v) for v in r.values())
+            assert r["seconds_plain"] > 0 and r["seconds_cached"] > 0
+    assert reuse["L8"]["train"]["speedup"] == results["prefix_reuse_train_speedup"]
+    assert "prefix_reuse_eval_speedup_L12" in bench.format_table(results)
+
+
 def test_machine_block_and_table(results):
     m = results["machine"]
     for key in ("cpu", "cores", "torch", "torch_threads", "gpu", "precision", "date"):
@@ -126,12 +155,16 @@ def test_check_targets_edges():
         coefficient_search_seconds=1.0,  # "under 1 s" does not hold at 1
         kd_over_ce_step_time=float("nan"),
         extract_over_forward_throughput=0.9,
+        prefix_reuse_train_speedup=1.8,  # "at least" holds at the target
+        prefix_reuse_eval_speedup=1.99,
     )
     t = bench.check_targets(vals)
     assert t["store_bytes_per_token"]["holds"]
     assert not t["coefficient_search_seconds"]["holds"]
     assert not t["kd_over_ce_step_time"]["holds"]
     assert t["extract_over_forward_throughput"]["holds"]
+    assert t["prefix_reuse_train_speedup"]["holds"]
+    assert not t["prefix_reuse_eval_speedup"]["holds"]
     assert not t["offline_over_online_step_time"]["holds"]  # missing
 
 
