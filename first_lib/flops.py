@@ -235,7 +235,8 @@ def perf_record(
         "seconds": round(seconds, 3),
         "gflops": None if rate is None else round(rate, 2),
         "peak_gflops": round(peak, 1),
-        "mfu": round(rate / peak, 4) if rate is not None and peak > 0 else None,
+        # three significant digits: a tiny model's share of an AMX peak is ~1e-5, not 0
+        "mfu": float(f"{rate / peak:.3g}") if rate is not None and peak > 0 else None,
         "real_tokens": int(real_tokens),
         "computed_tokens": int(computed_tokens),
         "pad_fraction": round(pad_fraction(real_tokens, computed_tokens), 4),
