@@ -122,8 +122,17 @@ def _question_lengths(questions, tok, prof) -> list[int]:
 # ----------------------------------------------------------------------------- FLOPs per stage
 
 
+def _top(shape, cfg) -> int:
+    """The layers a path runs per pass of `cfg`'s model: the top L with LoRA on L < N layers
+    (the frozen bottom's states are computed once and cached, `first_lib.prefix`), else all."""
+    if cfg.lora_r > 0 and 0 < cfg.lora_layers < shape.layers:
+        return cfg.lora_layers
+    return shape.layers
+
+
 def _train_gflop(shape, lengths, cfg) -> float:
-    """Training FLOPs over `cfg.epochs` passes of examples with these (tokens, targets)."""
+    """Training FLOPs over `cfg.epochs` passes of examples with these (tokens, targets); with a
+    cached frozen bottom, only the top layers run in each pass."""
     passes = cfg.epochs
     if cfg.max_steps > 0:
         passes = min(passes, cfg.max_steps * cfg.batch_size * cfg.grad_accum / len(lengths))
@@ -131,17 +140,26 @@ def _train_gflop(shape, lengths, cfg) -> float:
     rows = sum(t for _, t in lengths) * passes
     seq = _mean(n for n, _ in lengths)
     lora = cfg.lora_r > 0
-    top = min(cfg.lora_layers, shape.layers) if lora and cfg.lora_layers > 0 else shape.layers
-    return flops.train_flops(shape, tokens, seq, rows, trained_layers=top, lora=lora) / 1e9
+    top = _top(shape, cfg)
+    return flops.train_flops(shape, tokens, seq, rows, top, lora, forward_layers=top) / 1e9
 
 
-def _forward_gflop(shape, lengths, head_rows: int) -> float:
+def _forward_gflop(shape, lengths, head_rows: int, layers=None) -> float:
     seq = _mean(lengths)
-    return flops.forward_flops(shape, sum(lengths), seq, head_rows) / 1e9
+    return flops.forward_flops(shape, sum(lengths), seq, head_rows, layers=layers) / 1e9
+
+
+def _bottom_gflop(shape, cfg, lengths) -> float:
+    """The one pass of the frozen bottom over these examples (0 when nothing is cached)."""
+    bottom = shape.layers - _top(shape, cfg)
+    return _forward_gflop(shape, lengths, 0, layers=bottom) if bottom else 0.0
 
 
 def stage_work(prof, setting: str, data=None, tok=None) -> list[Work]:
-    """The FLOPs of every stage of `prof` x `setting` (done or not), from the run's data."""
+    """The FLOPs of every stage of `prof` x `setting` (done or not), from the run's data. A
+    frozen bottom that several stages share is counted once, in the first stage that needs it
+    (the teacher's training for the training split, extraction for the validation split, the
+    fine-tuning for the student's, the first evaluation of each model on each test set)."""
     from first_lib import pipeline
 
     data = data if data is not None else _data_if_cached(prof, setting)
@@ -150,33 +168,55 @@ def stage_work(prof, setting: str, data=None, tok=None) -> list[Work]:
     teacher, student = flops.shape_of(prof.teacher), flops.shape_of(prof.student)
     if teacher is None or student is None:
         return []
+    tcfg, scfg = prof.teacher_train, prof.student_train
     train = _lengths(data["train"], tok, prof, setting)
     val = _lengths(data["validation"], tok, prof, setting)
     both = train + val
     t_load, s_load = overhead_s(teacher), overhead_s(student)
-    student_gflop = _train_gflop(student, train, prof.student_train)
+    student_gflop = _train_gflop(student, train, scfg)
+    extract = _forward_gflop(
+        teacher, [n for n, _ in both], sum(t for _, t in both), layers=_top(teacher, tcfg)
+    )
     work = [
-        Work("teacher", "train", prof.teacher, _train_gflop(teacher, train, prof.teacher_train), 0),
+        Work(
+            "teacher",
+            "train",
+            prof.teacher,
+            _train_gflop(teacher, train, tcfg)
+            + _bottom_gflop(teacher, tcfg, [n for n, _ in train]),
+            0,
+        ),
         Work(
             "extract",
             "extract",
             prof.teacher,
-            _forward_gflop(teacher, [n for n, _ in both], sum(t for _, t in both)),
+            extract + _bottom_gflop(teacher, tcfg, [n for n, _ in val]),
             sum(n for n, _ in both),
         ),
         Work("calibrate", "calibrate", "", 0.0, 0),
-        Work("finetune", "train", prof.student, student_gflop, 0),
+        Work(
+            "finetune",
+            "train",
+            prof.student,
+            student_gflop + _bottom_gflop(student, scfg, [n for n, _ in train]),
+            0,
+        ),
     ]
     work += [
         Work(f"distill-{transform}", "train", prof.student, student_gflop, 0)
         for transform in pipeline.TRANSFORM_OF.values()
     ]
-    shapes = {prof.teacher: teacher, prof.student: student}
+    shapes = {prof.teacher: (teacher, tcfg), prof.student: (student, scfg)}
     lengths = {t: _question_lengths(q, tok, prof) for t, q in data["tests"].items()}
+    bottom_paid = set()
     for name, test in _evaluated(prof, setting):
         source = prof.teacher if name.startswith("teacher") else prof.student
+        shape, cfg = shapes[source]
         n = lengths[test]
-        gflop = _forward_gflop(shapes[source], n, len(n))
+        gflop = _forward_gflop(shape, n, len(n), layers=_top(shape, cfg))
+        if (source, test) not in bottom_paid:
+            gflop += _bottom_gflop(shape, cfg, n)
+            bottom_paid.add((source, test))
         work.append(Work(f"evaluate {name} on {test}", "evaluate", source, gflop, sum(n)))
     for w in work:
         w.overhead_s = {prof.teacher: t_load, prof.student: s_load}.get(w.source, 0.0)
