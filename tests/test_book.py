@@ -502,3 +502,82 @@ def test_chapter_without_its_runs_says_how_long_they_would_take(tmp_path, monkey
     monkeypatch.setattr(flops, "measure_peak_gflops", lambda p, d="cpu", seconds=0.5: 1000.0)
     with pytest.raises(FirstError, match=r"about \d+ min of compute on this machine"):
         book.run_setting("cpu", "csqa", tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- prose follows the numbers
+
+VOCABULARY_TAG = "verdict-vocabulary"  # a markdown cell that defines the verdict words
+
+
+def prose_cells(path: Path) -> list[str]:
+    """The hand-written Markdown of a chapter: its markdown cells (a plain page: all of it), with
+    glue roles and directives, inline code, cross-references and citations removed, and the
+    cells tagged `VOCABULARY_TAG` (which define the verdicts, stating none) left out."""
+    if build_book.is_notebook(path):
+        import jupytext
+
+        nb = jupytext.read(path)
+        cells = [
+            c.source
+            for c in nb.cells
+            if c.cell_type == "markdown" and VOCABULARY_TAG not in c.metadata.get("tags", [])
+        ]
+    else:
+        cells = [path.read_text()]
+    out = []
+    for text in cells:
+        # roles: {glue:text}`x`, {glue:md}`x`, {doc}`...`, {cite:t}`...`
+        text = re.sub(r"\{[a-z:-]+\}`[^`]*`", " ", text)
+        text = re.sub(r"`[^`]*`", " ", text)  # inline code
+        out.append(text)
+    return out
+
+
+def verdict_words_in(text: str) -> list[str]:
+    from first_lib import verdicts
+
+    pattern = re.compile(r"\b(" + "|".join(verdicts.VERDICT_WORDS) + r")\b", re.IGNORECASE)
+    return [m.group(0) for m in pattern.finditer(text)]
+
+
+@pytest.mark.parametrize("path", CHAPTER_FILES, ids=lambda p: p.stem)
+def test_no_hand_written_verdict_in_the_prose(path):
+    """Prose follows the numbers: a conclusion ("reproduced", "contradicted", "confirms", "rules
+    out", ...) is stated only by a sentence glued from a verdict (`first_lib.verdicts.sentence`),
+    never in hand-written Markdown, titles included. The definitions of the verdict words sit in
+    a cell tagged `verdict-vocabulary`."""
+    found = [(i, w) for i, cell in enumerate(prose_cells(path)) for w in verdict_words_in(cell)]
+    assert not found, f"{path.name}: verdict words in hand-written prose (cell, word): {found}"
+
+
+def test_verdict_word_check_can_fail(tmp_path):
+    """The check above catches a hand-written conclusion and ignores the same words in a glued
+    sentence, in inline code and in a vocabulary cell."""
+    head = (REPO / "chapters" / "paper_vs_reproduction.md").read_text().split("# ", 1)[0]
+    page = tmp_path / "page.md"
+    page.write_text(
+        head
+        + "# A page\n\nThe glued sentence {glue:md}`x_reproduced` and `book.REPRODUCED`.\n\n"
+        + '+++ {"tags": ["verdict-vocabulary"]}\n\n* **contradicted**: a definition.\n\n+++\n\n'
+        + "Our numbers confirm it: FIRST is reproduced here.\n"
+    )
+    cells = prose_cells(page)
+    assert [w for c in cells for w in verdict_words_in(c)] == ["confirm", "reproduced"]
+
+
+def test_sentences_are_generated_from_verdicts():
+    from first_lib import stats, verdicts
+
+    for v in stats.VERDICTS:
+        text = verdicts.sentence("FIRST is better calibrated than Fine-tune", v)
+        assert text.startswith("This build ") and "FIRST is better calibrated" in text
+        assert verdict_words_in(text)  # each sentence names its verdict
+    said = {v: verdicts.sentence("x", v) for v in stats.VERDICTS}
+    assert len(set(said.values())) == len(stats.VERDICTS)
+    with pytest.raises(FirstError):
+        verdicts.sentence("x", "inconclusive")
+
+
+def test_book_title_states_no_verdict():
+    title = yaml.safe_load((REPO / "_config.yml").read_text())["title"]
+    assert not verdict_words_in(title), title

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from first_lib import stats, verdicts
 from scripts import build_book
 from tests.conftest import PRECISIONS
 
 REPO = Path(__file__).resolve().parents[1]
-VERDICTS = {"reproduced", "contradicted", "inconclusive"}
+VERDICTS = set(stats.VERDICTS)
 CHAPTERS = [
     Path(rel).name
     for rel in build_book.toc_files(REPO)
@@ -67,7 +68,7 @@ def check_metrics(m: dict) -> None:
 
 
 def check_difference(d: dict) -> None:
-    assert set(d) == {"point", "lo", "hi"} and d["lo"] <= d["hi"]
+    assert {"point", "lo", "hi"} <= set(d) and d["lo"] <= d["hi"]
 
 
 def test_every_chapter_executes(executed):
@@ -159,9 +160,36 @@ def test_paper_vs_reproduction(executed):
     d = load(executed, "paper_vs_reproduction")
     claims = d["claims"]
     assert len(claims) >= 20
+    counted = [c for c in claims if c["counted"]]
     for c in claims:
-        assert c["verdict"] in VERDICTS
         assert c["ours"]["lo"] <= c["ours"]["hi"]
         assert not math.isnan(c["ours"]["point"])
         assert c["paper"]
-    assert sum(d["counts"].values()) == len(claims)
+    for c in counted:
+        assert c["verdict"] in VERDICTS
+        # a claim on a model that did not learn is never decided
+        assert (c["verdict"] == stats.NOT_TESTABLE) == (not c["testable"])
+        assert c["primary"] == verdicts.is_primary(c["name"])
+        if c["primary"] and c["testable"]:
+            assert c["p_holm"] >= c["p"] - 1e-12
+        else:
+            assert c["p_holm"] is None
+    # identities and arithmetic are shown, never counted
+    names = {c["name"]: c for c in claims}
+    assert not names["storage_ratio"]["counted"]
+    assert not any(c["counted"] for k, c in names.items() if k.startswith("rank_rest_"))
+    # the primary family named in code is all there, and only it is primary
+    assert {c["name"] for c in counted if c["primary"]} == set(d["primary_names"])
+    n = sum(sum(by.values()) for by in d["counts"].values())
+    assert n == len(counted)
+    assert sum(d["counts"]["primary"].values()) == len(d["primary_names"])
+    # every conclusion sentence is the one generated from its verdict
+    assert set(d["sentences"]) == {c["name"] for c in counted}
+    for name, s in d["sentences"].items():
+        assert s["verdict"] == names[name]["verdict"]
+        assert s["text"] == verdicts.sentence(s["subject"], s["verdict"])
+    for by_model in d["training"].values():
+        for chk in by_model.values():
+            assert chk["learned"] in (True, False, None)
+            if chk["learned"] is not None:
+                assert chk["learned"] == (chk["estimate"]["lo"] > 0)

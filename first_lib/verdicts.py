@@ -1,0 +1,307 @@
+"""The claims the book tests, named once, decided with `first_lib.stats`, and the sentences that
+state them.
+
+- **Primary claims** are named here, before any number is seen (`primary_names`): on each
+  in-domain task (`IN_DOMAIN`), FIRST against Fine-tune, against Distill and against Fine-tune
+  with post-hoc temperature scaling (when that variant was run), on ECE and on accuracy; and
+  "tuning makes the model over-confident" (ECE up after tuning) for the teacher and the student.
+  Holm corrects this family (`stats.decide_all`); every other claim is secondary and keeps its
+  own p-value.
+- **Did training work?** (`training_checks`): each tuned model against its untuned base on the
+  same questions (`stats.learned`). A claim that depends on a model that did not learn is "not
+  testable here" (`testability`). Where the untuned baselines were not evaluated (a setting
+  without baselines) the check is not made, and the claim says so.
+- **Not counted**: claims whose verdict follows from others (identities, e.g. with renormalised
+  candidate probabilities the mean rank 2..C gap is minus the rank-1 gap over C - 1;
+  conjunctions of counted claims) and pure arithmetic (a storage ratio) are shown as
+  illustrations and kept out of the verdict counts.
+- **Sentences** (`sentence`): every sentence of the book that states a conclusion is generated
+  from a verdict, never written by hand; tests/test_book.py checks that no hand-written prose
+  uses the verdict words.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from first_lib import metrics, stats
+from first_lib.errors import FirstError
+
+IN_DOMAIN = ("csqa", "boolq")
+PRIMARY_COMPETITORS = ("finetune", "distill", "finetune_posthoc_ts")
+PRIMARY_METRICS = ("ece", "acc")
+TUNED = ("teacher", "student")
+
+# Each trained model and the untuned model it starts from.
+BASE_OF = {
+    "teacher": "teacher_base",
+    "finetune": "student_base",
+    "distill": "student_base",
+    "distill_ls": "student_base",
+    "first_ts": "student_base",
+    "finetune_posthoc_ts": "student_base",
+    "distill_posthoc_ts": "student_base",
+}
+# Students distilled from the teacher: their claims also need a teacher that learned.
+DISTILLED = ("distill", "distill_ls", "first_ts", "distill_posthoc_ts")
+# The models a post-hoc variant is built from (it is not trained itself).
+POSTHOC_OF = {"finetune_posthoc_ts": "finetune", "distill_posthoc_ts": "distill"}
+
+
+def first_vs_name(other: str, metric: str, test: str) -> str:
+    """The name of the claim "FIRST beats `other` on `metric`" on `test`."""
+    return f"first_vs_{other}_{metric}_{test}"
+
+
+def tuning_name(who: str, test: str) -> str:
+    """The name of the claim "tuning makes `who` (teacher | student) over-confident"."""
+    return f"tuning_overconfident_{who}_{test}"
+
+
+def primary_names(
+    tests: Sequence[str] = IN_DOMAIN, variants: Iterable[str] | None = None
+) -> list[str]:
+    """The primary family: its names for the given in-domain tests, competitors restricted to
+    ``variants`` (those the run has; all of `PRIMARY_COMPETITORS` when None)."""
+    have = set(PRIMARY_COMPETITORS if variants is None else variants)
+    names = []
+    for test in tests:
+        for other in PRIMARY_COMPETITORS:
+            if other in have:
+                names += [first_vs_name(other, m, test) for m in PRIMARY_METRICS]
+        names += [tuning_name(who, test) for who in TUNED]
+    return names
+
+
+def is_primary(name: str) -> bool:
+    """Whether a claim's name is in the primary family (decided before the numbers)."""
+    return name in set(primary_names())
+
+
+# --------------------------------------------------------------------------- training checks
+
+
+def training_checks(
+    records: Mapping[str, Sequence[Mapping]], n_boot: int = 1000, seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """Did each tuned model of one test set learn? {model: {"base", "learned" (True, False, or
+    None when the base was not evaluated), "estimate" (`stats.Estimate` of accuracy(model) -
+    accuracy(base), paired) or None}} for the models of `BASE_OF` present in ``records``.
+    A post-hoc variant is checked through the model it rescales."""
+    out: dict[str, dict[str, Any]] = {}
+    for model, base in BASE_OF.items():
+        if model not in records or model in POSTHOC_OF:
+            continue
+        if base not in records:
+            out[model] = {"base": base, "learned": None, "estimate": None}
+            continue
+        ok, est = stats.learned(records[model], records[base], n_boot=n_boot, seed=seed)
+        out[model] = {"base": base, "learned": bool(ok), "estimate": est}
+    return out
+
+
+def depends_on(models: Iterable[str]) -> list[str]:
+    """The trained models a claim about ``models`` needs to have learned: the models
+    themselves (a post-hoc variant: the model it rescales) and the teacher for a distilled one."""
+    need: list[str] = []
+    for m in models:
+        m = POSTHOC_OF.get(m, m)
+        if m in BASE_OF and m not in need:
+            need.append(m)
+        if m in DISTILLED and "teacher" not in need:
+            need.append("teacher")
+    return need
+
+
+def testability(models: Iterable[str], checks: Mapping[str, Mapping[str, Any]]) -> tuple[bool, str]:
+    """(testable, note) of a claim about ``models`` given `training_checks`: not testable when a
+    model it depends on did not learn; testable, with a note, when a check could not be made."""
+    failed = [m for m in depends_on(models) if checks.get(m, {}).get("learned") is False]
+    if failed:
+        return False, f"did not learn: {', '.join(failed)}"
+    unchecked = [m for m in depends_on(models) if checks.get(m, {}).get("learned") is None]
+    if unchecked:
+        return True, f"training not checked (no untuned baseline): {', '.join(unchecked)}"
+    return True, ""
+
+
+# --------------------------------------------------------------------------- estimates
+
+
+def mean_estimate(
+    values: Sequence[float],
+    threshold: float = 0.0,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    metric: str = "mean",
+) -> stats.Estimate:
+    """mean(values) - threshold with a percentile bootstrap over the values (questions,
+    passages), as a `stats.Estimate` (p-value of 0 and mde included)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise FirstError("no values to average")
+    metrics._check_boot(n_boot, alpha)
+    reps = np.concatenate(
+        [x[idx].mean(axis=1) for idx in metrics.resample_indices(x.size, n_boot, seed, 1)]
+    )
+    point = float(x.mean()) - threshold
+    lo, hi, p = stats.interval(point, reps - threshold, "percentile", alpha)
+    se = float(np.std(reps, ddof=1)) if n_boot > 1 else 0.0
+    return stats.Estimate(
+        metric=metric,
+        point=point,
+        lo=lo,
+        hi=hi,
+        corrected=point,
+        p=p,
+        se=se,
+        mde=stats.mde(se, alpha),
+        method="percentile",
+        seeds="single",
+        n_questions=int(x.size),
+        n_seeds=(1,),
+        alpha=alpha,
+    )
+
+
+def common_questions(
+    a: Sequence[Mapping], b: Sequence[Mapping]
+) -> tuple[list[Mapping], list[Mapping]]:
+    """The records of ``a`` and ``b`` restricted to the questions both answered (by id), in the
+    same order: what a paired comparison of two settings on one test set needs."""
+    ids = sorted({str(r["id"]) for r in a} & {str(r["id"]) for r in b})
+    if not ids:
+        raise FirstError("the two record sets share no question")
+    by_a = {str(r["id"]): r for r in a}
+    by_b = {str(r["id"]): r for r in b}
+    return [by_a[i] for i in ids], [by_b[i] for i in ids]
+
+
+def interval_method(est: Any) -> str:
+    """A short name of the interval behind an estimate."""
+    method = getattr(est, "method", "percentile")
+    return "bias-corrected basic bootstrap" if method == "basic" else "percentile bootstrap"
+
+
+# --------------------------------------------------------------------------- deciding
+
+
+def decide(items: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Verdicts of named claims {name: {"claim": stats.Claim, "estimate", "testable"}}: Holm
+    over the testable primary claims (`stats.decide_all`), the five verdicts of `stats`."""
+    return stats.decide_all(
+        {k: (v["claim"], v["estimate"]) for k, v in items.items()},
+        testable={k: bool(v.get("testable", True)) for k, v in items.items()},
+    )
+
+
+def combine(verdicts: Sequence[str]) -> str:
+    """The verdict of a conjunction ("FIRST beats all three"): not testable if any part is; all
+    reproduced: reproduced; any contradicted: contradicted; all ruling out: rules out; else too
+    noisy to tell."""
+    if not verdicts:
+        raise FirstError("no verdicts to combine")
+    if any(v == stats.NOT_TESTABLE for v in verdicts):
+        return stats.NOT_TESTABLE
+    if all(v == stats.REPRODUCED for v in verdicts):
+        return stats.REPRODUCED
+    if any(v == stats.CONTRADICTED for v in verdicts):
+        return stats.CONTRADICTED
+    if all(v == stats.RULES_OUT for v in verdicts):
+        return stats.RULES_OUT
+    return stats.TOO_NOISY
+
+
+# --------------------------------------------------------------------------- sentences
+
+_TEMPLATES = {
+    stats.REPRODUCED: "This build reproduces the claim that {subject}.",
+    stats.CONTRADICTED: "This build contradicts the claim that {subject}: the difference goes the "
+    "other way.",
+    stats.RULES_OUT: "This build rules out the paper's effect size for the claim that {subject}: "
+    "the effect, if any, is smaller than the paper's.",
+    stats.TOO_NOISY: "This build is too noisy to tell whether {subject}.",
+    stats.NOT_TESTABLE: "This build finds the claim that {subject} not testable here: a model it "
+    "depends on did not learn.",
+}
+SHORT = {
+    stats.REPRODUCED: "reproduced",
+    stats.CONTRADICTED: "contradicted",
+    stats.RULES_OUT: "rules out the paper's size",
+    stats.TOO_NOISY: "too noisy to tell",
+    stats.NOT_TESTABLE: "not testable here",
+}
+# Words that state a conclusion: hand-written prose must not use them (tests/test_book.py).
+VERDICT_WORDS = (
+    r"reproduc(?:es|ed)",
+    r"contradict(?:s|ed)",
+    r"confirm(?:s|ed|ing)?",
+    r"rules? out",
+    r"too noisy",
+    r"not testable",
+    r"inconclusive",
+    r"refut(?:es|ed)",
+)
+
+
+def sentence(subject: str, verdict: str) -> str:
+    """The sentence stating ``verdict`` on the claim that ``subject`` (a clause: "FIRST is better
+    calibrated than Fine-tune on CSQA")."""
+    if verdict not in _TEMPLATES:
+        raise FirstError(f"unknown verdict {verdict!r}; use one of {', '.join(stats.VERDICTS)}")
+    return _TEMPLATES[verdict].format(subject=subject)
+
+
+def counts_sentence(counts: Mapping[str, int], what: str = "claims") -> str:
+    """'Of the 12 claims: 3 reproduced, 1 contradicted, ...' (every verdict, zeros included)."""
+    n = sum(int(counts.get(v, 0)) for v in stats.VERDICTS)
+    parts = ", ".join(f"{int(counts.get(v, 0))} {v}" for v in stats.VERDICTS)
+    return f"Of the {n} {what}: {parts}."
+
+
+# --------------------------------------------------------------------------- chapters
+
+
+def first_gains(
+    records: Mapping[str, Sequence[Mapping]],
+    others: Sequence[str] = ("finetune", "distill", "distill_ls"),
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, stats.Estimate]]:
+    """FIRST's paired advantage over each other student present in ``records``, as
+    `stats.Estimate` (bias-corrected interval for ECE): {other: {"ece": ECE(other) -
+    ECE(FIRST), "acc": Acc(FIRST) - Acc(other), "trust": Trust(FIRST) - Trust(other)}}.
+    Positive is better for FIRST throughout."""
+    first = records["first_ts"]
+    out = {}
+    for v in others:
+        if v not in records:
+            continue
+        out[v] = {
+            "ece": stats.compare(records[v], first, "ece", n_boot=n_boot, seed=seed),
+            "acc": stats.compare(first, records[v], "acc", n_boot=n_boot, seed=seed),
+            "trust": stats.compare(first, records[v], "trust", n_boot=n_boot, seed=seed),
+        }
+    return out
+
+
+def verdict_of(
+    est: Any,
+    models: Iterable[str] = (),
+    checks: Mapping[str, Mapping[str, Any]] | None = None,
+    direction: str = "above",
+    effect: float | None = None,
+    threshold: float = 0.0,
+) -> str:
+    """The verdict of one secondary claim as the chapters state it (`stats.decide`, no
+    multiplicity correction: the primary family is decided in paper_vs_reproduction): the
+    difference ``est`` (minus ``threshold``) against 0 on ``direction``, not testable when one
+    of ``models`` did not learn (`training_checks` ``checks``)."""
+    ok = testability(models, checks)[0] if checks is not None else True
+    shifted = SimpleNamespace(lo=est.lo - threshold, hi=est.hi - threshold)
+    return stats.decide(shifted, stats.Claim(direction, effect), testable=ok)
