@@ -138,6 +138,8 @@ def run_setting(
     t0 = time.perf_counter()
     results = pipeline.run(profile, setting, out=out, log=messages.append, **overrides)
     results = dict(results)
+    clock = out / "clock.json"  # the estimates, kept apart from results.json (machine-specific)
+    results["_clock"] = json.loads(clock.read_text()) if clock.is_file() else {}
     results["_log"] = messages
     results["_seconds"] = round(time.perf_counter() - t0, 2)
     return results
@@ -198,13 +200,14 @@ def stage_folder(results: Mapping[str, Any], stage: str) -> Path | None:
 
 
 def stage_costs(results: Mapping[str, Any]) -> list[dict]:
-    """Per stage of a run: the time estimated before it ran (`clock.json`), the time it took
+    """Per stage of a run (as `run_setting` returns it, with the run folder's `clock.json` under
+    `_clock`): the time estimated before it ran, the time it took
     (`wall_seconds` in its meta.json), and its utilisation (`perf.mfu`, `perf.pad_fraction`)
     where the stage recorded them."""
     from first_lib.pipeline import is_done, read_meta
 
     rows = []
-    for stage, est in (results.get("clock") or {}).items():
+    for stage, est in (results.get("_clock") or {}).items():
         folder = stage_folder(results, stage)
         meta = read_meta(folder) if folder is not None and is_done(folder) else {}
         perf = meta.get("perf") or {}

@@ -1020,9 +1020,8 @@ def _run(prof: Profile, setting: str, out: Path | None, until: str | None, log) 
         return result
 
     data = timed("data", load_questions, prof, setting)
-    clock_record = (
-        _start_clock(prof, setting, precision, data, out, log) if acc.is_main_process else {}
-    )
+    if acc.is_main_process:  # estimates go to out/clock.json, apart from the results
+        _start_clock(prof, setting, precision, data, out, log)
 
     def stages() -> dict:
         tiny_dir = None
@@ -1174,7 +1173,6 @@ def _run(prof: Profile, setting: str, out: Path | None, until: str | None, log) 
             "baselines": results_by_test[first_test]["baselines"],
             "by_test": results_by_test,
             "artefacts": {k: str(v) for k, v in {**model_dirs, "store": store}.items()},
-            "clock": clock_record,
         }
         if out is not None and acc.is_main_process:
             folder = Path(out)
