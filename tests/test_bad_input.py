@@ -317,7 +317,7 @@ def test_negative_size(home, run_in):
 
 def test_unknown_prompt_style(home, run_in):
     msg = run_in(["run", "--profile", "tiny", "--set", "style=x"], home)
-    assert msg == "first: error: style = 'x' must be one of plain, chat, auto"
+    assert msg == "first: error: style = 'x' must be one of plain, chat, chat-nosys, auto"
 
 
 def test_negative_threads(home, run_in):
