@@ -236,9 +236,12 @@ def _evaluated(prof, setting: str) -> list[tuple[str, str]]:
 # ----------------------------------------------------------------------------- rates
 
 
-def recorded_mfu(kind: str, precision: str, hardware: str | None = None) -> list[float]:
+def recorded_mfu(
+    kind: str, precision: str, hardware: str | None = None, shape: flops.Shape | None = None
+) -> list[float]:
     """`mfu` of every finished stage of `kind` at `precision` under $FIRST_HOME/runs (this
-    machine's, when `hardware` matches what the record names)."""
+    machine's, when `hardware` matches what the record names; of a model of `shape` when one is
+    given: a tiny model's share of the peak says nothing about a real one's)."""
     from first_lib.paths import first_home
 
     out = []
@@ -253,6 +256,8 @@ def recorded_mfu(kind: str, precision: str, hardware: str | None = None) -> list
             continue
         if hardware and perf.get("hardware") not in (None, hardware):
             continue
+        if shape is not None and perf.get("shape") != shape.to_dict():
+            continue
         out.append(float(perf["mfu"]))
     return out
 
@@ -262,12 +267,16 @@ def _kind_of(artefact: str) -> str:
     return {"teacher": "train", "finetune": "train", "distill": "train"}.get(stage, stage)
 
 
-def rate(kind: str, precision: str, device: str = "cpu") -> tuple[float, str]:
-    """GFLOP/s a stage of `kind` is expected to reach here, and where that figure comes from."""
+def rate(
+    kind: str, precision: str, device: str = "cpu", shape: flops.Shape | None = None
+) -> tuple[float, str]:
+    """GFLOP/s a stage of `kind` on a model of `shape` is expected to reach here, and where that
+    figure comes from."""
     from first_lib import device as device_mod
 
     peak = flops.peak_gflops(precision, device)
-    seen = recorded_mfu(kind, precision, device_mod.cpu_model() if device == "cpu" else None)
+    hardware = device_mod.cpu_model() if device == "cpu" else None
+    seen = recorded_mfu(kind, precision, hardware, shape)
     if seen:
         mfu = statistics.median(seen)
         return peak * mfu, f"mfu {mfu:.3f} (median of {len(seen)} runs here)"
@@ -301,7 +310,7 @@ def estimate(prof, setting: str, precision: str | None = None, data=None) -> lis
         if w.kind == "calibrate":
             rows.append({**row, "seconds": 1.0, "gflop": 0.0, "done": done, "basis": ""})
             continue
-        gflops, basis = rate(w.kind, precision, dev)
+        gflops, basis = rate(w.kind, precision, dev, flops.shape_of(w.source))
         row.update(
             seconds=round(w.gflop / gflops + w.overhead_s, 1),
             gflop=round(w.gflop, 1),

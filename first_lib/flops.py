@@ -303,10 +303,12 @@ class Tally:
             self.seconds += time.perf_counter() - t0
 
     def record(self, precision: str, device: str = "cpu") -> dict:
-        """The stage's `perf` dict (see `perf_record`)."""
-        return perf_record(
+        """The stage's `perf` dict (see `perf_record`), with the model's shape: a share of the
+        peak is only a guide for models of the same size."""
+        perf = perf_record(
             self.flops, self.seconds, self.real_tokens, self.computed_tokens, precision, device
         )
+        return {**perf, "shape": self.shape.to_dict()}
 
 
 def _sync(device: str) -> None:

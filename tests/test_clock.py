@@ -54,11 +54,14 @@ def test_this_machines_records_replace_the_prior(home):
     assert "prior" in basis
     folder = home / "runs" / "finetune-abc"
     folder.mkdir(parents=True)
-    perf = {"mfu": 0.4, "precision": "bf16", "kind": "train"}
+    student = flops.shape_of("qwen2.5-coder-0.5b-instruct")
+    perf = {"mfu": 0.4, "precision": "bf16", "kind": "train", "shape": student.to_dict()}
     (folder / "meta.json").write_text(json.dumps({"perf": perf}))
-    gflops, basis = clock.rate("train", "bf16")
+    gflops, basis = clock.rate("train", "bf16", shape=student)
     assert gflops == pytest.approx(400.0) and "median of 1" in basis
-    assert "prior" in clock.rate("train", "fp32")[1]  # another precision's record does not count
+    assert "prior" in clock.rate("train", "fp32", shape=student)[1]  # another precision's
+    teacher = flops.shape_of("qwen2.5-coder-1.5b-instruct")
+    assert "prior" in clock.rate("train", "bf16", shape=teacher)[1]  # another model's
 
 
 def test_done_stages_cost_nothing_and_shared_artefacts_count_once(home):
