@@ -107,28 +107,19 @@ def reliability_diagram(
 
     _style_axis(ax)
     ax.bar(centers, acc, width=width * 0.95, color=PALETTE["accuracy"], label="Accuracy")
-    ax.bar(
-        centers,
-        np.where(over, gap_height, 0.0),
-        bottom=gap_bottom,
-        width=width * 0.95,
-        color=PALETTE["over"],
-        alpha=0.55,
-        hatch="//",
-        edgecolor=PALETTE["over"],
-        label="Over-confident",
-    )
-    ax.bar(
-        centers,
-        np.where(under, gap_height, 0.0),
-        bottom=gap_bottom,
-        width=width * 0.95,
-        color=PALETTE["under"],
-        alpha=0.55,
-        hatch="\\\\",
-        edgecolor=PALETTE["under"],
-        label="Under-confident",
-    )
+    gaps = [(over, "over", "//", "Over-confident"), (under, "under", "\\\\", "Under-confident")]
+    for side, colour, hatch, label in gaps:  # the gap to the diagonal, each way
+        ax.bar(
+            centers,
+            np.where(side, gap_height, 0.0),
+            bottom=gap_bottom,
+            width=width * 0.95,
+            color=PALETTE[colour],
+            alpha=0.55,
+            hatch=hatch,
+            edgecolor=PALETTE[colour],
+            label=label,
+        )
     ax.plot([0, 1], [0, 1], linestyle="--", color="0.3", linewidth=1.2, label="Perfect")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
