@@ -84,7 +84,8 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 def full_softmax(model, ex: dict) -> torch.Tensor:
-    """Reference: fp32 probabilities [T, V] from the plain forward pass."""
+    """Reference: fp32 probabilities [T, V] from the plain forward pass. An independent
+    reference on purpose (no extraction code): the stored top-k is checked against it."""
     with torch.inference_mode():
         logits = model(torch.tensor([ex["input_ids"]])).logits[0]
     return logits.double().softmax(-1).float()

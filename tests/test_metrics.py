@@ -80,12 +80,15 @@ def test_bin_edges_are_left_closed_at_m_over_m():
         e = np.arange(m + 1) / m
         x = np.concatenate([np.random.default_rng(m).random(10_000), e, np.nextafter(e, 2)])
         x = np.clip(x, 0, 1)
+        # An independent reference on purpose (searchsorted on the edges), not the library's
+        # floor-and-correct code: the two must agree everywhere, edges included.
         ref = np.clip(np.searchsorted(e, x, side="right") - 1, 0, m - 1)
         assert (bin_indices(x, m) == ref).all()
         assert (bin_indices(x.astype(np.float32), m) == ref_f32(x, e, m)).all()
 
 
 def ref_f32(x: np.ndarray, e: np.ndarray, m: int) -> np.ndarray:
+    """Independent reference on purpose: the bin of each float32 confidence by searchsorted."""
     x32 = x.astype(np.float32).astype(np.float64)
     return np.clip(np.searchsorted(e, x32, side="right") - 1, 0, m - 1)
 
@@ -294,7 +297,11 @@ def test_per_question_scores_average_to_brier_and_nll():
 
 def _naive_smece(f, y, sigma=None, grid=1001):
     """Smooth ECE straight from the definition: the reflected kernel at every (t, f_i), no
-    binning of the confidences, a fine trapezoid over t, bisection for the fixed point."""
+    binning of the confidences, a fine trapezoid over t, bisection for the fixed point.
+
+    An independent reference implementation on purpose (slow and simple, sharing no code with
+    `first_lib.metrics.smooth`), to cross-check the library's FFT-on-a-grid version; do not
+    replace it with a call to the library."""
     f = np.asarray(f, float)
     r = np.asarray(y, float) - f
     t = np.linspace(0, 1, grid)[:, None]
