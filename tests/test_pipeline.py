@@ -75,20 +75,24 @@ def test_results_hold_the_whole_resolved_config(tiny_run):
     assert profile_from_dict(res["config"]) == for_setting(get_profile("tiny"), "csqa")
 
 
-def test_another_seed_trains_differently_on_the_same_questions(tiny_run):
+def test_another_seed_trains_differently_on_the_same_questions(tiny_run, tmp_path):
     """`--set seed=1` changes the adapter initialisation and the batch order of every trained
     model (other losses from the first step), not the questions."""
+    import shutil
+
     res = json.loads((tiny_run["out"] / "results.json").read_text())
+    home = tmp_path / "home"  # a copy: the seed-1 artefacts stay out of the shared run's home
+    shutil.copytree(tiny_run["env"]["FIRST_HOME"], home, symlinks=True)
     cmd = [sys.executable, "-m", "first_lib.cli", "finetune", "--profile", "tiny"]
     cmd += ["--setting", "csqa", "--set", "seed=1"]
-    proc = subprocess.run(cmd, env=tiny_run["env"], capture_output=True, text=True, cwd=REPO)
+    env = {**tiny_run["env"], "FIRST_HOME": str(home)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    home = Path(tiny_run["env"]["FIRST_HOME"])
     metas = {
         p.parent.name: json.loads(p.read_text())
         for p in (home / "runs").glob("finetune-*/meta.json")
     }
-    seed0 = Path(res["artefacts"]["finetune"]).name
+    seed0 = Path(res["artefacts"]["finetune"]).name  # the same name in the copy
     (seed1,) = [name for name, m in metas.items() if m["key"]["train"]["seed"] == 1]
     assert metas[seed0]["key"]["train"]["seed"] == 0
     assert metas[seed0]["key"]["data"] == metas[seed1]["key"]["data"]  # the same questions
