@@ -93,7 +93,7 @@ def missing_work(profile: str, setting: str, **overrides) -> list[str]:
 
 def compute_time(profile: str, setting: str, **overrides) -> str:
     """How long the missing work of a run would take here, as a phrase."""
-    from first_lib import clock
+    from first_lib.pipeline import clock
     from first_lib.profiles import for_setting, get_profile
 
     prof = for_setting(get_profile(profile, **overrides), setting)

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from first_lib.config import KINDS, check_coefficient
 from first_lib.errors import FirstError
 from first_lib.metrics import check_probs, to_numpy
 
@@ -42,7 +43,6 @@ __all__ = [
 ]
 
 Kind = Literal["none", "ts", "power", "ls"]
-KINDS: tuple[str, ...] = ("none", "ts", "power", "ls")
 
 # Default coarse grids (inclusive) per transform. TS: the paper's (0, 1] in steps of 0.1 (c = 0
 # is undefined). Power: T in [0.1, 3] (T < 1 sharpens, T > 1 flattens; fine-tuned models are
@@ -55,28 +55,8 @@ DEFAULT_GRIDS: dict[str, tuple[float, float]] = {
 }
 
 
-_COEF_NAMES = {"ts": "temperature c", "power": "power-scaling T", "ls": "label-smoothing delta"}
-
-
 def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch")
-
-
-def check_coefficient(kind: str, coef: float | None) -> None:
-    """Raise `FirstError` unless ``coef`` is valid for ``kind`` (c > 0, T > 0, 0 <= delta < 1)."""
-    if kind not in KINDS:
-        raise FirstError(f"unknown calibration kind {kind!r}; expected one of {KINDS}")
-    if kind == "none":
-        return
-    if coef is None or not np.isfinite(float(coef)):
-        raise FirstError(f"{_COEF_NAMES[kind]} must be a finite number, got {coef!r}")
-    coef = float(coef)
-    if kind == "ts" and coef <= 0:
-        raise FirstError(f"temperature c must be > 0 (eq. 4 divides by it), got {coef}")
-    if kind == "power" and coef <= 0:
-        raise FirstError(f"power-scaling temperature T must be > 0, got {coef}")
-    if kind == "ls" and not 0.0 <= coef < 1.0:
-        raise FirstError(f"label-smoothing delta must satisfy 0 <= delta < 1, got {coef}")
 
 
 def _float_numpy(probs: Any) -> np.ndarray:

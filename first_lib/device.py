@@ -21,9 +21,9 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
+from first_lib.config import PRECISIONS, check_precision  # noqa: F401 - used by callers
 from first_lib.errors import FirstError
 
-PRECISIONS = ("auto", "fp32", "bf16")
 ENV_VAR = "FIRST_PRECISION"
 
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below which oneDNN has no native bf16 kernels: a user who
@@ -99,12 +99,6 @@ def default_device():
 
 
 # ----------------------------------------------------------------------------- precision
-
-
-def check_precision(value: str, where: str = "precision") -> str:
-    if value not in PRECISIONS:
-        raise FirstError(f"{where} = {value!r}: choose one of {', '.join(PRECISIONS)}")
-    return value
 
 
 def requested_precision(value: str | None = None) -> str:

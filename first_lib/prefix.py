@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from first_lib import fsio
+from first_lib import artefacts, fsio
 
 STATES_FILE = "states.safetensors"
 # Examples per batch when bottom states are computed: one fixed size, so that an entry's values
@@ -255,8 +255,6 @@ def cache_key(
     bottom layers and of the embedding rows of the tokens in `seqs`), the precision (weight
     dtype and autocast), the device type, the split (N, N - L), the bottom's config, the token
     ids and this module's code. Not the top layers, the LM head or any adapter."""
-    from first_lib import pipeline
-
     dec = decoder(model)
     used = {int(t) for seq in seqs for t in seq}
     return {
@@ -268,7 +266,7 @@ def cache_key(
         "config": _bottom_config(model, n_bottom),
         "tokens": tokens_hash(seqs),
         "n": len(seqs),
-        "code": pipeline.code_version(["first_lib.prefix"]),
+        "code": artefacts.code_version(["first_lib.prefix"]),
     }
 
 
@@ -308,13 +306,11 @@ def _load(folder: Path, key: dict) -> tuple[list[torch.Tensor] | None, str | Non
     checked against meta.json before it is read."""
     from safetensors.torch import load_file
 
-    from first_lib import pipeline
-
     if not folder.exists():
         return None, "missing"
-    if not pipeline.is_done(folder, key):
+    if not artefacts.is_done(folder, key):
         return None, "meta.json is missing, corrupt, of another key or its files differ"
-    table = pipeline.read_meta(folder)["files"]
+    table = artefacts.read_meta(folder)["files"]
     problem = fsio.table_problem(folder, table, hashes=True)
     if problem is not None:
         return None, problem
@@ -343,10 +339,8 @@ def cached_bottom_states(
     asking for the same entry take turns (a lock file): the first computes, the others read."""
     if root is None:
         return bottom_states(model, seqs, n_bottom, autocast=autocast)
-    from first_lib import pipeline
-
     key = cache_key(model, seqs, n_bottom, autocast)
-    folder = Path(root) / pipeline.config_hash(key)
+    folder = Path(root) / artefacts.config_hash(key)
     device = decoder(model).embed_tokens.weight.device
     with fsio.file_lock(folder.with_name(folder.name + ".lock")):
         states, problem = _load(folder, key)

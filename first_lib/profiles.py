@@ -10,41 +10,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-from first_lib import device
+from first_lib.config import (
+    STYLES,  # noqa: F401 - the prompt styles, for callers that check a style
+    Profile,
+    TrainConfig,
+    check_profile,
+    with_training_seed,
+)
 from first_lib.errors import FirstError
-from first_lib.train import TrainConfig
-
-
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    teacher: str  # an asset name, hub id, local path, or "tiny:teacher"
-    student: str
-    n_train: int | None  # None: the whole split
-    n_val: int | None
-    n_test: int | None
-    teacher_train: TrainConfig
-    student_train: TrainConfig
-    k: int = 5
-    style: str = "auto"  # prompt style: plain | chat | chat-nosys | auto
-    max_length: int = 512
-    extract_batch: int = 8
-    eval_batch: int = 8
-    n_boot: int = 1000
-    seed: int = 0
-    params_b: tuple[float, float] = (1.78, 0.63)  # teacher, student (billions), for --dry-run
-    threads: int = 0  # torch threads (0: torch's default); tiny models run best on one
-    # auto | fp32 | bf16; None: $FIRST_PRECISION, else auto (bf16 on GPUs and on CPUs with AMX or
-    # AVX512-BF16, fp32 elsewhere). The resolved precision is part of every artefact key.
-    precision: str | None = None
-    baselines: bool = (
-        True  # also evaluate the untuned teacher and student (the miscalibration chapter)
-    )
-    note: str = ""
-    per_setting: dict = field(default_factory=dict)  # setting -> overrides of n_* / max_length
-
 
 _PAPER_TRAIN = dict(lr=2e-5, epochs=3, batch_size=32, warmup_ratio=0.03, adam_eps=1e-6)
 
@@ -172,44 +147,6 @@ def _coerce(key: str, value, annotation: str):
     return value
 
 
-# the prompt styles of first_lib.tasks (not imported here)
-STYLES = ("plain", "chat", "chat-nosys", "auto")
-
-
-def check_profile(prof: Profile) -> Profile:
-    """Refuse (FirstError) values no stage can run with, before anything is loaded."""
-    for name in ("teacher_train", "student_train"):
-        loss = getattr(prof, name).loss
-        if loss != "ce":
-            raise FirstError(
-                f"{name}.loss = {loss!r}: the fine-tuning stages train with loss=ce; the distill "
-                "stages set loss=kd themselves"
-            )
-    if prof.style not in STYLES:
-        raise FirstError(f"style = {prof.style!r} must be one of {', '.join(STYLES)}")
-    for name in ("n_train", "n_val", "n_test"):
-        n = getattr(prof, name)
-        if n is not None and n < 1:
-            raise FirstError(
-                f"{name} = {n} leaves the {name[2:]} split empty; give at least 1 (or null: all)"
-            )
-    if prof.k < 1:
-        raise FirstError(f"k = {prof.k}: the teacher's top-k needs k >= 1 (the paper's k is 5)")
-    if prof.max_length < 2:
-        raise FirstError(f"max_length = {prof.max_length} must be at least 2")
-    if prof.extract_batch < 1 or prof.eval_batch < 1:
-        raise FirstError("extract_batch and eval_batch must be >= 1")
-    if prof.n_boot < 1:
-        raise FirstError(f"n_boot = {prof.n_boot} must be >= 1")
-    if prof.precision is not None:
-        device.check_precision(prof.precision)
-    if prof.threads < 0:
-        raise FirstError(f"threads = {prof.threads} must be >= 0 (0: torch's default)")
-    if len(prof.params_b) != 2 or min(prof.params_b) <= 0:
-        raise FirstError("params_b must be two positive sizes in billions: [teacher, student]")
-    return prof
-
-
 def get_profile(name: str | None, **overrides) -> Profile:
     """A profile by name, with optional field overrides: `n_train=100`, or a training field
     through a dotted key, `**{"student_train.batch_size": 4}`. Values are checked for type and
@@ -230,6 +167,11 @@ def get_profile(name: str | None, **overrides) -> Profile:
         if field_name:
             if head not in ("teacher_train", "student_train"):
                 raise FirstError(f"unknown profile key {key!r}")
+            if field_name == "seed":
+                raise FirstError(
+                    f"{key!r}: set the training seed of every model with --set seed=N (and the "
+                    "question subsets with --set data_seed=N)"
+                )
             if field_name not in TrainConfig.__dataclass_fields__:
                 raise FirstError(
                     f"unknown profile key {key!r} ({field_name!r} is no training field)"
@@ -243,7 +185,7 @@ def get_profile(name: str | None, **overrides) -> Profile:
             flat[head] = replace(flat.get(head, getattr(prof, head)), **fields)
         except FirstError as err:  # TrainConfig's own checks: say which profile key
             raise FirstError(f"{head}: {err}") from None
-    return check_profile(replace(prof, **flat)) if flat else prof
+    return with_training_seed(check_profile(replace(prof, **flat)) if flat else prof)
 
 
 def for_setting(prof: Profile, setting: str) -> Profile:
@@ -253,4 +195,4 @@ def for_setting(prof: Profile, setting: str) -> Profile:
     unknown = sorted(set(extra) - set(Profile.__dataclass_fields__))
     if unknown:
         raise FirstError(f"unknown profile key {unknown[0]!r} in per_setting[{setting!r}]")
-    return check_profile(replace(prof, **extra)) if extra else prof
+    return with_training_seed(check_profile(replace(prof, **extra)) if extra else prof)

@@ -19,7 +19,6 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,79 +28,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from first_lib import calibration, fsio, losses, prefix
+from first_lib.config import TrainConfig
 from first_lib.errors import FirstError
 
 Example = dict  # {"id": str, "input_ids": list[int], "target_mask": list[bool]}
 TeacherLookup = Callable[[int], tuple[np.ndarray, np.ndarray]]  # i -> (ids [n,k], probs [n,k])
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one training run (defaults: the paper's, sec. 5.1)."""
-
-    loss: str = field(default="ce", metadata={"help": "ce (hard labels) or kd (KL on top-k)"})
-    lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
-    epochs: float = field(default=3.0, metadata={"help": "passes over the training set"})
-    batch_size: int = field(default=32, metadata={"help": "examples per device per micro-step"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "linear warm-up fraction"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-6
-    max_grad_norm: float = field(default=1.0, metadata={"help": "clip; 0 disables"})
-    lora_r: int = field(default=0, metadata={"help": "0: full fine-tuning; >0: LoRA rank"})
-    lora_alpha: int = 32
-    lora_layers: int = field(
-        default=0,
-        metadata={
-            "help": "LoRA only: adapt the top N decoder layers (0: all); "
-            "backprop then stops at the lowest adapted layer"
-        },
-    )
-    lora_targets: tuple[str, ...] = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "up_proj",
-        "down_proj",
-        "gate_proj",
-    )
-    train_embeddings: bool = field(
-        default=True, metadata={"help": "full FT only: also train the input embedding matrix"}
-    )
-    kd_normalize: str = field(default="renorm", metadata={"help": "renorm | tail | full"})
-    kd_reduction: str = field(default="mean", metadata={"help": "mean | sum_per_batch"})
-    transform: str = field(default="none", metadata={"help": "none | ts | ls | power (KD only)"})
-    coef: float = field(default=1.0, metadata={"help": "c for ts, delta for ls, T for power"})
-    seed: int = 0
-    save_every: int = field(default=50, metadata={"help": "optimizer steps between checkpoints"})
-    max_steps: int = field(default=0, metadata={"help": ">0 caps the optimizer steps"})
-
-    def __post_init__(self) -> None:
-        if self.loss not in ("ce", "kd"):
-            raise FirstError(f"loss must be 'ce' or 'kd', got {self.loss!r}")
-        if self.lr <= 0 or self.epochs <= 0 or self.batch_size < 1 or self.grad_accum < 1:
-            raise FirstError("lr and epochs must be > 0, batch_size and grad_accum >= 1")
-        if not 0 <= self.warmup_ratio < 1:
-            raise FirstError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.kd_normalize not in ("renorm", "tail", "full"):
-            raise FirstError(f"kd_normalize must be renorm|tail|full, got {self.kd_normalize!r}")
-        if self.kd_reduction not in ("mean", "sum_per_batch"):
-            raise FirstError(f"kd_reduction must be mean|sum_per_batch, got {self.kd_reduction!r}")
-        if self.transform not in ("none", "ts", "ls", "power"):
-            raise FirstError(f"transform must be none|ts|ls|power, got {self.transform!r}")
-        calibration.check_coefficient(self.transform, self.coef)  # c > 0, 0 <= delta < 1
-        for name in ("lora_r", "lora_layers", "max_steps"):
-            if getattr(self, name) < 0:
-                raise FirstError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.save_every < 1:
-            raise FirstError(f"save_every must be >= 1, got {self.save_every}")
-        self.lora_targets = tuple(self.lora_targets)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ----------------------------------------------------------------------------- batching

@@ -375,7 +375,7 @@ def record_timing(results_dir: Path, chapter: str, seconds: float, forced: bool)
 
 def print_estimate(profile: str, precision: str) -> None:
     """Say before anything runs how long the book's missing runs will take on this machine."""
-    from first_lib import clock
+    from first_lib.pipeline import clock
 
     minutes, per = clock.book_estimate(profile, precision)
     if not per:

@@ -339,13 +339,13 @@ def test_unknown_key_in_per_setting(home, run_in):
 
 def test_bad_values_fail_before_anything_loads(home, run_in, monkeypatch):
     """The profile checks run before data, tokenizers or models are touched."""
-    from first_lib import pipeline
+    from first_lib.pipeline import runner, stages
 
     def loaded(*a, **kw):
         raise AssertionError("data loaded before the profile was checked")
 
-    monkeypatch.setattr(pipeline, "load_questions", loaded)
-    monkeypatch.setattr(pipeline, "accelerator", loaded)
+    monkeypatch.setattr(runner, "load_questions", loaded)
+    monkeypatch.setattr(stages, "accelerator", loaded)
     for bad in ("student_train.loss=kd", "style=x", "threads=-1", "k=1.5", "foo=1"):
         run_in(["run", "--profile", "tiny", "--set", bad], home)
 

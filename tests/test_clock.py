@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from first_lib import clock, flops, pipeline
+from first_lib import flops, pipeline
+from first_lib.pipeline import clock
 from first_lib.profiles import for_setting, get_profile
 from tests.conftest import isolated_home
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from first_lib import pipeline
+from first_lib import artefacts, pipeline
 from first_lib.profiles import get_profile
 
 CODE = '''"""A module."""
@@ -70,7 +70,7 @@ def _names(precision: str = "fp32") -> dict[str, str]:
 
 def _changed_when(monkeypatch, module: str) -> set[str]:
     before = _names()  # fills the per-module cache
-    monkeypatch.setitem(pipeline._MODULE_HASHES, module, "0" * 64)  # "new code" of `module`
+    monkeypatch.setitem(artefacts._MODULE_HASHES, module, "0" * 64)  # "new code" of `module`
     after = _names()
     assert set(before) == set(after)
     return {label for label in before if before[label] != after[label]}

@@ -129,7 +129,7 @@ def test_crash_point_exits_137_at_the_nth_time_only():
 def test_every_crash_point_is_registered_and_placed():
     """The names passed to `crash_point` in the project are exactly `CRASH_POINTS`."""
     used = set()
-    for path in Path(fsio.__file__).parent.glob("*.py"):
+    for path in Path(fsio.__file__).parent.rglob("*.py"):  # packages too
         for node in ast.walk(ast.parse(path.read_text())):
             if (
                 isinstance(node, ast.Call)

@@ -66,6 +66,39 @@ def test_tiny_run_schema(tiny_run):
         assert v["acc_ci"][0] <= v["acc"] <= v["acc_ci"][1] + 1e-12
 
 
+def test_results_hold_the_whole_resolved_config(tiny_run):
+    """results.json's `config` is the resolved profile, loadable back as it was."""
+    from first_lib.config import profile_from_dict
+    from first_lib.profiles import for_setting, get_profile
+
+    res = json.loads((tiny_run["out"] / "results.json").read_text())
+    assert profile_from_dict(res["config"]) == for_setting(get_profile("tiny"), "csqa")
+
+
+def test_another_seed_trains_differently_on_the_same_questions(tiny_run, tmp_path):
+    """`--set seed=1` changes the adapter initialisation and the batch order of every trained
+    model (other losses from the first step), not the questions."""
+    import shutil
+
+    res = json.loads((tiny_run["out"] / "results.json").read_text())
+    home = tmp_path / "home"  # a copy: the seed-1 artefacts stay out of the shared run's home
+    shutil.copytree(tiny_run["env"]["FIRST_HOME"], home, symlinks=True)
+    cmd = [sys.executable, "-m", "first_lib.cli", "finetune", "--profile", "tiny"]
+    cmd += ["--setting", "csqa", "--set", "seed=1"]
+    env = {**tiny_run["env"], "FIRST_HOME": str(home)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metas = {
+        p.parent.name: json.loads(p.read_text())
+        for p in (home / "runs").glob("finetune-*/meta.json")
+    }
+    seed0 = Path(res["artefacts"]["finetune"]).name  # the same name in the copy
+    (seed1,) = [name for name, m in metas.items() if m["key"]["train"]["seed"] == 1]
+    assert metas[seed0]["key"]["train"]["seed"] == 0
+    assert metas[seed0]["key"]["data"] == metas[seed1]["key"]["data"]  # the same questions
+    assert metas[seed0]["losses"][0] != metas[seed1]["losses"][0]
+
+
 def test_every_model_stage_records_its_model_work(tiny_run):
     """`perf` in the meta.json of training, extraction and every evaluation: model FLOPs, their
     rate against this machine's peak at the run's precision (mfu), and the padding share."""

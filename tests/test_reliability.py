@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from first_lib import pipeline
+from first_lib import artefacts, pipeline
 from first_lib.errors import FirstError
 from first_lib.knowledge import TopKStore
 from first_lib.profiles import get_profile
@@ -466,7 +466,7 @@ def test_damaged_file_is_moved_aside_and_recomputed(
     shutil.rmtree(home, ignore_errors=True)
     shutil.copytree(ref_home, home, symlinks=True)
     monkeypatch.setenv("FIRST_HOME", str(home))
-    monkeypatch.setattr(pipeline, "_VERIFIED", set())
+    monkeypatch.setattr(artefacts, "_VERIFIED", set())
     (art,) = [p for p in (home / "runs").glob(f"{stage}-*") if p.is_dir() and "." not in p.name]
     damage(art / rel)
     if reader == "evaluate":

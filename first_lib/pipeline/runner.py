@@ -1,0 +1,262 @@
+"""`first run`: walk the stage graph (`first_lib.pipeline.graph`), compute every artefact that is
+missing, and write `results.json` (with the whole resolved config) and `timings.json`."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from first_lib import device, fsio
+from first_lib.artefacts import UpstreamCorrupt, read_meta, verify_upstream
+from first_lib.config import Profile
+from first_lib.errors import FirstError
+from first_lib.pipeline import clock, stages
+from first_lib.pipeline.data import load_questions, test_tasks, tokenize
+from first_lib.pipeline.graph import (
+    BASELINES,
+    VARIANTS,
+    Node,
+    model_source,
+    run_artefacts,
+    run_precision,
+    stage_graph,
+)
+from first_lib.pipeline.stale import in_use
+from first_lib.profiles import for_setting, get_profile
+
+UNTIL = ("teacher", "extract", "calibrate", "finetune", "distill")  # `first <stage>` stops there
+
+
+def estimate_memory_gb(params_b: float, train: dict | None, precision: str = "bf16") -> float:
+    """Rough peak memory of a stage: weights at the run's precision (2 bytes at bf16, 4 at fp32)
+    for inference and LoRA; fp32 weights, grads and AdamW moments (16 bytes a parameter) for full
+    fine-tuning; plus 25% for activations (50% when training LoRA)."""
+    weight_bytes = 2 if precision == "bf16" else 4
+    if not train:
+        return params_b * weight_bytes * 1.25
+    if train.get("lora_r", 0) > 0:
+        return params_b * weight_bytes * 1.5
+    return params_b * 16 * 1.25
+
+
+def available_memory_gb() -> float:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.mem_get_info()[1] / 1e9
+    except Exception:  # noqa: BLE001 - no torch or no CUDA: fall back to RAM
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+
+
+def run(
+    profile: str = "cpu",
+    setting: str = "csqa",
+    out: Path | None = None,
+    until: str | None = None,
+    log=None,
+    **overrides,
+) -> dict:
+    """Run every missing stage of `profile` x `setting` and write `out/results.json`; the run's
+    artefacts are registered as in use (`first clean` keeps them) while it runs."""
+    prof = for_setting(get_profile(profile, **overrides), setting)
+    with in_use(run_artefacts(prof, setting, run_precision(prof))):
+        return _run(prof, setting, out, until, log)
+
+
+class _Run:
+    """One run's state while it walks the graph: the process, the data, what each node made."""
+
+    def __init__(self, prof: Profile, setting: str, precision: str, acc, log):
+        self.prof, self.setting, self.precision, self.acc, self.log = (
+            prof,
+            setting,
+            precision,
+            acc,
+            log,
+        )
+        self.timings: dict[str, float] = {}
+        self.made: dict[str, object] = {}  # node name -> folder, or the calibration meta
+        self.tiny_dir: Path | None = None
+        self._examples = None
+
+    def timed(self, name: str, fn, *a, **kw):
+        t0 = time.perf_counter()
+        result = fn(*a, **kw)
+        self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 2)
+        return result
+
+    def source(self, role: str) -> str:
+        return model_source(self.prof, role, self.tiny_dir)
+
+    def examples(self):
+        """The tokenizer and the tokenized training and validation examples (once)."""
+        if self._examples is None:
+            from first_lib import models
+
+            prof, src = self.prof, self.source("teacher")
+            tok = models.load_tokenizer(src)
+            models.check_same_vocabulary(tok, models.load_tokenizer(self.source("student")))
+            if prof.k > len(tok):
+                raise FirstError(
+                    f"k = {prof.k} is larger than the vocabulary ({len(tok)} tokens of {src}): "
+                    "the teacher's top-k cannot keep more tokens than it has"
+                )
+            split = {
+                s: tokenize(tok, self.data[s], prof, self.setting) for s in ("train", "validation")
+            }
+            self._examples = (tok, split)
+        return self._examples
+
+    # one method per kind of node ------------------------------------------------------------
+
+    def tiny_models(self, node: Node):
+        self.tiny_dir = stages.tiny_models(self.prof, self.setting, self.data, self.log, self.acc)
+        verify_upstream(self.tiny_dir, self.log, self.acc)  # its tokenizers are read here
+        return self.tiny_dir
+
+    def train(self, node: Node):
+        tok, split = self.examples()
+        cfg, store = node.train, None
+        if cfg.loss == "kd":
+            calib = self.made["calibrate"]
+            coef = {"none": 1.0, "ls": calib["delta"], "ts": calib["c_star"]}[cfg.transform]
+            cfg, store = replace(cfg, coef=coef), self.made["extract"] / "train"
+        args = (node.stage, node.key, self.source(node.role), tok, split["train"], cfg)
+        return self.timed(
+            node.variant, stages.stage_train, *args, self.acc, self.log, store_dir=store
+        )
+
+    def extract(self, node: Node):
+        _, split = self.examples()
+        args = (node.key, self.made["teacher"], split, self.prof, self.acc, self.log)
+        return self.timed("extract", stages.stage_extract, *args)
+
+    def calibrate(self, node: Node):
+        _, split = self.examples()
+        calib = None
+        if self.acc.is_main_process:
+            store = self.made["extract"] / "validation"
+            args = (node.key, store, split["validation"], self.log)
+            calib = self.timed("calibrate", stages.stage_calibrate, *args)
+        stages._barrier(self.acc)
+        return calib if calib is not None else read_meta(node.path)
+
+    def evaluate(self, node: Node):
+        test = node.reads[0]
+        model = node.key["model"]
+        args = (node.key, model, self.data["tests"][test], self.prof, self.acc, self.log)
+        return self.timed(f"evaluate_{test}", stages.stage_evaluate, *args)
+
+
+def _run(prof: Profile, setting: str, out: Path | None, until: str | None, log) -> dict:
+    """`run` for a resolved profile: the graph's nodes in order, then `results.json`."""
+    log = log or (lambda msg: print(f"[first] {msg}", file=sys.stderr, flush=True))
+    if until is not None and until not in UNTIL:
+        raise FirstError(f"unknown stage {until!r}; choose one of {', '.join(UNTIL)}")
+    if prof.threads:
+        import torch
+
+        torch.set_num_threads(prof.threads)
+    precision = run_precision(prof)
+    acc = stages.accelerator(precision)
+    if not acc.is_main_process:
+        log = lambda msg: None  # noqa: E731
+    log(f"precision {precision} on {acc.device} ({device.requested_precision(prof.precision)})")
+    nodes = stage_graph(prof, setting, precision)
+    needed = max(
+        estimate_memory_gb(n.params_b, n.key.get("train"), precision)
+        for n in nodes
+        if n.kind in ("train", "extract")
+    )
+    if str(acc.distributed_type).split(".")[-1] in ("FSDP", "DEEPSPEED"):
+        needed /= acc.num_processes  # sharded weights, gradients and optimizer state
+    have = available_memory_gb()
+    if needed > have:
+        raise FirstError(
+            f"profile {prof.name} needs about {needed:.0f} GB for its largest stage but this machine "
+            f"has {have:.0f} GB; use a smaller profile or a bigger machine"
+        )
+    state = _Run(prof, setting, precision, acc, log)
+    state.data = state.timed("data", load_questions, prof, setting)
+    if acc.is_main_process:  # estimates go to out/clock.json, apart from the results
+        clock.start(prof, setting, precision, state.data, out, log)
+    last = None
+    if until is not None:  # the last node of that stage (`distill`: of every distill stage)
+        last = max(i for i, n in enumerate(nodes) if n.stage.split("-")[0] == until)
+
+    def walk() -> dict:
+        for i, node in enumerate(nodes):
+            state.made[node.name] = getattr(state, node.kind.replace("-", "_"))(node)
+            if i == last:
+                return state.made["calibrate"] if until == "calibrate" else {}
+        return _results(state, nodes, out)
+
+    # An upstream artefact found corrupt when a stage reads it is moved aside; starting over
+    # recomputes it (finished, intact artefacts are skipped at the cost of a stat each).
+    for attempt in itertools.count():
+        try:
+            return walk()
+        except UpstreamCorrupt:
+            if attempt >= len(nodes) + 1:  # recomputed artefacts keep failing their checks
+                raise
+    raise AssertionError("unreachable")
+
+
+def _results(state: _Run, nodes: list[Node], out: Path | None) -> dict:
+    """results.json: the resolved config, the calibration, the store, every evaluation."""
+    prof, setting = state.prof, state.setting
+    _, split = state.examples()
+    calib, store = state.made["calibrate"], state.made["extract"]
+    by_test = {}
+    for test in test_tasks(setting):
+        evals = [n for n in nodes if n.kind == "evaluate" and n.reads[0] == test]
+        metrics = {n.variant: state.made[n.name]["metrics"] for n in evals}
+        by_test[test] = {
+            "n_test": len(state.data["tests"][test]),
+            "variants": {v: metrics[v] for v in VARIANTS},
+            "baselines": {b: metrics[b] for b in BASELINES if b in metrics},
+            "records": {n.variant: str(n.path / "records.jsonl") for n in evals},
+        }
+    store_meta = read_meta(store / "train")
+    first = by_test[test_tasks(setting)[0]]
+    models = {v: state.made[n.stage] for n in nodes if n.kind == "train" for v in [n.variant]}
+    results = {
+        "profile": prof.name,
+        "setting": setting,
+        "note": prof.note,
+        "precision": state.precision,
+        "config": prof.to_dict(),
+        "teacher": prof.teacher,
+        "student": prof.student,
+        "n_train": len(split["train"]),
+        "n_validation": len(split["validation"]),
+        "n_test": first["n_test"],
+        "c_star": calib["c_star"],
+        "delta": calib["delta"],
+        "calibration": {
+            k: calib[k] for k in ("c_star_ece", "delta_ece", "ece_renormalised_top1", "n_positions")
+        },
+        "store": {
+            "k": store_meta["k"],
+            "bytes_per_token": store_meta["bytes_per_position"],
+            "mean_topk_mass": store_meta["mean_topk_mass"],
+        },
+        "variants": first["variants"],
+        "baselines": first["baselines"],
+        "by_test": by_test,
+        "artefacts": {k: str(v) for k, v in {**models, "store": store}.items()},
+    }
+    if out is not None and state.acc.is_main_process:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, obj in (("results.json", results), ("timings.json", state.timings)):
+            # a kill never leaves half a file
+            fsio.atomic_write_json(folder / name, obj, indent=2, sort_keys=name == "results.json")
+        state.log(f"wrote {folder / 'results.json'}")
+    return results

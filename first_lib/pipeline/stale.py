@@ -1,0 +1,120 @@
+"""`first clean`: which artefacts no built-in profile and setting of this version uses, and the
+registry of runs in progress (`in_use`), whose artefacts are kept whatever their keys."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from first_lib import fsio
+from first_lib.artefacts import artefact_lock, is_done
+from first_lib.errors import FirstError
+from first_lib.paths import first_home
+from first_lib.pipeline.graph import run_artefacts
+from first_lib.profiles import PROFILES, SETTINGS, for_setting
+
+
+def live_artefacts() -> set[str]:
+    """Names of every artefact a built-in profile and setting of this version would use at either
+    precision, plus those of runs in progress (`in_use`)."""
+    names = set()
+    combos = itertools.product(PROFILES.values(), SETTINGS, ("fp32", "bf16"))
+    for base, setting, precision in combos:
+        names |= run_artefacts(for_setting(base, setting), setting, precision)
+    return names | names_in_use()
+
+
+def _in_use_dir() -> Path:
+    return first_home() / "runs" / ".in-use"
+
+
+@contextlib.contextmanager
+def in_use(names: set[str]) -> Iterator[None]:
+    """Register `names` as used by this process while the block runs: a file listing them, held
+    under an exclusive lock, so `first clean` keeps them (a run with `--set` whose keys no
+    built-in profile names included). The kernel drops the lock of a killed process."""
+    folder = _in_use_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{os.getpid()}-{time.monotonic_ns()}.json"
+    tmp = path.with_suffix(".tmp")  # locked before it gets the name `names_in_use` reads
+    with open(tmp, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.write(json.dumps(sorted(names)))
+        fh.flush()
+        os.replace(tmp, path)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def names_in_use() -> set[str]:
+    """Artefact names registered by runs in progress; registrations of dead runs are removed."""
+    names: set[str] = set()
+    folder = _in_use_dir()
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            with open(path) as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:  # held: the run is alive
+                    names.update(json.loads(path.read_text() or "[]"))
+                    continue
+                fcntl.flock(fh, fcntl.LOCK_UN)
+            path.unlink(missing_ok=True)  # nobody holds it: a run that was killed
+        except (OSError, ValueError):
+            continue
+    return names
+
+
+def _is_locked(path: Path) -> bool:
+    """Whether another process holds the lock of artefact `path` (writing it right now)."""
+    try:
+        with artefact_lock(path, wait=False):
+            return False
+    except FirstError:
+        return True
+
+
+def clean(apply: bool = False, log=print) -> tuple[list[Path], int]:
+    """The artefacts under `first_home()/runs` that no built-in profile and setting of this version
+    uses (older versions' keys, `--set` overrides), with their total size; deleted when `apply`.
+    Artefacts of runs in progress (`in_use`, e.g. with `--set`), in-progress work of a live key
+    (`.work`, `.tmp`) and anything whose lock is held are kept; folders moved aside as corrupt
+    (`.corrupt-*`) and the `.work` leftovers of finished artefacts are stale."""
+    runs = first_home() / "runs"
+    live = live_artefacts()
+    stale, total, kept = [], 0, 0
+    for path in sorted(runs.iterdir()) if runs.is_dir() else []:
+        if path.name == ".in-use":
+            continue
+        name = path.name.split(".", 1)[0]  # <stage>-<hash>, without .lock / .work / .tmp
+        aside = ".corrupt-" in path.name  # moved aside by `claim_done`: never in use
+        # the work folder of a finished artefact is left over (a kill before its removal)
+        leftover = path.name.endswith(".work") and is_done(runs / name)
+        if leftover and not _is_locked(runs / name):
+            aside = True
+        if name in live and not aside:
+            kept += 1
+            continue
+        if not aside and (runs / f"{name}.lock").exists() and _is_locked(runs / name):
+            log(f"kept {path.name}: another run holds its lock")
+            kept += 1
+            continue
+        size = fsio.dir_size(path)
+        stale.append(path)
+        total += size
+        log(f"{'removed' if apply else 'stale'}  {path.name}  {size / 1e9:.2f} GB")
+        if apply:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    verb = "removed" if apply else "would remove (run again with --yes)"
+    log(f"{verb}: {len(stale)} entries, {total / 1e9:.2f} GB; kept {kept} entries in use")
+    return stale, total
