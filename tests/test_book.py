@@ -1,5 +1,5 @@
 """Fast checks of the book: chapter structure, the build and browser-check helpers, and the
-small helpers of first_lib/book.py. Nothing here executes a chapter (see test_chapters.py)."""
+small helpers of first_lib/book/. Nothing here executes a chapter (see test_chapters.py)."""
 
 from __future__ import annotations
 

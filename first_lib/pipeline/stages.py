@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from first_lib import device, fsio, prefix
+from first_lib import device, fsio
 from first_lib.artefacts import (
     artefact_dir,
     artefact_lock,
@@ -36,6 +36,13 @@ def accelerator(precision: str):
 def model_dtype(precision: str):
     """Weights of loaded models: bf16 at bf16, fp32 at fp32."""
     return device.torch_dtype(precision)
+
+
+def _prefix_root():
+    """Where frozen bottoms are cached (`first_lib.prefix`; imported here, with torch)."""
+    from first_lib import prefix
+
+    return prefix.cache_root()
 
 
 def _barrier(acc) -> None:
@@ -142,7 +149,7 @@ def stage_train(
             work_dir=work,
             accelerator=acc,
             log=log,
-            prefix_cache=prefix.cache_root(),
+            prefix_cache=_prefix_root(),
         )
         if acc.is_main_process:
             tmp = out.with_name(out.name + ".tmp")
@@ -198,7 +205,7 @@ def stage_extract(key: dict, teacher_dir: Path, splits: dict, prof: Profile, acc
                 autocast=device.accelerator_precision(acc) == "bf16",
                 tally=tally,
                 top_layers=prefix_top_layers(prof, "teacher"),
-                prefix_cache=prefix.cache_root(),
+                prefix_cache=_prefix_root(),
             )
             _barrier(acc)
             if acc.is_main_process:
@@ -305,7 +312,7 @@ def stage_evaluate(key: dict, model_dir: str, questions: list, prof: Profile, ac
                     questions,
                     out,
                     tally=tally,
-                    prefix_cache=prefix.cache_root(),
+                    prefix_cache=_prefix_root(),
                     log=log,
                 )
                 fsio.crash_point("evaluate:records-written")

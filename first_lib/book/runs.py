@@ -1,0 +1,169 @@
+"""Runs as a chapter sees them: a setting's results, its stages' costs, its records."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from first_lib.book.labels import STUDENT_VARIANTS, VARIANT_LABELS
+from first_lib.errors import FirstError
+from first_lib.pipeline import TRANSFORM_OF
+
+ALLOW_COMPUTE = "FIRST_ALLOW_COMPUTE"
+
+
+def missing_work(profile: str, setting: str, **overrides) -> list[str]:
+    """The artefacts a run of `profile` x `setting` would still compute (stage names, and
+    `evaluate <model> on <test>`), from the keys alone: nothing is loaded."""
+    from first_lib import pipeline
+    from first_lib.profiles import for_setting, get_profile
+
+    prof = for_setting(get_profile(profile, **overrides), setting)
+    return pipeline.missing(prof, setting)
+
+
+def compute_time(profile: str, setting: str, **overrides) -> str:
+    """How long the missing work of a run would take here, as a phrase."""
+    from first_lib.pipeline import clock
+    from first_lib.profiles import for_setting, get_profile
+
+    prof = for_setting(get_profile(profile, **overrides), setting)
+    rows = clock.estimate(prof, setting)
+    if not rows:
+        return "on a CPU that is minutes to hours of training"
+    return f"about {clock.total_minutes(rows):.0f} min of compute on this machine"
+
+
+def run_setting(
+    profile: str,
+    setting: str,
+    out_dir: str | os.PathLike,
+    allow_compute: bool | None = None,
+    **overrides,
+) -> dict:
+    """Results of `first run --profile P --setting S` (cached stages), written under out_dir.
+
+    A chapter never starts hours of compute by surprise: unless the profile is `tiny` (seconds),
+    `allow_compute` is true, or $FIRST_ALLOW_COMPUTE is set (`make book` sets it), a run with
+    missing artefacts stops with one line saying what it would compute and how to allow it.
+    The pipeline's progress messages are kept out of the page; they are returned under the
+    key ``"_log"`` (a list of strings) for whoever wants them.
+    """
+    from first_lib import pipeline
+
+    if allow_compute is None:
+        allow_compute = profile == "tiny" or os.environ.get(ALLOW_COMPUTE, "") not in ("", "0")
+    if not allow_compute:
+        todo = missing_work(profile, setting, **overrides)
+        if todo:
+            more = f" and {len(todo) - 6} more" if len(todo) > 6 else ""
+            raise FirstError(
+                f"profile {profile}, setting {setting}: {len(todo)} artefacts are not computed "
+                f"yet ({', '.join(todo[:6])}{more}); {compute_time(profile, setting, **overrides)}"
+                f". Run `first run --profile {profile} --setting {setting} --dry-run` to "
+                f"see the plan and `first run ...` to compute it, or let the chapter compute it "
+                f"({ALLOW_COMPUTE}=1, or papermill -p allow_compute True)"
+            )
+    messages: list[str] = []
+    out = Path(out_dir) / "runs" / setting
+    t0 = time.perf_counter()
+    results = pipeline.run(profile, setting, out=out, log=messages.append, **overrides)
+    results = dict(results)
+    clock = out / "clock.json"  # the estimates, kept apart from results.json (machine-specific)
+    results["_clock"] = json.loads(clock.read_text()) if clock.is_file() else {}
+    results["_log"] = messages
+    results["_seconds"] = round(time.perf_counter() - t0, 2)
+    return results
+
+
+STAGE_LABELS = {
+    "teacher": "teacher fine-tuning",
+    "store": "top-k extraction",
+    **{v: VARIANT_LABELS[v] for v in STUDENT_VARIANTS},
+}
+
+
+def stage_seconds(results: Mapping[str, Any]) -> dict[str, float | None]:
+    """The wall time each stage of a run recorded in its artefact's meta.json (None when it
+    recorded none), plus one entry per test set for its evaluations. A stage that was interrupted
+    and resumed records only the part after its last restart, so these are lower bounds."""
+
+    from first_lib.pipeline import is_done, read_meta
+
+    def wall(folder: Path) -> float | None:
+        return read_meta(folder).get("wall_seconds") if is_done(folder) else None
+
+    out: dict[str, float | None] = {
+        label: wall(Path(results["artefacts"][key]))
+        for key, label in STAGE_LABELS.items()
+        if key in results["artefacts"]
+    }
+    for test, block in results["by_test"].items():
+        walls = [wall(Path(path).parent) for path in block["records"].values()]
+        out[f"evaluation on {test}"] = sum(w or 0.0 for w in walls)
+    return out
+
+
+# stage of the plan -> its key in results["artefacts"]
+_ARTEFACT_OF = {
+    "teacher": "teacher",
+    "extract": "store",
+    "finetune": "finetune",
+    **{f"distill-{transform}": v for v, transform in TRANSFORM_OF.items()},
+}
+
+
+def stage_folder(results: Mapping[str, Any], stage: str) -> Path | None:
+    """The artefact folder of a stage of the clock (`teacher`, `distill-ts`, `evaluate first_ts
+    on csqa`, ...) in a run's results, or None (calibration keeps no folder in the results)."""
+    if stage in _ARTEFACT_OF:
+        return Path(results["artefacts"][_ARTEFACT_OF[stage]])
+    if stage.startswith("evaluate "):
+        _, model, _, test = stage.split(" ")
+        records = results["by_test"].get(test, {}).get("records", {})
+        return Path(records[model]).parent if model in records else None
+    return None
+
+
+def stage_costs(results: Mapping[str, Any]) -> list[dict]:
+    """Per stage of a run (as `run_setting` returns it, with the run folder's `clock.json` under
+    `_clock`): the time estimated before it ran, the time it took
+    (`wall_seconds` in its meta.json), and its utilisation (`perf.mfu`, `perf.pad_fraction`)
+    where the stage recorded them."""
+    from first_lib.pipeline import is_done, read_meta
+
+    rows = []
+    for stage, est in (results.get("_clock") or {}).items():
+        folder = stage_folder(results, stage)
+        meta = read_meta(folder) if folder is not None and is_done(folder) else {}
+        perf = meta.get("perf") or {}
+        rows.append(
+            {
+                "stage": stage,
+                "estimate_s": est["seconds"],
+                "estimated": est.get("made", "before"),
+                "actual_s": meta.get("wall_seconds"),
+                "mfu": perf.get("mfu"),
+                "pad_fraction": perf.get("pad_fraction"),
+            }
+        )
+    return rows
+
+
+def load_records(path: str | os.PathLike) -> list[dict]:
+    """Per-question records (one JSON object a line) of an evaluation."""
+    path = Path(path)
+    if not path.is_file():
+        raise FirstError(f"no evaluation records at {path}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def records_of(results: Mapping[str, Any], test: str | None = None) -> dict[str, list[dict]]:
+    """Records of every variant and baseline of one test set, sorted by question id."""
+    test = test or next(iter(results["by_test"]))
+    paths = results["by_test"][test]["records"]
+    return {name: sorted(load_records(p), key=lambda r: str(r["id"])) for name, p in paths.items()}
