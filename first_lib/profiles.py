@@ -23,6 +23,21 @@ from first_lib.errors import FirstError
 
 _PAPER_TRAIN = dict(lr=2e-5, epochs=3, batch_size=32, warmup_ratio=0.03, adam_eps=1e-6)
 
+
+def _full_data() -> dict:
+    """The whole splits, the paper's training, GPU-sized batches (fresh configs each call)."""
+    return dict(
+        n_train=None,
+        n_val=None,
+        n_test=None,
+        teacher_train=TrainConfig(**_PAPER_TRAIN),
+        student_train=TrainConfig(**_PAPER_TRAIN),
+        max_length=1024,
+        extract_batch=32,
+        eval_batch=32,
+    )
+
+
 PROFILES: dict[str, Profile] = {
     "tiny": Profile(
         name="tiny",
@@ -71,34 +86,21 @@ PROFILES: dict[str, Profile] = {
             "ood": {"n_val": 32, "baselines": False},
         },
     ),
+    # the full data with the paper's hyper-parameters (sec. 5.1), on GPUs
     "gpu": Profile(
+        **_full_data(),
         name="gpu",
         teacher="qwen2.5-coder-1.5b-instruct",
         student="qwen2.5-coder-0.5b-instruct",
-        n_train=None,
-        n_val=None,
-        n_test=None,
-        teacher_train=TrainConfig(**_PAPER_TRAIN),
-        student_train=TrainConfig(**_PAPER_TRAIN),
         style="chat-nosys",
-        max_length=1024,
-        extract_batch=32,
-        eval_batch=32,
         note="Real Qwen2.5-Coder 1.5B -> 0.5B, full data, the paper's hyper-parameters.",
     ),
     "paper": Profile(
+        **_full_data(),
         name="paper",
         teacher="meta-llama/Llama-2-13b-hf",
         student="meta-llama/Llama-2-7b-hf",
-        n_train=None,
-        n_val=None,
-        n_test=None,
-        teacher_train=TrainConfig(**_PAPER_TRAIN),
-        student_train=TrainConfig(**_PAPER_TRAIN),
         style="plain",
-        max_length=1024,
-        extract_batch=32,
-        eval_batch=32,
         params_b=(13.0, 6.7),
         note="The paper's Llama-2 13B -> 7B from the hub; multi-GPU (see scripts/accelerate/).",
     ),
