@@ -29,6 +29,8 @@ def test_every_stage_and_evaluation_has_an_estimate(home):
     rows = _rows()
     stages = [s["stage"] for s in pipeline.plan(get_profile("cpu"), "csqa", "bf16")]
     evals = [f"evaluate {n} on csqa" for n in (*pipeline.VARIANTS, "teacher_base", "student_base")]
+    evals += [f"evaluate {n} on validation" for n in pipeline.POSTHOC.values()]
+    evals += [f"posthoc {n} on csqa" for n in pipeline.POSTHOC]
     assert set(rows) == set(stages) | set(evals)
     assert all(not r["done"] for r in rows.values())
     assert all(r["seconds"] > 0 for r in rows.values())

@@ -56,7 +56,7 @@ def test_tiny_run_schema(tiny_run):
     assert res["store"]["k"] == 5
     assert 0 < res["store"]["bytes_per_token"] <= 22
     assert 0 < res["store"]["mean_topk_mass"] <= 1
-    assert set(res["variants"]) == set(pipeline.VARIANTS)
+    assert set(res["variants"]) == set(pipeline.VARIANTS) | set(pipeline.POSTHOC)
     for v in res["variants"].values():
         for key in ("ece", "acc", "trust", "ece_ci", "acc_ci", "brier", "nll"):
             assert key in v

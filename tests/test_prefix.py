@@ -263,10 +263,11 @@ def test_pipeline_shares_bottom_states_between_stages(tmp_path, monkeypatch):
     res = pipeline.run(
         "tiny", "csqa", log=said.append, precision="bf16", n_train=24, n_val=12, n_test=16, **lora
     )
-    assert set(res["variants"]) == set(pipeline.VARIANTS)
+    assert set(res["variants"]) == set(pipeline.VARIANTS) | set(pipeline.POSTHOC)
     entries = [pipeline.read_meta(p)["key"] for p in prefix.cache_root().glob("*/")]
     splits = sorted((k["layers"][1], k["n"]) for k in entries)
-    assert splits == [(1, 16), (1, 24), (2, 12), (2, 16), (2, 24)], splits
+    # (1, 12): the students evaluated on the validation questions (post-hoc TS)
+    assert splits == [(1, 12), (1, 16), (1, 24), (2, 12), (2, 16), (2, 24)], splits
     store = Path(res["artefacts"]["store"]) / "train"
     assert json.loads((store / "config.json").read_text())["bottom_layers"] == 2
 

@@ -14,6 +14,8 @@ VARIANT_LABELS: dict[str, str] = {
     "distill": "Distill",
     "distill_ls": "Distill w/ LS",
     "first_ts": "FIRST w/ TS",
+    "finetune_posthoc_ts": "Fine-tune + TS",
+    "distill_posthoc_ts": "Distill + TS",
     "teacher_base": "Teacher (untuned)",
     "student_base": "Student (untuned)",
 }

@@ -19,6 +19,7 @@ from first_lib.pipeline.data import load_questions, test_tasks, tokenize
 from first_lib.pipeline.graph import (
     BASELINES,
     MODELS,
+    POSTHOC,
     STUDENT_VARIANTS,
     TRANSFORM_OF,
     VARIANTS,

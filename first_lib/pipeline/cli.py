@@ -33,7 +33,7 @@ def describe_plan(prof: Profile, setting: str) -> str:
     ]
     est = {r["stage"]: r for r in clock.estimate(prof, setting, precision)}
     lines.append(
-        f"{'stage':<34} {'status':<8} {'memory':>8} {'time':>9}  artefact  (memory: total, "
+        f"{'stage':<36} {'status':<8} {'memory':>8} {'time':>9}  artefact  (memory: total, "
         "before sharding; time: estimated for this machine)"
     )
     for node in stage_graph(prof, setting, precision):
@@ -47,7 +47,7 @@ def describe_plan(prof: Profile, setting: str) -> str:
             memory = f"{gb:5.1f} GB"
         time = f"{est[node.name]['seconds'] / 60:6.1f} min" if node.name in est else "        ?"
         where = node.path.name if node.kind != "evaluate" else ""
-        lines.append(f"{node.name:<34} {status:<8} {memory:>8} {time}  {where}".rstrip())
+        lines.append(f"{node.name:<36} {status:<8} {memory:>8} {time}  {where}".rstrip())
     lines.append(clock.describe(list(est.values())))
     return "\n".join(lines)
 

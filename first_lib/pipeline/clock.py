@@ -171,16 +171,22 @@ def stage_work(prof, setting: str, data=None, tok=None, nodes=None) -> list[Work
     source = {"teacher": prof.teacher, "student": prof.student}
     cfg = {"teacher": prof.teacher_train, "student": prof.student_train}
     rows = {s: _lengths(data[s], tok, prof, setting) for s in ("train", "validation")}
-    rows |= {t: [(n, 1) for n in _question_lengths(q, tok, prof)] for t, q in data["tests"].items()}
+    questions = {"validation": data["validation"], **data["tests"]}
+    asked = {  # the prompts an evaluation reads: a test set, or the validation questions
+        t: [(n, 1) for n in _question_lengths(q, tok, prof)]
+        for t, q in questions.items()
+        if t != "validation" or setting != "ood"
+    }
     paid, work = set(), []
     for node in nodes if nodes is not None else stage_graph(prof, setting):
         if node.kind == "tiny-models":
             continue
-        if node.kind == "calibrate":
+        if node.kind in ("calibrate", "posthoc"):  # arithmetic on stored numbers: no model
             work.append(Work(node.name, "calibrate", "", 0.0, 0))
             continue
         shape, c = shapes[node.role], cfg[node.role]
-        seen = [r for split in node.reads for r in rows[split]]
+        split_rows = asked if node.kind == "evaluate" else rows
+        seen = [r for split in node.reads for r in split_rows[split]]
         tokens = [n for n, _ in seen]
         if node.kind == "train":
             gflop, counted = _train_gflop(shape, seen, node.train), 0
@@ -189,9 +195,9 @@ def stage_work(prof, setting: str, data=None, tok=None, nodes=None) -> list[Work
             gflop = _forward_gflop(shape, tokens, heads, layers=_top(shape, c))
             counted = sum(tokens)
         for split in node.reads:
-            if (node.role, split) not in paid:
-                gflop += _bottom_gflop(shape, c, [n for n, _ in rows[split]])
-                paid.add((node.role, split))
+            if (node.role, node.kind == "evaluate", split) not in paid:
+                gflop += _bottom_gflop(shape, c, [n for n, _ in split_rows[split]])
+                paid.add((node.role, node.kind == "evaluate", split))
         load = overhead_s(shape)
         work.append(Work(node.name, node.kind, source[node.role], gflop, counted, load))
     return work

@@ -41,6 +41,10 @@ VARIANTS = tuple(v.name for v in MODELS)
 STUDENT_VARIANTS = tuple(v.name for v in MODELS if v.role == "student")
 TRANSFORM_OF = {v.name: v.transform for v in MODELS if v.transform}
 BASELINES = {"teacher_base": "teacher", "student_base": "student"}  # untuned models
+# Re-calibrated after training by a temperature on the answers' logits, fitted on the validation
+# split FIRST uses (`first_lib.posthoc`): the cheap competitor, where that split is
+# multiple-choice (not in the out-of-domain setting, whose validation data is instructions).
+POSTHOC = {"finetune_posthoc_ts": "finetune", "distill_posthoc_ts": "distill"}
 
 # The project's modules whose code each kind of stage runs: a change to their code (not to
 # comments, docstrings or formatting) changes the stage's key, so old results are never served to
@@ -57,6 +61,7 @@ CODE_OF = {
     "calibrate": ("first_lib.calibration", "first_lib.metrics"),
     "evaluate": ("first_lib.evaluate", "first_lib.metrics", "first_lib.models", "first_lib.prefix"),
     "tiny-models": ("first_lib.models",),
+    "posthoc": ("first_lib.posthoc", "first_lib.evaluate", "first_lib.metrics"),
 }
 
 
@@ -66,7 +71,7 @@ class Node:
     are named `evaluate <model> on <test>`."""
 
     stage: str
-    kind: str  # tiny-models | train | extract | calibrate | evaluate
+    kind: str  # tiny-models | train | extract | calibrate | evaluate | posthoc
     key: dict = field(hash=False)
     role: str = ""  # teacher | student: the model it trains, reads or evaluates
     reads: tuple[str, ...] = ()  # the splits its model passes over (train, validation, a test)
@@ -76,9 +81,9 @@ class Node:
 
     @property
     def name(self) -> str:
-        return (
-            f"evaluate {self.variant} on {self.reads[0]}" if self.kind == "evaluate" else self.stage
-        )
+        if self.kind in ("evaluate", "posthoc"):
+            return f"{self.kind} {self.variant} on {self.reads[0]}"
+        return self.stage
 
     @property
     def path(self) -> Path:
@@ -135,7 +140,9 @@ def prefix_top_layers(prof: Profile, label: str) -> int:
     return cfg.lora_layers if cfg.lora_r > 0 else 0
 
 
-def eval_key(prof: Profile, test_name: str, model, precision: str, top_layers: int = 0) -> dict:
+def eval_key(
+    prof: Profile, test_name: str, model, precision: str, top_layers: int = 0, n: int | None = -1
+) -> dict:
     """An evaluation: the model, the test set (not the setting, so the untuned baselines are
     shared between settings that test on the same set), the precision it computes in and the
     top layers it runs from cached bottom states (`prefix_top_layers`)."""
@@ -144,7 +151,7 @@ def eval_key(prof: Profile, test_name: str, model, precision: str, top_layers: i
         "precision": precision,
         "top_layers": top_layers,
         "test": test_name,
-        "n_test": prof.n_test,
+        "n_test": prof.n_test if n == -1 else n,
         "data_seed": prof.data_seed,
         "max_length": prof.max_length,
         "style": prof.style,
@@ -216,6 +223,19 @@ def stage_graph(prof: Profile, setting: str, precision: str | None = None) -> li
         for label, role, model in models:
             key = eval_key(prof, test, model, precision, prefix_top_layers(prof, label))
             nodes.append(Node("evaluate", "evaluate", key, role, (test,), label))
+    if setting != "ood":  # post-hoc TS: each base model on the validation questions, then a T
+        val = {}
+        for name, base in POSTHOC.items():
+            top = prefix_top_layers(prof, base)
+            key = eval_key(prof, f"{setting}-validation", made[base], precision, top, prof.n_val)
+            val[name] = Node("evaluate", "evaluate", key, "student", ("validation",), base)
+        nodes += val.values()
+        tested = {(n.variant, n.reads[0]): n.key for n in nodes if n.kind == "evaluate"}
+        for test in test_tasks(setting):
+            for name, base in POSTHOC.items():
+                key = {"test": tested[base, test], "validation": val[name].key, "fit": "nll"}
+                key["code"] = code["posthoc"]
+                nodes.append(Node("posthoc-ts", "posthoc", key, "student", (test,), name))
     return nodes
 
 

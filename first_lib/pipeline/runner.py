@@ -11,13 +11,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from first_lib import device, fsio
-from first_lib.artefacts import UpstreamCorrupt, read_meta, verify_upstream
+from first_lib.artefacts import UpstreamCorrupt, artefact_dir, read_meta, verify_upstream
 from first_lib.config import Profile
 from first_lib.errors import FirstError
 from first_lib.pipeline import clock, stages
 from first_lib.pipeline.data import load_questions, test_tasks, tokenize
 from first_lib.pipeline.graph import (
     BASELINES,
+    POSTHOC,
     VARIANTS,
     Node,
     model_source,
@@ -148,10 +149,19 @@ class _Run:
         return calib if calib is not None else read_meta(node.path)
 
     def evaluate(self, node: Node):
-        test = node.reads[0]
-        model = node.key["model"]
-        args = (node.key, model, self.data["tests"][test], self.prof, self.acc, self.log)
-        return self.timed(f"evaluate_{test}", stages.stage_evaluate, *args)
+        split = node.reads[0]
+        questions = self.data["validation"] if split == "validation" else self.data["tests"][split]
+        args = (node.key, node.key["model"], questions, self.prof, self.acc, self.log)
+        return self.timed(f"evaluate_{split}", stages.stage_evaluate, *args)
+
+    def posthoc(self, node: Node):
+        meta = None
+        if self.acc.is_main_process:
+            test, val = (artefact_dir("evaluate", node.key[k]) for k in ("test", "validation"))
+            args = (node.key, test, val, self.prof, self.log)
+            meta = self.timed(f"posthoc_{node.reads[0]}", stages.stage_posthoc, *args)
+        stages._barrier(self.acc)
+        return meta if meta is not None else read_meta(node.path)
 
 
 def _run(prof: Profile, setting: str, out: Path | None, until: str | None, log) -> dict:
@@ -215,11 +225,11 @@ def _results(state: _Run, nodes: list[Node], out: Path | None) -> dict:
     calib, store = state.made["calibrate"], state.made["extract"]
     by_test = {}
     for test in test_tasks(setting):
-        evals = [n for n in nodes if n.kind == "evaluate" and n.reads[0] == test]
+        evals = [n for n in nodes if n.kind in ("evaluate", "posthoc") and n.reads[0] == test]
         metrics = {n.variant: state.made[n.name]["metrics"] for n in evals}
         by_test[test] = {
             "n_test": len(state.data["tests"][test]),
-            "variants": {v: metrics[v] for v in VARIANTS},
+            "variants": {v: metrics[v] for v in (*VARIANTS, *POSTHOC) if v in metrics},
             "baselines": {b: metrics[b] for b in BASELINES if b in metrics},
             "records": {n.variant: str(n.path / "records.jsonl") for n in evals},
         }

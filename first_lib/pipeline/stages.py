@@ -329,3 +329,35 @@ def stage_evaluate(key: dict, model_dir: str, questions: list, prof: Profile, ac
                 )
     _barrier(acc)
     return read_meta(out)
+
+
+def stage_posthoc(key: dict, test_dir: Path, val_dir: Path, prof: Profile, log) -> dict:
+    """Post-hoc temperature scaling (`first_lib.posthoc`): a temperature fitted on the model's
+    validation records, applied to its test records; no model is loaded."""
+    from first_lib import evaluate, posthoc
+
+    out = artefact_dir("posthoc-ts", key)
+    if is_done(out, key):
+        return read_meta(out)
+    with artefact_lock(out, log=log):
+        if claim_done(out, key, log):
+            return read_meta(out)
+        verify_upstream(test_dir, log)
+        verify_upstream(val_dir, log)
+        out.mkdir(parents=True, exist_ok=True)
+        val = evaluate.load_records(val_dir / "records.jsonl")
+        temperature = posthoc.fit_temperature(val)
+        records = posthoc.apply_temperature(
+            evaluate.load_records(test_dir / "records.jsonl"), temperature
+        )
+        summary = evaluate.summarize(records, n_boot=prof.n_boot, seed=prof.data_seed)
+        evaluate.save_records(records, out / "records.jsonl")
+        log(f"posthoc-ts: T = {temperature:.3f} from {len(val)} validation questions")
+        meta = {"stage": "posthoc-ts", "key": key, "temperature": temperature, "metrics": summary}
+        # at the grid's end: the fit wanted a more extreme T (a model that knows nothing)
+        meta["at_grid_edge"] = bool(
+            np.isclose(np.log(temperature), posthoc.LOG_T_GRID[[0, -1]]).any()
+        )
+        meta.update(n_validation=len(val), validation_nll=posthoc.nll(val, temperature))
+        write_meta(out, meta)
+    return read_meta(out)
