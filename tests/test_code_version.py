@@ -37,13 +37,36 @@ def test_source_hash_ignores_comments_docstrings_and_formatting():
 def test_module_hash_is_the_source_hash_of_its_file():
     from pathlib import Path
 
-    from first_lib import metrics
+    from first_lib import losses
 
-    text = Path(metrics.__file__).read_text()
-    assert pipeline.module_hash("first_lib.metrics") == pipeline.source_hash(text)
+    text = Path(losses.__file__).read_text()
+    assert pipeline.module_hash("first_lib.losses") == pipeline.source_hash(text)
     v = pipeline.code_version(["first_lib.metrics", "first_lib.models"])
     assert v == pipeline.code_version(["first_lib.models", "first_lib.metrics"])
     assert len(v) == 12 and v != pipeline.code_version(["first_lib.metrics"])
+
+
+def test_a_package_hash_covers_every_file_of_it(tmp_path, monkeypatch):
+    """An edit to the code of any submodule of a package changes its hash; a comment does not."""
+    pkg = tmp_path / "pkg_probe"
+    (pkg / "inner").mkdir(parents=True)
+    (pkg / "__init__.py").write_text('"""face"""\nfrom pkg_probe.sub import f\n')
+    (pkg / "sub.py").write_text("def f():\n    return 1\n")
+    (pkg / "inner" / "__init__.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def fresh() -> str:
+        artefacts._MODULE_HASHES.pop("pkg_probe", None)
+        return pipeline.module_hash("pkg_probe")
+
+    first = fresh()
+    (pkg / "sub.py").write_text("def f():\n    # a comment\n    return 1\n")
+    assert fresh() == first
+    (pkg / "sub.py").write_text("def f():\n    return 2\n")
+    second = fresh()
+    assert second != first
+    (pkg / "inner" / "__init__.py").write_text("X = 2\n")
+    assert fresh() != second
 
 
 def _names(precision: str = "fp32") -> dict[str, str]:
