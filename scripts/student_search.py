@@ -41,10 +41,12 @@ def candidate_profile(
     return for_setting(get_profile("cpu", **over), setting)
 
 
-def search(setting: str, n_train: int, n_val: int, epochs: float, out: Path | None, log) -> list:
+def search(
+    setting: str, n_train: int, n_val: int, epochs: float, out: Path | None, log, candidates=None
+) -> list:
     rows = []
     acc = None
-    for layers, lr in CANDIDATES:
+    for layers, lr in candidates or CANDIDATES:
         prof = candidate_profile(setting, n_train, n_val, layers, lr, epochs)
         precision = run_precision(prof)
         node = next(n for n in stage_graph(prof, setting, precision) if n.stage == "finetune")
@@ -119,15 +121,23 @@ def main(argv=None) -> int:
     p.add_argument("--n-val", type=int, default=200)
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--out", type=Path)
+    p.add_argument(
+        "--candidates",
+        help="LAYERS:LR,... instead of the built-in list (LAYERS 0 = all), e.g. 8:3e-4,0:3e-4",
+    )
     p.add_argument("--dry-run", action="store_true", help="price each candidate; train nothing")
     args = p.parse_args(argv)
 
     def log(msg):
         print(f"[search] {msg}", file=sys.stderr, flush=True)
 
+    candidates = CANDIDATES
+    if args.candidates:
+        pairs = [c.split(":") for c in args.candidates.split(",")]
+        candidates = [(int(layers), float(lr)) for layers, lr in pairs]
     if args.dry_run:
         total = 0.0
-        for layers, lr in CANDIDATES:
+        for layers, lr in candidates:
             prof = candidate_profile(
                 args.setting, args.n_train, args.n_val, layers, lr, args.epochs
             )
@@ -141,7 +151,7 @@ def main(argv=None) -> int:
             print(f"top {layers or 24:>2} layers, lr {lr:.0e}: about {mins:.1f} min")
         print(f"the search: about {total:.0f} min on this machine (plus the untuned evaluations)")
         return 0
-    search(args.setting, args.n_train, args.n_val, args.epochs, args.out, log)
+    search(args.setting, args.n_train, args.n_val, args.epochs, args.out, log, candidates)
     return 0
 
 
