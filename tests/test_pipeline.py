@@ -253,6 +253,31 @@ def test_clean_keeps_what_a_run_made_and_removes_the_rest(tiny_run):
     assert sorted(p.name for p in runs.iterdir()) == sorted(expected)
 
 
+def test_clean_knows_the_frozen_bottom_cache(tmp_path, monkeypatch):
+    """`first clean` lists the prefix cache's entries of another code version, broken ones and
+    abandoned `.tmp` writes, and keeps current entries and a write in progress."""
+    from first_lib import artefacts
+
+    monkeypatch.setenv("FIRST_HOME", str(tmp_path / "home"))
+    root = tmp_path / "home" / "prefix"
+    code = artefacts.code_version(["first_lib.prefix"])
+    for name, key_code in (("current", code), ("older", "0" * 12)):
+        (root / name).mkdir(parents=True)
+        (root / name / "meta.json").write_text(json.dumps({"key": {"code": key_code}}))
+        (root / name / "states.safetensors").write_bytes(b"x" * 100)
+    (root / "broken").mkdir()
+    (root / "abandoned.tmp").mkdir()
+    (root / "writing.tmp").mkdir()
+    old = time.time() - 3600
+    os.utime(root / "abandoned.tmp", (old, old))
+    said: list[str] = []
+    stale, _ = pipeline.clean(log=said.append)
+    assert sorted(p.name for p in stale) == ["abandoned.tmp", "broken", "older"]
+    assert any(line.startswith("stale  prefix/older ") for line in said), said
+    pipeline.clean(apply=True, log=said.append)
+    assert sorted(p.name for p in root.iterdir()) == ["current", "writing.tmp"]
+
+
 def test_clean_keeps_the_artefacts_of_a_run_in_progress(tmp_path, monkeypatch):
     """A run with `--set` (keys no built-in profile names) registers its artefacts while it
     runs: `first clean --yes` keeps them then, removes them once the run has ended, and removes

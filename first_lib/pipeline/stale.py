@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from first_lib import fsio
-from first_lib.artefacts import artefact_lock, is_done
+from first_lib.artefacts import artefact_lock, code_version, is_done
 from first_lib.errors import FirstError
 from first_lib.paths import first_home
 from first_lib.pipeline.graph import run_artefacts
@@ -84,12 +84,37 @@ def _is_locked(path: Path) -> bool:
         return True
 
 
+def stale_prefix_entries(now: float | None = None) -> list[Path]:
+    """Entries of the frozen-bottom cache (`$FIRST_HOME/prefix/`, `first_lib.prefix`) that no
+    run can use: made by another version of its code, without a readable meta.json, or a
+    `.tmp` folder left by a write that died (untouched for 10 minutes; a write takes seconds).
+    An entry's other keys (weights, tokens) cannot be priced without loading the models, so a
+    current entry is kept whichever run made it."""
+    root = first_home() / "prefix"
+    current = code_version(["first_lib.prefix"])
+    now = time.time() if now is None else now
+    out = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if path.name.endswith(".tmp"):
+            if now - path.stat().st_mtime > 600:
+                out.append(path)
+            continue
+        try:
+            code = json.loads((path / "meta.json").read_text())["key"]["code"]
+        except (OSError, ValueError, KeyError, TypeError):
+            code = None
+        if code != current:
+            out.append(path)
+    return out
+
+
 def clean(apply: bool = False, log=print) -> tuple[list[Path], int]:
     """The artefacts under `first_home()/runs` that no built-in profile and setting of this version
     uses (older versions' keys, `--set` overrides), with their total size; deleted when `apply`.
     Artefacts of runs in progress (`in_use`, e.g. with `--set`), in-progress work of a live key
     (`.work`, `.tmp`) and anything whose lock is held are kept; folders moved aside as corrupt
-    (`.corrupt-*`) and the `.work` leftovers of finished artefacts are stale."""
+    (`.corrupt-*`) and the `.work` leftovers of finished artefacts are stale, and so are the
+    frozen-bottom cache's entries that `stale_prefix_entries` names."""
     runs = first_home() / "runs"
     live = live_artefacts()
     stale, total, kept = [], 0, 0
@@ -115,6 +140,13 @@ def clean(apply: bool = False, log=print) -> tuple[list[Path], int]:
         log(f"{'removed' if apply else 'stale'}  {path.name}  {size / 1e9:.2f} GB")
         if apply:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for path in stale_prefix_entries():
+        size = fsio.dir_size(path)
+        stale.append(path)
+        total += size
+        log(f"{'removed' if apply else 'stale'}  prefix/{path.name}  {size / 1e9:.2f} GB")
+        if apply:
+            shutil.rmtree(path, ignore_errors=True)
     verb = "removed" if apply else "would remove (run again with --yes)"
     log(f"{verb}: {len(stale)} entries, {total / 1e9:.2f} GB; kept {kept} entries in use")
     return stale, total
