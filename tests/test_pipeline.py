@@ -76,27 +76,32 @@ def test_results_hold_the_whole_resolved_config(tiny_run):
 
 
 def test_another_seed_trains_differently_on_the_same_questions(tiny_run, tmp_path):
-    """`--set seed=1` changes the adapter initialisation and the batch order of every trained
-    model (other losses from the first step), not the questions."""
+    """`first run --seeds 0,1`: seed 1 changes the adapter initialisation and the batch order
+    of every trained model (other losses from the first step), not the questions; results.json
+    lists both seeds, and the untuned baselines are one evaluation shared by both."""
     import shutil
 
     res = json.loads((tiny_run["out"] / "results.json").read_text())
     home = tmp_path / "home"  # a copy: the seed-1 artefacts stay out of the shared run's home
     shutil.copytree(tiny_run["env"]["FIRST_HOME"], home, symlinks=True)
-    cmd = [sys.executable, "-m", "first_lib.cli", "finetune", "--profile", "tiny"]
-    cmd += ["--setting", "csqa", "--set", "seed=1"]
     env = {**tiny_run["env"], "FIRST_HOME": str(home)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    metas = {
-        p.parent.name: json.loads(p.read_text())
-        for p in (home / "runs").glob("finetune-*/meta.json")
-    }
-    seed0 = Path(res["artefacts"]["finetune"]).name  # the same name in the copy
-    (seed1,) = [name for name, m in metas.items() if m["key"]["train"]["seed"] == 1]
-    assert metas[seed0]["key"]["train"]["seed"] == 0
-    assert metas[seed0]["key"]["data"] == metas[seed1]["key"]["data"]  # the same questions
-    assert metas[seed0]["losses"][0] != metas[seed1]["losses"][0]
+    proc = _first_run(tmp_path / "seeds", env, (), "--seeds", "0,1")
+    assert "teacher: training" not in proc.stderr.split("seed-0/results.json")[0]  # all cached
+    both = json.loads((tmp_path / "seeds" / "results.json").read_text())
+    assert both["seeds"] == [0, 1] and set(both["by_seed"]) == {"0", "1"}
+    assert both["by_seed"]["0"]["variants"] == res["variants"]
+    one = json.loads((tmp_path / "seeds" / "seed-1" / "results.json").read_text())
+    assert one["config"]["seed"] == 1 and one["config"]["student_train"]["seed"] == 1
+    records = [both["by_seed"][s]["by_test"]["csqa"]["records"] for s in ("0", "1")]
+    assert records[0]["student_base"] == records[1]["student_base"]  # one shared evaluation
+    assert records[0]["finetune"] != records[1]["finetune"]
+    metas = [
+        json.loads((Path(both["by_seed"][s]["artefacts"]["finetune"]) / "meta.json").read_text())
+        for s in ("0", "1")
+    ]
+    assert [m["key"]["train"]["seed"] for m in metas] == [0, 1]
+    assert metas[0]["key"]["data"] == metas[1]["key"]["data"]  # the same questions
+    assert metas[0]["losses"][0] != metas[1]["losses"][0]
 
 
 def test_every_model_stage_records_its_model_work(tiny_run):

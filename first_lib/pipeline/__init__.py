@@ -34,6 +34,6 @@ from first_lib.pipeline.graph import (
     stage_graph,
     tiny_key,
 )
-from first_lib.pipeline.runner import run
+from first_lib.pipeline.runner import run, run_seeds
 from first_lib.pipeline.stages import calibration_data
 from first_lib.pipeline.stale import clean, in_use, live_artefacts, names_in_use

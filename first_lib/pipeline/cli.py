@@ -15,7 +15,7 @@ from first_lib.paths import first_home
 from first_lib.pipeline import clock
 from first_lib.pipeline.data import test_tasks
 from first_lib.pipeline.graph import run_precision, stage_graph
-from first_lib.pipeline.runner import UNTIL, estimate_memory_gb, run
+from first_lib.pipeline.runner import UNTIL, estimate_memory_gb, run, run_seeds
 from first_lib.pipeline.stale import clean
 from first_lib.profiles import PROFILES, SETTINGS, for_setting, get_profile
 
@@ -113,6 +113,12 @@ def _cmd_run(args) -> int:
         prof = for_setting(get_profile(args.profile, **overrides), args.setting)
         print(describe_config(prof) if args.show_config else describe_plan(prof, args.setting))
         return 0
+    if getattr(args, "seeds", None):
+        if not args.out or "seed" in overrides:
+            raise FirstError("--seeds needs --out DIR and no --set seed=...")
+        seeds = [s for s in args.seeds.split(",") if s.strip()]
+        run_seeds(args.profile, args.setting, Path(args.out), seeds, **overrides)
+        return 0
     results = run(
         args.profile,
         args.setting,
@@ -131,6 +137,11 @@ def add_cli(sub) -> None:
     p.add_argument("--out", help="folder for results.json (and timings.json)")
     p.add_argument("--dry-run", action="store_true", help="print the plan; load nothing")
     p.add_argument(
+        "--seeds",
+        metavar="S,S,...",
+        help="one run per training seed into DIR/seed-S/; DIR/results.json lists every seed's",
+    )
+    p.add_argument(
         "--show-config",
         action="store_true",
         help="print every field of the resolved profile with its value and help; run nothing",
@@ -145,4 +156,6 @@ def add_cli(sub) -> None:
     for stage in UNTIL:
         q = sub.add_parser(stage, help=f"run the pipeline up to the {stage} stage (cached)")
         _common(q)
-        q.set_defaults(func=_cmd_run, until=stage, out=None, dry_run=False, show_config=False)
+        q.set_defaults(
+            func=_cmd_run, until=stage, out=None, dry_run=False, show_config=False, seeds=None
+        )

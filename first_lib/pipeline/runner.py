@@ -70,6 +70,31 @@ def run(
         return _run(prof, setting, out, until, log)
 
 
+PER_SEED = ("c_star", "delta", "calibration", "variants", "baselines", "by_test", "artefacts")
+
+
+def run_seeds(profile: str, setting: str, out: Path, seeds, log=None, **overrides) -> dict:
+    """`run` once per training seed (`--set seed=S`, same questions), each into `out/seed-S/`,
+    then `out/results.json`: the first seed's results as `run` writes them (so a reader of one
+    seed needs no change), plus `seeds` and `by_seed` (every seed's calibration, metrics and
+    records). The untuned baselines are the same evaluations in every seed."""
+    seeds = [int(s) for s in seeds]
+    if "seed" in overrides:
+        raise FirstError("give the training seeds as seeds=[...], not also seed=...")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise FirstError(f"--seeds needs distinct seeds, got {seeds}")
+    each = {}
+    for seed in seeds:
+        each[seed] = run(
+            profile, setting, Path(out) / f"seed-{seed}", log=log, **overrides, seed=seed
+        )
+    results = dict(each[seeds[0]])
+    results["seeds"] = seeds
+    results["by_seed"] = {str(s): {k: r[k] for k in PER_SEED} for s, r in each.items()}
+    fsio.atomic_write_json(Path(out) / "results.json", results, indent=2, sort_keys=True)
+    return results
+
+
 class _Run:
     """One run's state while it walks the graph: the process, the data, what each node made."""
 
