@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,11 +58,12 @@ def search(
             data = load_questions(prof, setting)
             tok = models.load_tokenizer(prof.teacher)  # as `first run` tokenizes (one vocabulary)
             examples = tokenize(tok, data["train"], prof, setting)
-        t0 = time.perf_counter()
+        t0, load0 = time.perf_counter(), os.getloadavg()[0]
         model_dir = stages.stage_train(
             "finetune", node.key, prof.student, tok, examples, prof.student_train, acc, log
         )
         train_s = time.perf_counter() - t0
+        load = [round(load0, 2), round(os.getloadavg()[0], 2)]  # other work slows training
         top = prefix_top_layers(prof, "finetune")
         records = {}
         for label, model in (("tuned", model_dir), ("untuned", prof.student)):
@@ -89,6 +91,7 @@ def search(
                 "ece_untuned": records["untuned_metrics"]["ece"],
                 "learned": learned,
                 "precision": precision,
+                "load_average": load,
                 "artefact": model_dir.name,
             }
         )
