@@ -185,22 +185,20 @@ def stage_graph(prof: Profile, setting: str, precision: str | None = None) -> li
         "teacher",
         "train",
         trained("teacher", cfg["teacher"]),
-        "teacher",
-        ("train",),
-        "teacher",
-        cfg["teacher"],
-        size["teacher"],
+        role="teacher",
+        reads=("train",),
+        variant="teacher",
+        train=cfg["teacher"],
+        params_b=size["teacher"],
     )
     extract_key = {"teacher": teacher.key, "k": prof.k, "code": code["extract"]}
     extract = Node(
         "extract",
         "extract",
         extract_key,
-        "teacher",
-        ("train", "validation"),
-        "",
-        None,
-        size["teacher"],
+        role="teacher",
+        reads=("train", "validation"),
+        params_b=size["teacher"],
     )
     calib_key = {"extract": extract_key, "ece": "answer" if setting != "ood" else "token"}
     calibrate = Node("calibrate", "calibrate", {**calib_key, "code": code["calibrate"]})
@@ -214,7 +212,9 @@ def stage_graph(prof: Profile, setting: str, precision: str | None = None) -> li
             train = replace(cfg[v.role], loss="kd", transform=v.transform, coef=coef)
             key = trained(v.role, train, extract=extract_key, calibrate=calibrate.key)
             key["train"]["coef"] = "calibrate"
-        nodes.append(Node(v.stage, "train", key, v.role, ("train",), v.name, train, size[v.role]))
+        nodes.append(
+            Node(v.stage, "train", key, v.role, ("train",), v.name, train, params_b=size[v.role])
+        )
     made = {n.variant: n.path for n in nodes if n.kind == "train"}
     models = [(v.name, v.role, made[v.name]) for v in MODELS]
     if prof.baselines:
@@ -250,7 +250,8 @@ STAGE_KINDS = ("train", "extract", "calibrate")
 
 def evaluations(prof: Profile, setting: str, precision: str | None = None):
     """(model name, test, key) of every evaluation of a run: the five variants and, with
-    baselines, the untuned teacher and student."""
+    baselines, the untuned teacher and student, on each test set; and the students that post-hoc
+    TS re-calibrates on the validation questions (test "validation")."""
     return [
         (n.variant, n.reads[0], n.key)
         for n in stage_graph(prof, setting, precision)
