@@ -99,13 +99,9 @@ class _Run:
     """One run's state while it walks the graph: the process, the data, what each node made."""
 
     def __init__(self, prof: Profile, setting: str, precision: str, acc, log):
-        self.prof, self.setting, self.precision, self.acc, self.log = (
-            prof,
-            setting,
-            precision,
-            acc,
-            log,
-        )
+        self.prof, self.setting, self.precision = prof, setting, precision
+        self.acc, self.log = acc, log
+        self.data: dict = {}  # the run's questions (`load_questions`), read once by `_run`
         self.timings: dict[str, float] = {}
         self.made: dict[str, object] = {}  # node name -> folder, or the calibration meta
         self.tiny_dir: Path | None = None
