@@ -1,0 +1,1 @@
+"""Scripts run as `python -m scripts.NAME`: the book build, checks, trials, searches, launchers."""
