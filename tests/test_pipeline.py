@@ -270,6 +270,8 @@ def test_clean_knows_the_frozen_bottom_cache(tmp_path, monkeypatch):
         (root / name).mkdir(parents=True)
         (root / name / "meta.json").write_text(json.dumps({"key": {"code": key_code}}))
         (root / name / "states.safetensors").write_bytes(b"x" * 100)
+    (root / "current.lock").write_text("")  # a current entry's lock stays
+    (root / "older.lock").write_text("")  # an old entry's lock goes with it
     (root / "broken").mkdir()
     (root / "abandoned.tmp").mkdir()
     (root / "writing.tmp").mkdir()
@@ -277,10 +279,10 @@ def test_clean_knows_the_frozen_bottom_cache(tmp_path, monkeypatch):
     os.utime(root / "abandoned.tmp", (old, old))
     said: list[str] = []
     stale, _ = pipeline.clean(log=said.append)
-    assert sorted(p.name for p in stale) == ["abandoned.tmp", "broken", "older"]
+    assert sorted(p.name for p in stale) == ["abandoned.tmp", "broken", "older", "older.lock"]
     assert any(line.startswith("stale  prefix/older ") for line in said), said
     pipeline.clean(apply=True, log=said.append)
-    assert sorted(p.name for p in root.iterdir()) == ["current", "writing.tmp"]
+    assert sorted(p.name for p in root.iterdir()) == ["current", "current.lock", "writing.tmp"]
 
 
 def test_clean_keeps_the_artefacts_of_a_run_in_progress(tmp_path, monkeypatch):

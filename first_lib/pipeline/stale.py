@@ -84,17 +84,38 @@ def _is_locked(path: Path) -> bool:
         return True
 
 
+def _held(lock: Path) -> bool:
+    """Whether a live process holds lock file `lock` (which is never created here)."""
+    try:
+        with open(lock) as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+    return False
+
+
 def stale_prefix_entries(now: float | None = None) -> list[Path]:
     """Entries of the frozen-bottom cache (`$FIRST_HOME/prefix/`, `first_lib.prefix`) that no
     run can use: made by another version of its code, without a readable meta.json, or a
-    `.tmp` folder left by a write that died (untouched for 10 minutes; a write takes seconds).
+    `.tmp` folder left by a write that died (untouched for 10 minutes; a write takes seconds);
+    an entry's `.lock` goes with it, and a lock held by a live process is never listed.
     An entry's other keys (weights, tokens) cannot be priced without loading the models, so a
     current entry is kept whichever run made it."""
     root = first_home() / "prefix"
     current = code_version(["first_lib.prefix"])
     now = time.time() if now is None else now
     out = []
-    for path in sorted(root.iterdir()) if root.is_dir() else []:
+    entries = sorted(root.iterdir()) if root.is_dir() else []
+    for path in entries:
+        if path.name.endswith(".lock"):  # an entry's lock: stale with its entry, if not held
+            entry = path.with_name(path.name.removesuffix(".lock"))
+            if entry.exists() or _held(path):
+                continue
+            out.append(path)
+            continue
         if path.name.endswith(".tmp"):
             if now - path.stat().st_mtime > 600:
                 out.append(path)
@@ -103,8 +124,11 @@ def stale_prefix_entries(now: float | None = None) -> list[Path]:
             code = json.loads((path / "meta.json").read_text())["key"]["code"]
         except (OSError, ValueError, KeyError, TypeError):
             code = None
-        if code != current:
+        if code != current and not _held(path.with_name(path.name + ".lock")):
             out.append(path)
+            lock = path.with_name(path.name + ".lock")
+            if lock.exists():
+                out.append(lock)
     return out
 
 
@@ -146,7 +170,9 @@ def clean(apply: bool = False, log=print) -> tuple[list[Path], int]:
         total += size
         log(f"{'removed' if apply else 'stale'}  prefix/{path.name}  {size / 1e9:.2f} GB")
         if apply:
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(
+                missing_ok=True
+            )
     verb = "removed" if apply else "would remove (run again with --yes)"
     log(f"{verb}: {len(stale)} entries, {total / 1e9:.2f} GB; kept {kept} entries in use")
     return stale, total
