@@ -119,6 +119,10 @@ class TrainConfig:
     max_steps: int = opt(0, ">0 caps the optimizer steps")
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # 2 and 2.0 epochs are one run: one value, one artefact key
+            value = getattr(self, f.name)
+            if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
         if self.loss not in ("ce", "kd"):
             raise FirstError(f"loss must be 'ce' or 'kd', got {self.loss!r}")
         if self.lr <= 0 or self.epochs <= 0 or self.batch_size < 1 or self.grad_accum < 1:

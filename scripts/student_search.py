@@ -33,24 +33,50 @@ from first_lib.profiles import for_setting, get_profile
 CANDIDATES = [(8, 3e-4), (8, 1e-3), (16, 3e-4), (0, 3e-4), (0, 1e-4)]
 
 
+# The teacher's recipe in the `cpu` profile before this search (LoRA on the top 8 of 28 layers).
+TEACHER_CANDIDATES = [(8, 3e-4)]
+
+# decoder layers of the cpu profile's models (Qwen2.5-Coder 0.5B, 1.5B): LAYERS 0 means all
+DEPTH = {"student": 24, "teacher": 28}
+
+# role -> (its training config in the profile, the stage that trains it)
+ROLES = {"student": ("student_train", "finetune"), "teacher": ("teacher_train", "teacher")}
+
+
 def candidate_profile(
-    setting: str, n_train: int, n_val: int, layers: int, lr: float, epochs: float
+    setting: str,
+    n_train: int,
+    n_val: int,
+    layers: int,
+    lr: float,
+    epochs: float,
+    role: str = "student",
 ):
+    field = ROLES[role][0]
     over = {"n_train": n_train, "n_val": n_val}
-    over.update({"student_train.lora_layers": layers, "student_train.lr": lr})
-    over["student_train.epochs"] = epochs
+    over.update({f"{field}.lora_layers": layers, f"{field}.lr": lr, f"{field}.epochs": epochs})
     return for_setting(get_profile("cpu", **over), setting)
 
 
 def search(
-    setting: str, n_train: int, n_val: int, epochs: float, out: Path | None, log, candidates=None
+    setting: str,
+    n_train: int,
+    n_val: int,
+    epochs: float,
+    out: Path | None,
+    log,
+    candidates=None,
+    role: str = "student",
 ) -> list:
     rows = []
     acc = None
-    for layers, lr in candidates or CANDIDATES:
-        prof = candidate_profile(setting, n_train, n_val, layers, lr, epochs)
+    field, stage = ROLES[role]
+    default = CANDIDATES if role == "student" else TEACHER_CANDIDATES
+    for layers, lr in candidates or default:
+        prof = candidate_profile(setting, n_train, n_val, layers, lr, epochs, role)
         precision = run_precision(prof)
-        node = next(n for n in stage_graph(prof, setting, precision) if n.stage == "finetune")
+        untuned = prof.student if role == "student" else prof.teacher
+        node = next(n for n in stage_graph(prof, setting, precision) if n.stage == stage)
         if acc is None:
             from first_lib import models
 
@@ -60,13 +86,13 @@ def search(
             examples = tokenize(tok, data["train"], prof, setting)
         t0, load0 = time.perf_counter(), os.getloadavg()[0]
         model_dir = stages.stage_train(
-            "finetune", node.key, prof.student, tok, examples, prof.student_train, acc, log
+            stage, node.key, untuned, tok, examples, getattr(prof, field), acc, log
         )
         train_s = time.perf_counter() - t0
         load = [round(load0, 2), round(os.getloadavg()[0], 2)]  # other work slows training
-        top = prefix_top_layers(prof, "finetune")
+        top = prefix_top_layers(prof, "finetune" if role == "student" else "teacher")
         records = {}
-        for label, model in (("tuned", model_dir), ("untuned", prof.student)):
+        for label, model in (("tuned", model_dir), ("untuned", untuned)):
             key = eval_key(prof, f"{setting}-validation", model, precision, top, prof.n_val)
             meta = stages.stage_evaluate(key, key["model"], data["validation"], prof, acc, log)
             records[label] = _records(artefact_dir("evaluate", key))
@@ -75,7 +101,8 @@ def search(
         meta = read_meta(model_dir)
         rows.append(
             {
-                "lora_layers": layers or 24,
+                "role": role,
+                "lora_layers": layers or DEPTH[role],
                 "lr": lr,
                 "epochs": epochs,
                 "n_train": n_train,
@@ -97,7 +124,7 @@ def search(
         )
         log(_line(rows[-1]))
         if out is not None:  # after each candidate: an interrupted search keeps what it found
-            found = {"setting": setting, "machine": device.cpu_model(), "date": time.strftime("%F")}
+            found = {"role": role, "setting": setting, "machine": device.cpu_model(), "date": time.strftime("%F")}
             fsio.atomic_write_json(out, {**found, "candidates": rows}, indent=2)
     return rows
 
@@ -120,6 +147,7 @@ def _line(r: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--setting", default="csqa", choices=["csqa", "boolq"])
+    p.add_argument("--role", default="student", choices=sorted(ROLES), help="which model to tune")
     p.add_argument("--n-train", type=int, default=400)
     p.add_argument("--n-val", type=int, default=200)
     p.add_argument("--epochs", type=float, default=2.0)
@@ -134,7 +162,7 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[search] {msg}", file=sys.stderr, flush=True)
 
-    candidates = CANDIDATES
+    candidates = CANDIDATES if args.role == "student" else TEACHER_CANDIDATES
     if args.candidates:
         pairs = [c.split(":") for c in args.candidates.split(",")]
         candidates = [(int(layers), float(lr)) for layers, lr in pairs]
@@ -142,19 +170,20 @@ def main(argv=None) -> int:
         total = 0.0
         for layers, lr in candidates:
             prof = candidate_profile(
-                args.setting, args.n_train, args.n_val, layers, lr, args.epochs
+                args.setting, args.n_train, args.n_val, layers, lr, args.epochs, args.role
             )
             rows = {r["stage"]: r for r in clock.estimate(prof, args.setting)}
-            mins = sum(
-                rows[s]["seconds"] / 60
-                for s in ("finetune", "evaluate finetune on validation")
-                if not rows[s]["done"]
-            )
+            priced = ("finetune", "evaluate finetune on validation")
+            if args.role == "teacher":  # no graph node evaluates the teacher on validation
+                priced = ("teacher",)
+            mins = sum(rows[s]["seconds"] / 60 for s in priced if not rows[s]["done"])
             total += mins
-            print(f"top {layers or 24:>2} layers, lr {lr:.0e}: about {mins:.1f} min")
+            print(f"top {layers or DEPTH[args.role]:>2} layers, lr {lr:.0e}: about {mins:.1f} min")
         print(f"the search: about {total:.0f} min on this machine (plus the untuned evaluations)")
         return 0
-    search(args.setting, args.n_train, args.n_val, args.epochs, args.out, log, candidates)
+    search(
+        args.setting, args.n_train, args.n_val, args.epochs, args.out, log, candidates, args.role
+    )
     return 0
 
 

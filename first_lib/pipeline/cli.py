@@ -52,6 +52,19 @@ def describe_plan(prof: Profile, setting: str) -> str:
     return "\n".join(lines)
 
 
+def describe_seeds(profile: str, setting: str, seeds: str, overrides: dict) -> str:
+    """The time still to compute for each training seed of `--seeds` and for all of them, each
+    artefact counted once (the untuned baselines are shared between seeds)."""
+    lines, rows = [], []
+    for seed in [int(s) for s in seeds.split(",") if s.strip()]:
+        prof = for_setting(get_profile(profile, **overrides, seed=seed), setting)
+        est = clock.estimate(prof, setting)
+        rows += est
+        lines.append(f"seed {seed}: {clock.total_minutes(est):.1f} min still to compute")
+    lines.append(f"all seeds: {clock.total_minutes(rows):.1f} min (shared artefacts counted once)")
+    return "\n".join(lines)
+
+
 def describe_config(prof: Profile) -> str:
     """Every field of `prof` (training fields as `teacher_train.lr`) with its value and help;
     cosmetic fields (not in any artefact key) are marked."""
@@ -112,6 +125,8 @@ def _cmd_run(args) -> int:
     if args.dry_run or getattr(args, "show_config", False):
         prof = for_setting(get_profile(args.profile, **overrides), args.setting)
         print(describe_config(prof) if args.show_config else describe_plan(prof, args.setting))
+        if args.dry_run and getattr(args, "seeds", None):
+            print(describe_seeds(args.profile, args.setting, args.seeds, overrides))
         return 0
     if getattr(args, "seeds", None):
         if not args.out or "seed" in overrides:
