@@ -179,6 +179,12 @@ class Profile:
     )
     n_boot: int = opt(1000, "bootstrap resamples of each evaluation's intervals")
     seed: int = opt(0, "training seed: adapter initialisation and batch order of every model")
+    seeds: tuple[int, ...] = opt(
+        (0,),
+        "the training seeds a book run makes and pools, one run each on the same questions "
+        "(`first run --seeds` gives them on the command line)",
+        cosmetic=True,
+    )
     data_seed: int = opt(0, "picks the question subsets (and the tiny models' weights)")
     params_b: tuple[float, float] = opt(
         (1.78, 0.63), "teacher, student size in billions (the memory estimate only)", cosmetic=True
@@ -211,6 +217,9 @@ def check_profile(prof: Profile) -> Profile:
             )
     if prof.style not in STYLES:
         raise FirstError(f"style = {prof.style!r} must be one of {', '.join(STYLES)}")
+    seeds = list(prof.seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or not all(type(s) is int for s in seeds):
+        raise FirstError(f"seeds = {prof.seeds!r} must be distinct integers, at least one")
     for name in ("n_train", "n_val", "n_test"):
         n = getattr(prof, name)
         if n is not None and n < 1:
@@ -255,6 +264,7 @@ def profile_from_dict(data: dict) -> Profile:
     for name in ("teacher_train", "student_train"):
         if isinstance(values.get(name), dict):
             values[name] = TrainConfig(**values[name])
-    if "params_b" in values:
-        values["params_b"] = tuple(values["params_b"])
+    for name in ("params_b", "seeds"):  # JSON has lists where the fields hold tuples
+        if name in values:
+            values[name] = tuple(values[name])
     return Profile(**values)

@@ -169,17 +169,25 @@ def mean_estimate(
     )
 
 
-def common_questions(
-    a: Sequence[Mapping], b: Sequence[Mapping]
-) -> tuple[list[Mapping], list[Mapping]]:
+def common_questions(a: Any, b: Any) -> tuple[Any, Any]:
     """The records of ``a`` and ``b`` restricted to the questions both answered (by id), in the
-    same order: what a paired comparison of two settings on one test set needs."""
-    ids = sorted({str(r["id"]) for r in a} & {str(r["id"]) for r in b})
+    same order: what a paired comparison of two settings on one test set needs. Each side is
+    one run's records or {seed: records} (every seed restricted to the same questions)."""
+    runs_a = a if isinstance(a, Mapping) else {None: a}
+    runs_b = b if isinstance(b, Mapping) else {None: b}
+    id_sets = [{str(r["id"]) for r in recs} for recs in [*runs_a.values(), *runs_b.values()]]
+    ids = sorted(set.intersection(*id_sets))
     if not ids:
         raise FirstError("the two record sets share no question")
-    by_a = {str(r["id"]): r for r in a}
-    by_b = {str(r["id"]): r for r in b}
-    return [by_a[i] for i in ids], [by_b[i] for i in ids]
+
+    def keep(runs):
+        out = {}
+        for s, recs in runs.items():
+            by_id = {str(r["id"]): r for r in recs}
+            out[s] = [by_id[i] for i in ids]
+        return out if None not in out else out[None]
+
+    return keep(runs_a), keep(runs_b)
 
 
 def interval_method(est: Any) -> str:

@@ -34,8 +34,11 @@ def test_every_stage_and_evaluation_has_an_estimate(home):
     assert set(rows) == set(stages) | set(evals)
     assert all(not r["done"] for r in rows.values())
     assert all(r["seconds"] > 0 for r in rows.values())
-    # the 1.5B teacher costs more per step than the 0.5B student on the same data
-    assert rows["teacher"]["gflop"] > 2 * rows["finetune"]["gflop"]
+    # the 1.5B teacher costs more per step than the 0.5B student on the same data and depth
+    same = _rows(**{"student_train.lora_layers": 8})
+    assert same["teacher"]["gflop"] > 2 * same["finetune"]["gflop"]
+    # ... and all 24 of the student's layers cost more than its top 8
+    assert rows["finetune"]["gflop"] > 1.5 * same["finetune"]["gflop"]
     assert (
         rows["evaluate teacher on csqa"]["gflop"] > 2 * rows["evaluate finetune on csqa"]["gflop"]
     )

@@ -27,6 +27,7 @@ PROFILE_VALUES = {
     "eval_batch": 5,
     "n_boot": 17,
     "seed": 3,
+    "seeds": (5, 6),
     "data_seed": 4,
     "params_b": (0.1, 0.05),
     "threads": 3,
@@ -164,3 +165,17 @@ def test_config_imports_nothing_of_the_project_but_errors():
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("first_lib")
     }
     assert imported <= {"first_lib.errors"}
+
+
+@pytest.mark.parametrize("seeds", [(), (1, 1), (1.5,)])
+def test_seeds_must_be_distinct_integers(seeds):
+    with pytest.raises(FirstError, match="seeds"):
+        Profile(seeds=seeds)
+
+
+def test_a_float_field_given_an_int_is_one_key_with_the_float():
+    a, b = TrainConfig(epochs=2, lr=1), TrainConfig(epochs=2.0, lr=1.0)
+    from first_lib.artefacts import config_hash
+
+    assert isinstance(a.epochs, float) and isinstance(a.lr, float)
+    assert config_hash(config.key_dict(a)) == config_hash(config.key_dict(b))

@@ -70,6 +70,8 @@ from first_lib.book.runs import (
     missing_work,
     records_of,
     run_setting,
+    seed_records,
+    seeds_of,
     stage_costs,
     stage_folder,
     stage_seconds,

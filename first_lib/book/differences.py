@@ -45,9 +45,18 @@ class Difference:
     hi: float
 
 
-def _sorted_candidates(records: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+def _sorted_candidates(records: Any) -> tuple[np.ndarray, np.ndarray]:
     """(probs [N, C] sorted high to low, hit [N, C]: the rank-i candidate is gold), C = fewest
-    candidates of any question."""
+    candidates of any question. Records of several training seeds ({seed: records}, the same
+    questions) give each question's mean over seeds: the rank-i probability and the fraction
+    of seeds whose rank-i candidate is gold (exact for any mean over questions)."""
+    if isinstance(records, Mapping):
+        runs = [sorted(r, key=lambda x: str(x["id"])) for r in records.values()]
+        if len({tuple(str(x["id"]) for x in r) for r in runs}) != 1:
+            raise FirstError("the seeds were evaluated on different questions")
+        width = min(len(x["probs"]) for r in runs for x in r)
+        pairs = [_sorted_candidates([{**x, "probs": x["probs"][:width]} for x in r]) for r in runs]
+        return np.mean([p for p, _ in pairs], axis=0), np.mean([h for _, h in pairs], axis=0)
     width = min(len(r["probs"]) for r in records)
     probs = np.array([r["probs"][:width] for r in records], dtype=np.float64)
     order = np.argsort(-probs, axis=1, kind="stable")
@@ -55,11 +64,10 @@ def _sorted_candidates(records: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray
     return np.take_along_axis(probs, order, axis=1), (order == gold[:, None]).astype(np.float64)
 
 
-def rank_gaps(
-    records: Sequence[Mapping[str, Any]], n_boot: int = 1000, seed: int = 0
-) -> dict[str, Difference]:
+def rank_gaps(records: Any, n_boot: int = 1000, seed: int = 0) -> dict[str, Difference]:
     """Accuracy minus mean probability at rank 1 ("top1") and averaged over ranks 2..C
-    ("rest") of the answer candidates, with bootstrap intervals over questions.
+    ("rest") of the answer candidates, with bootstrap intervals over questions (records of one
+    run, or {seed: records}: each question's mean over the seeds, see `_sorted_candidates`).
 
     Negative top1: over-confident on the chosen answer; positive rest: under-confident on the
     others (the paper's "tuning-induced mis-calibration", sec. 3.2).

@@ -78,17 +78,48 @@ def metrics_row(m: Mapping[str, Any]) -> dict[str, str]:
     return row
 
 
-def metrics_table(results: Mapping[str, Any], test: str | None = None, with_base: bool = True):
-    """Table 1 for one test set: a pandas DataFrame of 'value [95% CI]' strings (percent)."""
+def metrics_table(
+    results: Mapping[str, Any],
+    test: str | None = None,
+    with_base: bool = True,
+    n_boot: int = 1000,
+    seed: int = 0,
+):
+    """Table 1 for one test set: a pandas DataFrame of 'value [95% CI]' strings (percent). A run
+    of several training seeds shows each metric's mean over the seeds, its interval resampling
+    questions and seeds together (`stats.estimate`); one seed: the run's stored metrics."""
     import pandas as pd
 
     test = test or next(iter(results["by_test"]))
     block = results["by_test"][test]
-    rows = {}
-    if with_base:  # the untuned models, where the run evaluated them (profile.baselines)
-        for base in ("teacher_base", "student_base"):
-            if base in block.get("baselines", {}):
-                rows[variant_label(base, results)] = metrics_row(block["baselines"][base])
-    for v in TABLE_ORDER:
-        rows[variant_label(v, results)] = metrics_row(block["variants"][v])
-    return pd.DataFrame.from_dict(rows, orient="index")
+    names = [
+        b for b in ("teacher_base", "student_base") if with_base and b in block.get("baselines", {})
+    ]
+    names += list(TABLE_ORDER)
+    if len(results.get("seeds") or []) > 1:
+        from first_lib import stats
+        from first_lib.book.runs import seed_records
+
+        recs = seed_records(results, test)
+
+        def row(v):
+            est = {
+                m: stats.estimate(recs[v], m, n_boot=n_boot, seed=seed)
+                for m in ("ece", "acc", "trust")
+            }
+            return {
+                f"{name} {arrow}": pct_ci(e.point, e.lo, e.hi)
+                for (name, arrow), e in zip(
+                    (("ECE", "↓"), ("Acc", "↑"), ("Trust", "↑")), est.values(), strict=True
+                )
+            }
+    else:
+
+        def row(v):
+            return metrics_row(
+                block["baselines"][v] if v.endswith("_base") else block["variants"][v]
+            )
+
+    return pd.DataFrame.from_dict(
+        {variant_label(v, results): row(v) for v in names}, orient="index"
+    )

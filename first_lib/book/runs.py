@@ -23,7 +23,11 @@ def missing_work(profile: str, setting: str, **overrides) -> list[str]:
     from first_lib.profiles import for_setting, get_profile
 
     prof = for_setting(get_profile(profile, **overrides), setting)
-    return pipeline.missing(prof, setting)
+    todo: list[str] = []
+    for seed in prof.seeds:  # the untuned baselines are shared: listed once
+        one = for_setting(get_profile(profile, **{**overrides, "seed": seed}), setting)
+        todo += [name for name in pipeline.missing(one, setting) if name not in todo]
+    return todo
 
 
 def compute_time(profile: str, setting: str, **overrides) -> str:
@@ -32,7 +36,9 @@ def compute_time(profile: str, setting: str, **overrides) -> str:
     from first_lib.profiles import for_setting, get_profile
 
     prof = for_setting(get_profile(profile, **overrides), setting)
-    rows = clock.estimate(prof, setting)
+    rows = []
+    for seed in prof.seeds:
+        rows += clock.estimate(for_setting(get_profile(profile, **overrides, seed=seed), setting), setting)
     if not rows:
         return "on a CPU that is minutes to hours of training"
     return f"about {clock.total_minutes(rows):.0f} min of compute on this machine"
@@ -45,7 +51,9 @@ def run_setting(
     allow_compute: bool | None = None,
     **overrides,
 ) -> dict:
-    """Results of `first run --profile P --setting S` (cached stages), written under out_dir.
+    """Results of `first run --profile P --setting S` (cached stages), written under out_dir;
+    one run per training seed of the profile's `seeds` (`first run --seeds`), pooled by
+    `seed_records`.
 
     A chapter never starts hours of compute by surprise: unless the profile is `tiny` (seconds),
     `allow_compute` is true, or $FIRST_ALLOW_COMPUTE is set (`make book` sets it), a run with
@@ -71,7 +79,15 @@ def run_setting(
     messages: list[str] = []
     out = Path(out_dir) / "runs" / setting
     t0 = time.perf_counter()
-    results = pipeline.run(profile, setting, out=out, log=messages.append, **overrides)
+    from first_lib.profiles import for_setting, get_profile
+
+    seeds = for_setting(get_profile(profile, **overrides), setting).seeds
+    if len(seeds) > 1:
+        results = pipeline.run_seeds(
+            profile, setting, out, seeds, log=messages.append, **overrides
+        )
+    else:
+        results = pipeline.run(profile, setting, out=out, log=messages.append, **overrides)
     results = dict(results)
     clock = out / "clock.json"  # the estimates, kept apart from results.json (machine-specific)
     results["_clock"] = json.loads(clock.read_text()) if clock.is_file() else {}
@@ -163,7 +179,30 @@ def load_records(path: str | os.PathLike) -> list[dict]:
 
 
 def records_of(results: Mapping[str, Any], test: str | None = None) -> dict[str, list[dict]]:
-    """Records of every variant and baseline of one test set, sorted by question id."""
+    """Records of every variant and baseline of one test set, sorted by question id: the first
+    training seed's (figures of one model); `seed_records` has every seed's (statistics)."""
     test = test or next(iter(results["by_test"]))
     paths = results["by_test"][test]["records"]
     return {name: sorted(load_records(p), key=lambda r: str(r["id"])) for name, p in paths.items()}
+
+
+def seeds_of(results: Mapping[str, Any]) -> list[int]:
+    """The training seeds of a run (one, `[seed]`, for a run made without `--seeds`)."""
+    return [int(s) for s in results.get("seeds") or [results["config"]["seed"]]]
+
+
+def seed_records(results: Mapping[str, Any], test: str | None = None) -> dict[str, dict]:
+    """{variant: {seed: records}} of one test set, every training seed of the run: the shape
+    `stats.compare`, `stats.estimate` and `verdicts` pool (intervals over questions and seeds).
+    A baseline (untuned) model is one evaluation shared by every seed: it appears once."""
+    test = test or next(iter(results["by_test"]))
+    by_seed = results.get("by_seed") or {str(seeds_of(results)[0]): results}
+    out: dict[str, dict] = {}
+    for seed, block in by_seed.items():
+        for name, path in block["by_test"][test]["records"].items():
+            if name in out and path in out[name]["_paths"]:
+                continue  # a shared evaluation (an untuned baseline): once
+            entry = out.setdefault(name, {"_paths": set()})
+            entry["_paths"].add(path)
+            entry[int(seed)] = sorted(load_records(path), key=lambda r: str(r["id"]))
+    return {name: {s: r for s, r in e.items() if s != "_paths"} for name, e in out.items()}
