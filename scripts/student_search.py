@@ -124,7 +124,12 @@ def search(
         )
         log(_line(rows[-1]))
         if out is not None:  # after each candidate: an interrupted search keeps what it found
-            found = {"role": role, "setting": setting, "machine": device.cpu_model(), "date": time.strftime("%F")}
+            found = {
+                "role": role,
+                "setting": setting,
+                "machine": device.cpu_model(),
+                "date": time.strftime("%F"),
+            }
             fsio.atomic_write_json(out, {**found, "candidates": rows}, indent=2)
     return rows
 

@@ -38,7 +38,9 @@ def compute_time(profile: str, setting: str, **overrides) -> str:
     prof = for_setting(get_profile(profile, **overrides), setting)
     rows = []
     for seed in prof.seeds:
-        rows += clock.estimate(for_setting(get_profile(profile, **overrides, seed=seed), setting), setting)
+        rows += clock.estimate(
+            for_setting(get_profile(profile, **overrides, seed=seed), setting), setting
+        )
     if not rows:
         return "on a CPU that is minutes to hours of training"
     return f"about {clock.total_minutes(rows):.0f} min of compute on this machine"
@@ -83,9 +85,7 @@ def run_setting(
 
     seeds = for_setting(get_profile(profile, **overrides), setting).seeds
     if len(seeds) > 1:
-        results = pipeline.run_seeds(
-            profile, setting, out, seeds, log=messages.append, **overrides
-        )
+        results = pipeline.run_seeds(profile, setting, out, seeds, log=messages.append, **overrides)
     else:
         results = pipeline.run(profile, setting, out=out, log=messages.append, **overrides)
     results = dict(results)
