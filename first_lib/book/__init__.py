@@ -58,6 +58,7 @@ from first_lib.book.output import (
 from first_lib.book.paper import PAPER_LS_BOOLQ_LLAMA1, PAPER_STORAGE, PAPER_TABLE1_LLAMA2
 from first_lib.book.records import (
     candidate_ranks,
+    coefficient_spread,
     conf_correct,
     rankwise_from_ranks,
     store_probs_ranks,

@@ -54,3 +54,19 @@ def rankwise_from_ranks(probs: np.ndarray, ranks: np.ndarray):
     """`metrics.rankwise_calibration` of top-k probs [N, k] and the gold rank [N] (-1: none)."""
     ids = np.broadcast_to(np.arange(probs.shape[1]), probs.shape)
     return metrics.rankwise_calibration(probs, ids, ranks)
+
+
+def coefficient_spread(
+    probs: np.ndarray, ranks: np.ndarray, kind: str = "ts", n_resamples: int = 200, seed: int = 0
+) -> np.ndarray:
+    """The coefficient `calibration.search_coefficient` chooses on each of `n_resamples`
+    bootstrap resamples of the validation positions (for a multiple-choice task one position is
+    one question): how much the choice of c* (or delta*) owes to which questions were drawn."""
+    from first_lib import calibration
+
+    rng = np.random.default_rng(seed)
+    n = len(ranks)
+    picks = [rng.integers(0, n, n) for _ in range(n_resamples)]
+    return np.array(
+        [calibration.search_coefficient(probs[i], ranks[i], kind=kind).best for i in picks]
+    )
