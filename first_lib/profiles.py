@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from first_lib.config import (
     STYLES,  # noqa: F401 - the prompt styles, for callers that check a style
+    TASK_NAMES,
     Profile,
     TrainConfig,
     check_profile,
@@ -90,9 +91,11 @@ PROFILES: dict[str, Profile] = {
         # BoolQ passages are long: a documented 1000-question subset of its 3270 test questions.
         # The out-of-domain run calibrates on every token of its validation answers (32
         # examples are ~4k positions) and has no untuned baselines.
+        # HellaSwag (another task's setting, not the book's) likewise: 1000 of its 10042.
         per_setting={
             "boolq": {"max_length": 320, "n_test": 1000},
             "ood": {"n_val": 32, "baselines": False},
+            "hellaswag": {"n_test": 1000},
         },
     ),
     # the full data with the paper's hyper-parameters (sec. 5.1), on GPUs
@@ -116,7 +119,16 @@ PROFILES: dict[str, Profile] = {
     ),
 }
 
+# The book's settings: CSQA and BoolQ in domain, and the out-of-domain run (trained on
+# instructions, tested on `ood_tests`). The chapters and the book's time estimate
+# (`pipeline.clock.book_estimate`) read these; `all_settings()` is what `--setting` accepts.
 SETTINGS = ("csqa", "boolq", "ood")
+
+
+def all_settings() -> tuple[str, ...]:
+    """Every valid `--setting`: the book's three, then each other task of the data wheel in
+    domain (trained, validated and tested on its own splits)."""
+    return SETTINGS + tuple(t for t in TASK_NAMES if t not in SETTINGS)
 
 
 def _coerce(key: str, value, annotation: str):
@@ -153,6 +165,8 @@ def _coerce(key: str, value, annotation: str):
         if "float" in kind:
             if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
                 raise bad("a list of numbers")
+        if "str" in kind and not all(isinstance(x, str) for x in value):
+            raise bad("a list of strings")
         return tuple(value)
     if kind.startswith("dict") and not isinstance(value, dict):
         raise bad("a JSON object")
@@ -201,8 +215,9 @@ def get_profile(name: str | None, **overrides) -> Profile:
 
 
 def for_setting(prof: Profile, setting: str) -> Profile:
-    if setting not in SETTINGS:
-        raise FirstError(f"unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}")
+    """`prof` as a run of `setting` uses it: with its `per_setting` overrides for that setting."""
+    if setting not in all_settings():
+        raise FirstError(f"unknown setting {setting!r}; choose one of {', '.join(all_settings())}")
     extra = prof.per_setting.get(setting, {})
     unknown = sorted(set(extra) - set(Profile.__dataclass_fields__))
     if unknown:

@@ -273,7 +273,20 @@ def test_unknown_profile(home, run_in):
 
 def test_unknown_setting(home, run_in):
     msg = run_in(["run", "--profile", "tiny", "--setting", "squad"], home)
-    assert msg == "first: error: unknown setting 'squad'; choose one of csqa, boolq, ood"
+    assert msg == (
+        "first: error: unknown setting 'squad'; choose one of csqa, boolq, ood, obqa, arc_easy, "
+        "arc_challenge, piqa, siqa, hellaswag, winogrande"
+    )
+
+
+def test_unknown_ood_test_set(home, run_in):
+    msg = run_in(
+        ["run", "--profile", "tiny", "--setting", "ood", "--set", 'ood_tests=["sqa"]'], home
+    )
+    assert msg == (
+        "first: error: ood_tests: unknown task 'sqa'; choose among csqa, boolq, obqa, arc_easy, "
+        "arc_challenge, piqa, siqa, hellaswag, winogrande"
+    )
 
 
 def test_unknown_config_key(home, run_in):

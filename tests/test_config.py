@@ -33,6 +33,7 @@ PROFILE_VALUES = {
     "threads": 3,
     "precision": "fp32",
     "baselines": False,
+    "ood_tests": ("arc_easy", "piqa"),
     "note": "another note",
     "per_setting": {"csqa": {"n_test": 11}},
 }
@@ -88,6 +89,14 @@ def test_a_profile_field_changes_the_keys_unless_cosmetic(field):
         assert before == after, f"cosmetic {field} changed a key"
     elif field == "baselines":  # the untuned models' evaluations come or go
         assert set(after) < set(before)
+    elif field == "ood_tests":  # in domain nothing; out of domain other evaluations, same keys
+        assert before == after
+        ood, other_ood = _keys(base, "ood"), _keys(other, "ood")
+        assert {n.split(" on ")[-1] for n in other_ood if n.startswith("evaluate ")} == {
+            "arc_easy",
+            "piqa",
+        }
+        assert ood["teacher"] != other_ood["teacher"]  # the tiny tokenizer reads the test sets
     elif field == "precision" and pipeline.run_precision(base) == "fp32":  # fp32 here already
         assert before == after and _keys(dataclasses.replace(base, precision="bf16")) != before
     else:
@@ -147,6 +156,13 @@ def test_a_profile_survives_results_json(name):
     prof = for_setting(get_profile(name, seed=1), "csqa")
     back = config.profile_from_dict(json.loads(json.dumps(prof.to_dict())))
     assert back == prof
+
+
+def test_the_task_names_are_the_data_wheels_tasks():
+    """`config.TASK_NAMES` (which the profile checks read) is `tasks.TASKS`, in its order."""
+    from first_lib import tasks
+
+    assert config.TASK_NAMES == tuple(tasks.TASKS)
 
 
 def test_a_recorded_config_with_an_unknown_field_is_refused():

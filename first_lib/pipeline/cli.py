@@ -17,7 +17,7 @@ from first_lib.pipeline.data import test_tasks
 from first_lib.pipeline.graph import run_precision, stage_graph
 from first_lib.pipeline.runner import UNTIL, estimate_memory_gb, run, run_seeds
 from first_lib.pipeline.stale import clean
-from first_lib.profiles import PROFILES, SETTINGS, for_setting, get_profile
+from first_lib.profiles import PROFILES, all_settings, for_setting, get_profile
 
 
 def describe_plan(prof: Profile, setting: str) -> str:
@@ -28,7 +28,7 @@ def describe_plan(prof: Profile, setting: str) -> str:
         f"teacher {prof.teacher} -> student {prof.student}; k={prof.k}; style={prof.style}",
         f"precision {precision}" + (" (auto on this machine)" if asked == "auto" else ""),
         f"sizes: train {prof.n_train or 'all'}, validation {prof.n_val or 'all'}, "
-        f"test {prof.n_test or 'all'} on {', '.join(test_tasks(setting))}",
+        f"test {prof.n_test or 'all'} on {', '.join(test_tasks(prof, setting))}",
         f"artefacts under {first_home() / 'runs'}",
     ]
     est = {r["stage"]: r for r in clock.estimate(prof, setting, precision)}
@@ -94,7 +94,12 @@ def _cmd_clean(args) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="cpu", help=f"one of {', '.join(PROFILES)} (default cpu)")
-    p.add_argument("--setting", default="csqa", help=f"one of {', '.join(SETTINGS)} (default csqa)")
+    p.add_argument(
+        "--setting",
+        default="csqa",
+        help=f"one of {', '.join(all_settings())} (default csqa): ood trains on instructions "
+        "and tests on the profile's ood_tests; any task name trains and tests on that task",
+    )
     p.add_argument(
         "--set",
         action="append",

@@ -36,8 +36,9 @@ def data_key(prof: Profile, setting: str) -> dict:
     }
 
 
-def test_tasks(setting: str) -> list[str]:
-    return ["csqa", "obqa"] if setting == "ood" else [setting]
+def test_tasks(prof: Profile, setting: str) -> list[str]:
+    """The test sets of a run: the profile's `ood_tests` out of domain, else the setting's task."""
+    return list(prof.ood_tests) if setting == "ood" else [setting]
 
 
 def load_questions(prof: Profile, setting: str) -> dict:
@@ -52,7 +53,7 @@ def load_questions(prof: Profile, setting: str) -> dict:
         val = tasks.subset(tasks.load_task(setting, "validation"), prof.n_val, prof.data_seed)
     tests = {
         t: tasks.subset(tasks.load_task(t, "test"), prof.n_test, prof.data_seed)
-        for t in test_tasks(setting)
+        for t in test_tasks(prof, setting)
     }
     for name, rows in [("train", train), ("validation", val), *tests.items()]:
         if not rows:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from first_lib import device
 from first_lib.artefacts import artefact_dir, code_version, is_done
-from first_lib.config import Profile, TrainConfig
+from first_lib.config import OOD_TESTS, Profile, TrainConfig
 from first_lib.pipeline.data import data_key, test_tasks
 
 
@@ -113,7 +113,7 @@ def run_precision(prof: Profile) -> str:
 
 
 def tiny_key(prof: Profile, setting: str) -> dict:
-    return {
+    key = {
         "stage": "tiny-models",
         "data": data_key(prof, setting),
         "n_test": prof.n_test,  # the tokenizer is trained on the test prompts too
@@ -121,6 +121,11 @@ def tiny_key(prof: Profile, setting: str) -> dict:
         "code": code_version(CODE_OF["tiny-models"]),
         "v": 1,
     }
+    # and so on the test sets: named where they are not the paper's out-of-domain pair (the
+    # keys made before `ood_tests` existed stay as they were)
+    if setting == "ood" and tuple(prof.ood_tests) != OOD_TESTS:
+        key["tests"] = list(prof.ood_tests)
+    return key
 
 
 def model_source(prof: Profile, role: str, tiny_dir: Path | None) -> str:
@@ -168,16 +173,18 @@ def stage_graph(prof: Profile, setting: str, precision: str | None = None) -> li
     dk = data_key(prof, setting)
     code = {kind: code_version(modules) for kind, modules in CODE_OF.items()}
     size = {"teacher": prof.params_b[0], "student": prof.params_b[1]}
-    nodes, tiny_dir = [], None
+    nodes, tiny_dir, data = [], None, {"data": dk}
     if prof.teacher.startswith("tiny:"):
         key = tiny_key(prof, setting)
         tiny_dir = artefact_dir("tiny-models", key)
         nodes.append(Node("tiny-models", "tiny-models", key))
+        if "tests" in key:  # other test sets, other tiny models: the models trained from them too
+            data["tests"] = key["tests"]
     cfg = {"teacher": prof.teacher_train, "student": prof.student_train}
     source = {"teacher": prof.teacher, "student": prof.student}
 
     def trained(role: str, train: TrainConfig, **upstream) -> dict:
-        origin = upstream or {"data": dk}
+        origin = upstream or data
         key = {"source": source[role], **origin, "train": train.key(), "precision": precision}
         return {**key, "code": code["train"]}
 
@@ -219,7 +226,7 @@ def stage_graph(prof: Profile, setting: str, precision: str | None = None) -> li
     models = [(v.name, v.role, made[v.name]) for v in MODELS]
     if prof.baselines:
         models += [(b, role, model_source(prof, role, tiny_dir)) for b, role in BASELINES.items()]
-    for test in test_tasks(setting):
+    for test in test_tasks(prof, setting):
         for label, role, model in models:
             key = eval_key(prof, test, model, precision, prefix_top_layers(prof, label))
             nodes.append(Node("evaluate", "evaluate", key, role, (test,), label))
@@ -231,7 +238,7 @@ def stage_graph(prof: Profile, setting: str, precision: str | None = None) -> li
             val[name] = Node("evaluate", "evaluate", key, "student", ("validation",), base)
         nodes += val.values()
         tested = {(n.variant, n.reads[0]): n.key for n in nodes if n.kind == "evaluate"}
-        for test in test_tasks(setting):
+        for test in test_tasks(prof, setting):
             for name, base in POSTHOC.items():
                 key = {"test": tested[base, test], "validation": val[name].key, "fit": "nll"}
                 key["code"] = code["posthoc"]

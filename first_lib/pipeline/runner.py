@@ -245,7 +245,7 @@ def _results(state: _Run, nodes: list[Node], out: Path | None) -> dict:
     _, split = state.examples()
     calib, store = state.made["calibrate"], state.made["extract"]
     by_test = {}
-    for test in test_tasks(setting):
+    for test in test_tasks(prof, setting):
         evals = [n for n in nodes if n.kind in ("evaluate", "posthoc") and n.reads[0] == test]
         metrics = {n.variant: state.made[n.name]["metrics"] for n in evals}
         by_test[test] = {
@@ -255,7 +255,7 @@ def _results(state: _Run, nodes: list[Node], out: Path | None) -> dict:
             "records": {n.variant: str(n.path / "records.jsonl") for n in evals},
         }
     store_meta = read_meta(store / "train")
-    first = by_test[test_tasks(setting)[0]]
+    first = by_test[test_tasks(prof, setting)[0]]
     models = {v: state.made[n.stage] for n in nodes if n.kind == "train" for v in [n.variant]}
     results = {
         "profile": prof.name,

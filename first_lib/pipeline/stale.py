@@ -11,24 +11,37 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from first_lib import fsio
 from first_lib.artefacts import artefact_lock, code_version, is_done
+from first_lib.config import TASK_NAMES, Profile
 from first_lib.errors import FirstError
 from first_lib.paths import first_home
 from first_lib.pipeline.graph import run_artefacts
-from first_lib.profiles import PROFILES, SETTINGS, for_setting
+from first_lib.profiles import PROFILES, all_settings, for_setting
 
 
 def live_artefacts() -> set[str]:
     """Names of every artefact a built-in profile and setting of this version would use at either
-    precision, plus those of runs in progress (`in_use`)."""
+    precision, plus those of runs in progress (`in_use`). Every valid setting counts, not only
+    the book's three: a finished run of another task's setting is as current as the book's."""
     names = set()
-    combos = itertools.product(PROFILES.values(), SETTINGS, ("fp32", "bf16"))
+    combos = itertools.product(PROFILES.values(), all_settings(), ("fp32", "bf16"))
     for base, setting, precision in combos:
-        names |= run_artefacts(for_setting(base, setting), setting, precision)
+        for prof in _as_run(base, setting):
+            names |= run_artefacts(prof, setting, precision)
     return names | names_in_use()
+
+
+def _as_run(base: Profile, setting: str) -> list[Profile]:
+    """`base` as a run of `setting` uses it; out of domain also tested on every task
+    (`--set ood_tests=...` picks any: each evaluation's key names its test set, so these are
+    the evaluations of any list). The default list counts apart: the tiny profile's models
+    depend on the list."""
+    prof = for_setting(base, setting)
+    return [prof, replace(prof, ood_tests=TASK_NAMES)] if setting == "ood" else [prof]
 
 
 def _in_use_dir() -> Path:
