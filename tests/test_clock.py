@@ -64,7 +64,7 @@ def test_this_machines_records_replace_the_prior(home):
     perf = {"mfu": 0.4, "precision": "bf16", "kind": "train", "shape": student.to_dict()}
     (folder / "meta.json").write_text(json.dumps({"perf": perf}))
     gflops, basis = clock.rate("train", "bf16", shape=student)
-    assert gflops == pytest.approx(400.0) and "median of 1" in basis
+    assert gflops == pytest.approx(400.0) and "upper quartile of 1" in basis
     assert "prior" in clock.rate("train", "fp32", shape=student)[1]  # another precision's
     teacher = flops.shape_of("qwen2.5-coder-1.5b-instruct")
     assert "prior" in clock.rate("train", "bf16", shape=teacher)[1]  # another model's

@@ -4,7 +4,9 @@ The estimate of a stage is its model FLOPs (`first_lib.flops`, from the token co
 run's own data) divided by a rate: this machine's measured matmul peak at the run's precision
 times the share of that peak (`mfu`) such a stage reached before. Where this machine has
 finished stages of the same kind at the same precision (their `meta.json` carries `perf`), the
-median of their `mfu` is used; otherwise a prior (`PRIOR_MFU`). Nothing is loaded but the data
+upper quartile of their `mfu` is used (stages that shared the cores with other work ran slower
+than the machine can; the quartile keeps a few such runs from setting the estimate); otherwise a
+prior (`PRIOR_MFU`). Nothing is loaded but the data
 and, where one is already converted, the tokenizer, so `first run --dry-run` stays quick.
 
 `estimate(prof, setting)` returns one row per stage; `stage_work` the work behind it.
@@ -248,8 +250,8 @@ def rate(
     hardware = device_mod.cpu_model() if device == "cpu" else None
     seen = recorded_mfu(kind, precision, hardware, shape)
     if seen:
-        mfu = statistics.median(seen)
-        return peak * mfu, f"mfu {mfu:.3f} (median of {len(seen)} runs here)"
+        mfu = statistics.quantiles(seen, n=4, method="inclusive")[2] if len(seen) > 1 else seen[0]
+        return peak * mfu, f"mfu {mfu:.3f} (upper quartile of {len(seen)} runs here)"
     return peak * PRIOR_MFU[kind], f"mfu {PRIOR_MFU[kind]:.3f} (prior)"
 
 
