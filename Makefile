@@ -8,7 +8,7 @@ PRECISION ?=
 # A CPU-only torch wheel unless a GPU is visible (never pull a multi-GB CUDA build on CPU boxes).
 TORCH   ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: venv test test-assets test-other-precision test-slow lint book book-check clean
+.PHONY: venv test test-assets test-other-precision test-slow lint book book-check notebooks clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,6 +41,11 @@ test-slow: venv
 
 book: venv
 	$(BIN)/python -m scripts.build_book --profile $(PROFILE) $(if $(PRECISION),--precision $(PRECISION))
+
+# notebooks/<name>.ipynb for every chapter of _toc.yml: its MyST source as an unexecuted notebook
+# (committed, for papermill, Binder and GitHub; tests/test_book.py fails when one is stale).
+notebooks: venv
+	$(BIN)/python -m scripts.notebooks
 
 # Render every page of _build/html in headless Debian chromium (apt-get install -y chromium).
 book-check: venv

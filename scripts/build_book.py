@@ -20,7 +20,8 @@ The browser check runs afterwards: `python -m scripts.check_pages` (needs Debian
 `apt-get install -y chromium`).
 
 This module is also a tiny Sphinx extension (`setup`): the launch buttons of each page point at
-the chapter's MyST source, `chapters/<name>.md`, which is what the repository holds.
+the chapter's paired notebook, `notebooks/<name>.ipynb` (`make notebooks`), which the repository
+holds beside its MyST source, or at `chapters/<name>.md` for a chapter without one.
 """
 
 from __future__ import annotations
@@ -329,18 +330,30 @@ def build_html(stage_dir: Path, profile: str) -> int:
 # ----------------------------------------------------------------------------- Sphinx extension
 
 
-def _launch_to_markdown(app, pagename, templatename, context, doctree) -> None:
-    """Launch buttons open chapters/<name>.md (the repository's file), not the staged .ipynb."""
+_STAGED_CHAPTER = re.compile(r"chapters/([A-Za-z0-9_]+)\.ipynb")
+
+
+def launch_path(name: str) -> str:
+    """The repository file a chapter's launch buttons open: its paired notebook when the
+    repository has one, else its MyST source (which Jupyter opens with jupytext)."""
+    paired = f"notebooks/{name}.ipynb"
+    return paired if (REPO / paired).is_file() else f"chapters/{name}.md"
+
+
+def _launch_to_paired_notebook(app, pagename, templatename, context, doctree) -> None:
+    """Jupyter Book builds each launch URL (Binder, JupyterHub, Colab) from the staged page,
+    chapters/<name>.ipynb, which is an executed copy that the repository does not hold; point it
+    at `launch_path` instead."""
     for button in context.get("header_buttons", []):
         for item in button.get("buttons", []) if isinstance(button, dict) else []:
             url = item.get("url", "") if isinstance(item, dict) else ""
-            if "urlpath=" in url and url.endswith(".ipynb"):
-                item["url"] = url[: -len(".ipynb")] + ".md"
+            if "://" in url:
+                item["url"] = _STAGED_CHAPTER.sub(lambda m: launch_path(m.group(1)), url)
 
 
 def setup(app):
     """Sphinx entry point (see the module docstring)."""
-    app.connect("html-page-context", _launch_to_markdown, priority=600)
+    app.connect("html-page-context", _launch_to_paired_notebook, priority=600)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
 
 

@@ -16,6 +16,7 @@ import yaml
 from first_lib import book, device
 from first_lib.errors import FirstError
 from scripts import build_book, check_pages
+from scripts import notebooks as notebooks_script
 
 REPO = Path(__file__).resolve().parents[1]
 CHAPTER_FILES = sorted((REPO / "chapters").glob("*.md"))
@@ -116,6 +117,273 @@ def test_every_glue_key_in_the_prose_is_glued_by_the_code(path):
     assert not missing, f"{path.name}: glue keys used but never glued: {missing}"
 
 
+def parameters_of(path: Path) -> dict:
+    """The chapter's parameters cell as {name: literal}, in its order."""
+    (src,) = [src for tags, src in code_cells(path) if "parameters" in tags]
+    return {n.targets[0].id: ast.literal_eval(n.value) for n in ast.parse(src).body}
+
+
+def header_call(path: Path) -> tuple[list[str], ast.Call]:
+    """(tags, call) of the code cell right after the parameters cell, which must call
+    `book.rerun_header(...)`."""
+    import jupytext
+
+    cells = [c for c in jupytext.read(path).cells if c.cell_type == "code"]
+    first = [i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])][0]
+    cell = cells[first + 1]
+    calls = [
+        node
+        for node in ast.walk(ast.parse(cell.source))
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "rerun_header"
+    ]
+    assert len(calls) == 1, f"{path.name}: the cell after the parameters cell calls rerun_header"
+    assert cell.metadata.get("mystnb", {}).get("markdown_format") == "myst", path.name
+    return cell.metadata.get("tags", []), calls[0]
+
+
+def header_arguments(path: Path) -> tuple[str, tuple[str, ...]]:
+    """The chapter name and the settings the header cell passes (literals)."""
+    _, call = header_call(path)
+    kwargs = {k.arg: k.value for k in call.keywords}
+    settings = kwargs.get("settings", call.args[2] if len(call.args) > 2 else None)
+    return ast.literal_eval(call.args[0]), tuple(ast.literal_eval(settings))
+
+
+def settings_read(path: Path) -> set[str]:
+    """The settings of every `run_setting(profile, SETTING, ...)` call in the chapter's code:
+    a literal, or a name bound to a tuple of literals (assigned, iterated over, or imported as
+    `first_lib.profiles.SETTINGS`). Anything else fails the test that reads this."""
+    from first_lib import profiles
+
+    tree = ast.parse("\n".join(src for _, src in code_cells(path)))
+    bound: dict[str, tuple[str, ...]] = {}
+
+    def values(node) -> tuple[str, ...] | None:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return (node.value,)
+        if isinstance(node, (ast.Tuple, ast.List)):
+            out = [values(e) for e in node.elts]
+            return None if None in out else tuple(v for vs in out for v in vs)
+        if isinstance(node, ast.Name):
+            return bound.get(node.id)
+        return None
+
+    for node in ast.walk(tree):  # bindings first: imports, assignments, loops
+        if isinstance(node, ast.ImportFrom) and node.module == "first_lib.profiles":
+            for alias in node.names:
+                if alias.name == "SETTINGS":
+                    bound[alias.asname or alias.name] = profiles.SETTINGS
+        elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            if (v := values(node.value)) is not None:
+                bound[node.targets[0].id] = v
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.For, ast.comprehension)) and isinstance(node.target, ast.Name):
+            if (v := values(node.iter)) is not None:
+                bound[node.target.id] = v
+    read: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "run_setting":
+            got = values(node.args[1])
+            assert got is not None, (
+                f"{path.name}: cannot tell which setting line {node.lineno} reads"
+            )
+            read |= set(got)
+    return read
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_rerun_header_follows_the_parameters_cell_and_names_what_the_chapter_reads(path):
+    """Right after the parameters cell, a cell shows (input removed) the chapter's re-run box,
+    for this chapter and for exactly the settings whose runs it reads."""
+    tags, _ = header_call(path)
+    assert "remove-input" in tags
+    chapter, settings = header_arguments(path)
+    assert chapter == path.stem
+    assert len(settings) == len(set(settings)) and set(settings) == settings_read(path)
+
+
+def test_settings_read_can_fail(tmp_path):
+    page = tmp_path / "page.md"
+    head = (REPO / "chapters" / "intro.md").read_text().split("# ", 1)[0]
+    cell = "```{code-cell} ipython3\n%s\n```\n\n"
+    page.write_text(
+        head
+        + cell % 'TESTS = ("csqa", "boolq")\nr = {s: book.run_setting(p, s, o) for s in TESTS}'
+        + cell % 'ood = book.run_setting(p, "ood", o)'
+    )
+    assert settings_read(page) == {"csqa", "boolq", "ood"}
+    page.write_text(head + cell % "book.run_setting(p, pick(), o)")
+    with pytest.raises(AssertionError, match="cannot tell"):
+        settings_read(page)
+
+
+def shell_commands(markdown: str, program: str) -> list[list[str]]:
+    """The words of each command of `program` in the bash blocks and inline code of `markdown`
+    (continuation lines joined; leading VAR=value assignments kept)."""
+    import shlex
+
+    blocks = re.findall(r"```bash\n(.*?)```", markdown, flags=re.DOTALL)
+    lines = [ln for b in blocks for ln in b.replace("\\\n", " ").splitlines()]
+    lines += re.findall(r"(?<!`)`([^`]+)`(?!`)", re.sub(r"```.*?```", "", markdown, flags=re.S))
+    return [w for w in map(shlex.split, lines) if w[env_length(w) : env_length(w) + 1] == [program]]
+
+
+def env_length(words: list[str]) -> int:
+    """How many leading words are VAR=value assignments."""
+    n = 0
+    while n < len(words) and re.fullmatch(r"[A-Z_]+=\S*", words[n]):
+        n += 1
+    return n
+
+
+def papermill_parameters(words: list[str], tmp_path: Path) -> dict:
+    """What papermill's own command line injects for `words` (a `papermill IN OUT ...`
+    command, run from the repository root with --prepare-only: parsed, nothing executed)."""
+    import nbformat
+    from click.testing import CliRunner
+    from papermill.cli import papermill
+
+    _, source, _, *options = words[env_length(words) :]
+    out = tmp_path / "prepared.ipynb"
+    result = CliRunner().invoke(
+        papermill,
+        [str(REPO / source), str(out), *options, "--prepare-only", "--log-level", "ERROR"],
+    )
+    assert result.exit_code == 0, (result.output, result.exception)
+    nb = nbformat.read(out, as_version=4)
+    (cell,) = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    injected: dict = {}
+    exec(cell.source, {}, injected)
+    return injected
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_rerun_box_commands_are_what_papermill_and_first_accept(path, tmp_path):
+    """The box as a `cpu` build renders it: one papermill command on this chapter's paired
+    notebook that papermill itself parses into exactly the chapter's parameters and values, and
+    for each setting it reads a plan and a run that `first run`'s parser accepts, with the
+    profile's training seeds, written where the chapter writes its runs."""
+    from first_lib.cli import build_parser
+    from first_lib.profiles import for_setting, get_profile
+
+    chapter, settings = header_arguments(path)
+    params = {**parameters_of(path), "profile": "cpu"}  # as `-p profile cpu` injects it
+    text = book.rerun_commands(chapter, params, settings, precision="fp32")
+    assert text.startswith(":::{admonition} Re-run this chapter\n:class: dropdown\n")
+    (pm,) = shell_commands(text, "papermill")
+    assert pm[0] == "FIRST_PRECISION=fp32" and pm[2] == f"notebooks/{path.stem}.ipynb"
+    assert papermill_parameters(pm, tmp_path) == params
+
+    parser = build_parser("run")
+    runs = [parser.parse_args(words[1:]) for words in shell_commands(text, "first")]
+    assert all(a.command == "run" and a.profile == "cpu" for a in runs)
+    assert all(a.precision == "fp32" for a in runs[: 2 * len(settings)])
+    for setting, plan, run in zip(settings, runs[0::2], runs[1::2], strict=False):
+        seeds = for_setting(get_profile("cpu"), setting).seeds
+        for args in (plan, run):
+            assert args.setting == setting
+            assert args.seeds == (",".join(map(str, seeds)) if len(seeds) > 1 else None)
+        assert plan.dry_run and plan.out is None
+        assert not run.dry_run and run.out == f"{params['out_dir']}/runs/{setting}"
+    assert [a.setting for a in runs[: 2 * len(settings)]] == [s for s in settings for _ in "ab"]
+    assert runs[-1].dry_run and runs[-1].setting not in settings  # any task is a setting
+
+
+def test_papermill_options_survive_papermills_parsing(tmp_path):
+    """Values papermill's `-p` would misread (a string "1", "True", "") go as raw strings, lists
+    and dicts as YAML; each comes back from papermill as the same Python value."""
+    import nbformat
+
+    values = {
+        "profile": "tiny",
+        "out_dir": "/tmp/a dir/x",
+        "looks_int": "1",
+        "looks_bool": "True",
+        "empty": "",
+        "n": 3,
+        "c": 0.28,
+        "small": 1e-4,
+        "flag": False,
+        "nothing": None,
+        "row": [0.9, 0.05, 1e-3],
+        "table": {"a": [1, 2], "b": "x"},
+    }
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = dict(build_book.KERNELSPEC)
+    src = "\n".join(f"{k} = None" for k in values)
+    nb.cells = [nbformat.v4.new_code_cell(src, metadata={"tags": ["parameters"]})]
+    (tmp_path / "notebooks").mkdir()
+    nbformat.write(nb, tmp_path / "notebooks" / "x.ipynb")
+    words = ["papermill", "notebooks/x.ipynb", "out.ipynb"]
+    import shlex
+
+    for k, v in values.items():
+        words += shlex.split(book.papermill_option(k, v))
+    words[1] = str(tmp_path / "notebooks" / "x.ipynb")
+    assert papermill_parameters(words, tmp_path) == values
+    with pytest.raises(FirstError):
+        book.papermill_option("s", {1, 2})
+
+
+def test_rerun_box_wants_a_profile_and_every_parameter():
+    params = {**parameters_of(REPO / "chapters" / "intro.md")}
+    with pytest.raises(FirstError, match="no profile given"):
+        book.rerun_commands("intro", params, ("csqa",), precision="fp32")
+    del params["seed"]
+    with pytest.raises(FirstError, match="no value for parameters seed"):
+        book.rerun_commands("intro", {**params, "profile": "tiny"}, ("csqa",), precision="fp32")
+    with pytest.raises(FirstError, match="unknown settings"):
+        book.rerun_commands(
+            "intro",
+            {**parameters_of(REPO / "chapters" / "intro.md"), "profile": "tiny"},
+            ("nope",),
+            precision="fp32",
+        )
+
+
+# ----------------------------------------------------------------------------- paired notebooks
+
+
+def test_committed_notebooks_are_what_make_notebooks_writes():
+    """notebooks/<name>.ipynb holds exactly the cells of chapters/<name>.md (sources, types and
+    cell metadata), no outputs, for every chapter of _toc.yml and nothing else: after editing a
+    chapter, `make notebooks` and commit."""
+    assert notebooks_script.differences(REPO) == []
+    for source in notebooks_script.chapters(REPO):
+        import jupytext
+
+        committed = json.loads((REPO / "notebooks" / f"{source.stem}.ipynb").read_text())
+        cells = [(c.cell_type, c.source, dict(c.metadata)) for c in jupytext.read(source).cells]
+        assert [
+            (c["cell_type"], "".join(c["source"]), c["metadata"]) for c in committed["cells"]
+        ] == cells
+        assert all(not c.get("outputs") for c in committed["cells"])
+
+
+def test_paired_notebook_check_can_fail(tmp_path):
+    (tmp_path / "chapters").mkdir()
+    shutil_copy = (REPO / "chapters" / "out_of_domain.md").read_text()
+    (tmp_path / "chapters" / "one.md").write_text(shutil_copy)
+    (tmp_path / "chapters" / "refs.md").write_text("# References\n")
+    toc = "format: jb-book\nroot: chapters/one\nchapters:\n  - file: chapters/refs\n"
+    (tmp_path / "_toc.yml").write_text(toc)
+    assert notebooks_script.differences(tmp_path) == ["notebooks/one.ipynb: missing"]
+    assert [p.name for p in notebooks_script.write(tmp_path)] == ["one.ipynb"]
+    assert notebooks_script.differences(tmp_path) == []
+    assert notebooks_script.write(tmp_path) == []  # the same sources give the same bytes
+    (tmp_path / "chapters" / "one.md").write_text(
+        shutil_copy.replace("n_boot = 1000", "n_boot = 9")
+    )
+    (tmp_path / "notebooks" / "old.ipynb").write_text("{}")
+    assert notebooks_script.differences(tmp_path) == [
+        "notebooks/one.ipynb: differs from chapters/one.md",
+        "notebooks/old.ipynb: no chapter of _toc.yml",
+    ]
+    notebooks_script.write(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "notebooks").iterdir()) == ["one.ipynb"]
+    assert notebooks_script.differences(tmp_path) == []
+
+
 def test_citations_exist_in_the_bibliography():
     bib = (REPO / "references.bib").read_text()
     keys = set(re.findall(r"@\w+\{([^,]+),", bib))
@@ -127,15 +395,19 @@ def test_citations_exist_in_the_bibliography():
                 assert key.strip() in keys, f"{path.name} cites unknown {key}"
 
 
-def test_no_notebook_is_tracked_and_ipynb_is_ignored():
+def test_only_the_paired_notebooks_are_tracked():
+    """Executed notebooks stay out of git (outputs are never committed); the paired, unexecuted
+    notebooks/<name>.ipynb are the only .ipynb files tracked."""
     proc = subprocess.run(
         ["git", "-C", str(REPO), "ls-files", "*.ipynb"], capture_output=True, text=True
     )
     if proc.returncode != 0:
         pytest.skip("not a git checkout")
-    assert proc.stdout.strip() == ""
+    tracked = set(proc.stdout.split())
+    assert tracked == {f"notebooks/{p.stem}.ipynb" for p in notebooks_script.chapters(REPO)}
     ignored = (REPO / ".gitignore").read_text().split()
     assert "*.ipynb" in ignored and "_build/" in ignored
+    assert ignored.index("!notebooks/*.ipynb") > ignored.index("*.ipynb")
 
 
 def test_config_renders_without_executing():
@@ -178,12 +450,29 @@ def test_staged_config_marks_tiny_builds_and_drops_launch_without_url():
     assert cpu["launch_buttons"]["binderhub_url"]
 
 
-def test_launch_buttons_point_at_the_markdown_source():
-    url = "https://mybinder.org/v2/gh/o/r/main?urlpath=lab/tree/chapters/intro.ipynb"
-    ctx = {"header_buttons": [{"type": "group", "buttons": [{"url": url}, {"url": "x.ipynb"}]}]}
-    build_book._launch_to_markdown(None, "chapters/intro", "page.html", ctx, None)
-    urls = [b["url"] for b in ctx["header_buttons"][0]["buttons"]]
-    assert urls == [url[: -len(".ipynb")] + ".md", "x.ipynb"]
+def test_launch_buttons_open_the_paired_notebook(tmp_path, monkeypatch):
+    """Jupyter Book points a launch button at the staged chapters/<name>.ipynb; the hook sends it
+    to notebooks/<name>.ipynb, or to the MyST source where no paired notebook exists, and leaves
+    the download button (a relative link) alone."""
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "intro.ipynb").write_text("{}")
+    monkeypatch.setattr(build_book, "REPO", tmp_path)
+    base = "https://mybinder.org/v2/gh/o/r/main?urlpath=lab/tree/"
+    colab = "https://colab.research.google.com/github/o/r/blob/main/"
+    buttons = [
+        {"url": base + "chapters/intro.ipynb"},
+        {"url": colab + "chapters/intro.ipynb"},
+        {"url": base + "chapters/ls_vs_ts.ipynb"},
+        {"url": "../_sources/chapters/intro.ipynb"},
+    ]
+    ctx = {"header_buttons": [{"type": "group", "buttons": buttons}]}
+    build_book._launch_to_paired_notebook(None, "chapters/intro", "page.html", ctx, None)
+    assert [b["url"] for b in ctx["header_buttons"][0]["buttons"]] == [
+        base + "notebooks/intro.ipynb",
+        colab + "notebooks/intro.ipynb",
+        base + "chapters/ls_vs_ts.md",
+        "../_sources/chapters/intro.ipynb",
+    ]
 
 
 def test_tag_cells_hides_parameters():

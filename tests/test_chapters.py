@@ -193,3 +193,24 @@ def test_paper_vs_reproduction(executed):
             assert chk["learned"] in (True, False, None)
             if chk["learned"] is not None:
                 assert chk["learned"] == (chk["estimate"]["lo"] > 0)
+
+
+@pytest.mark.parametrize("name", CHAPTERS)
+def test_page_opens_with_its_rerun_box(executed, name):
+    """The executed page shows, right after its parameters, the box with the papermill command
+    of this chapter at the profile and precision it ran at, as MyST for the page to parse."""
+    import nbformat
+
+    out, errors, precision = executed
+    assert name not in errors, errors[name]
+    nb = nbformat.read(out / f"{name}.ipynb", as_version=4)
+    codes = [c for c in nb.cells if c.cell_type == "code"]
+    injected = [i for i, c in enumerate(codes) if "injected-parameters" in c.metadata["tags"]]
+    box = codes[injected[0] + 1]
+    assert box.metadata["mystnb"]["markdown_format"] == "myst"
+    (text,) = [
+        o["data"]["text/markdown"] for o in box.outputs if "text/markdown" in o.get("data", {})
+    ]
+    assert text.startswith(":::{admonition} Re-run this chapter")
+    assert f"FIRST_PRECISION={precision} papermill notebooks/{name}.ipynb" in text
+    assert "-p profile tiny" in text and f"-p out_dir {out}" in text.replace("\\\n  ", "")

@@ -63,6 +63,13 @@ from first_lib.book.records import (
     rankwise_from_ranks,
     store_probs_ranks,
 )
+from first_lib.book.rerun import (
+    papermill_command,
+    papermill_option,
+    parameter_names,
+    rerun_commands,
+    rerun_header,
+)
 from first_lib.book.runs import (
     ALLOW_COMPUTE,
     STAGE_LABELS,
