@@ -89,11 +89,29 @@ def run_setting(
     else:
         results = pipeline.run(profile, setting, out=out, log=messages.append, **overrides)
     results = dict(results)
-    clock = out / "clock.json"  # the estimates, kept apart from results.json (machine-specific)
-    results["_clock"] = json.loads(clock.read_text()) if clock.is_file() else {}
+    # the estimates, kept apart from results.json (machine-specific): one clock.json per seed
+    results["_clocks"] = {
+        seed: json.loads(path.read_text()) if (path := folder / "clock.json").is_file() else {}
+        for seed, folder in _seed_folders(out, results)
+    }
+    results["_clock"] = next(iter(results["_clocks"].values()), {})
     results["_log"] = messages
     results["_seconds"] = round(time.perf_counter() - t0, 2)
     return results
+
+
+def _seed_folders(out: Path, results: Mapping[str, Any]) -> list[tuple[int, Path]]:
+    """(seed, run folder) of each training seed of a run written under `out`."""
+    if results.get("by_seed"):
+        return [(int(s), out / f"seed-{s}") for s in results["by_seed"]]
+    return [(int(results["config"]["seed"]), out)]
+
+
+def _seed_blocks(results: Mapping[str, Any]) -> list[tuple[int, Mapping[str, Any]]]:
+    """(seed, block with that seed's `artefacts` and `by_test`) of each training seed."""
+    if results.get("by_seed"):
+        return [(int(s), block) for s, block in results["by_seed"].items()]
+    return [(int(results["config"]["seed"]), results)]
 
 
 STAGE_LABELS = {
@@ -105,22 +123,31 @@ STAGE_LABELS = {
 
 def stage_seconds(results: Mapping[str, Any]) -> dict[str, float | None]:
     """The wall time each stage of a run recorded in its artefact's meta.json (None when it
-    recorded none), plus one entry per test set for its evaluations. A stage that was interrupted
-    and resumed records only the part after its last restart, so these are lower bounds."""
+    recorded none), summed over the run's training seeds, plus one entry per test set for its
+    evaluations; an artefact shared by seeds (an untuned model's evaluation) counts once. A stage
+    that was interrupted and resumed records only the part after its last restart, so these are
+    lower bounds."""
 
     from first_lib.pipeline import is_done, read_meta
 
+    seen: set[str] = set()
+
     def wall(folder: Path) -> float | None:
+        if str(folder) in seen:
+            return 0.0
+        seen.add(str(folder))
         return read_meta(folder).get("wall_seconds") if is_done(folder) else None
 
-    out: dict[str, float | None] = {
-        label: wall(Path(results["artefacts"][key]))
-        for key, label in STAGE_LABELS.items()
-        if key in results["artefacts"]
-    }
-    for test, block in results["by_test"].items():
-        walls = [wall(Path(path).parent) for path in block["records"].values()]
-        out[f"evaluation on {test}"] = sum(w or 0.0 for w in walls)
+    out: dict[str, float | None] = {}
+    for _, block in _seed_blocks(results):
+        for key, label in STAGE_LABELS.items():
+            if key in block["artefacts"]:
+                w = wall(Path(block["artefacts"][key]))
+                out[label] = None if w is None else (out.get(label) or 0.0) + w
+        for test, tblock in block["by_test"].items():
+            walls = [wall(Path(path).parent) for path in tblock["records"].values()]
+            name = f"evaluation on {test}"
+            out[name] = (out.get(name) or 0.0) + sum(w or 0.0 for w in walls)
     return out
 
 
@@ -146,27 +173,32 @@ def stage_folder(results: Mapping[str, Any], stage: str) -> Path | None:
 
 
 def stage_costs(results: Mapping[str, Any]) -> list[dict]:
-    """Per stage of a run (as `run_setting` returns it, with the run folder's `clock.json` under
-    `_clock`): the time estimated before it ran, the time it took
+    """Per training seed and stage of a run (as `run_setting` returns it, with each seed's
+    `clock.json` under `_clocks`): the time estimated before it ran, the time it took
     (`wall_seconds` in its meta.json), and its utilisation (`perf.mfu`, `perf.pad_fraction`)
     where the stage recorded them."""
     from first_lib.pipeline import is_done, read_meta
 
+    clocks = results.get("_clocks") or {None: results.get("_clock") or {}}
+    blocks = dict(_seed_blocks(results))
     rows = []
-    for stage, est in (results.get("_clock") or {}).items():
-        folder = stage_folder(results, stage)
-        meta = read_meta(folder) if folder is not None and is_done(folder) else {}
-        perf = meta.get("perf") or {}
-        rows.append(
-            {
-                "stage": stage,
-                "estimate_s": est["seconds"],
-                "estimated": est.get("made", "before"),
-                "actual_s": meta.get("wall_seconds"),
-                "mfu": perf.get("mfu"),
-                "pad_fraction": perf.get("pad_fraction"),
-            }
-        )
+    for seed, clock in clocks.items():
+        block = blocks.get(seed, results)
+        for stage, est in clock.items():
+            folder = stage_folder(block, stage)
+            meta = read_meta(folder) if folder is not None and is_done(folder) else {}
+            perf = meta.get("perf") or {}
+            rows.append(
+                {
+                    "seed": seed,
+                    "stage": stage,
+                    "estimate_s": est["seconds"],
+                    "estimated": est.get("made", "before"),
+                    "actual_s": meta.get("wall_seconds"),
+                    "mfu": perf.get("mfu"),
+                    "pad_fraction": perf.get("pad_fraction"),
+                }
+            )
     return rows
 
 
