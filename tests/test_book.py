@@ -747,6 +747,18 @@ def test_stage_seconds_reads_each_artefact_and_sums_evaluations(tmp_path):
         "top-k extraction": None,  # no meta.json: unknown, not zero
         "evaluation on csqa": 7.5,
     }
+    # two training seeds: their own teacher and fine-tuned student, one shared untuned evaluation
+    base = str(artefact("e0", 2.0) / "records.jsonl")
+    seed1 = {
+        "artefacts": {"teacher": str(artefact("t1", 50.0))},
+        "by_test": {"csqa": {"records": {"finetune": str(artefact("e3", 1.0) / "records.jsonl")}}},
+    }
+    for block in (results, seed1):
+        block["by_test"]["csqa"]["records"]["student_base"] = base
+    two = {**results, "by_seed": {"0": results, "1": seed1}}
+    got = book.stage_seconds(two)
+    assert got["teacher fine-tuning"] == 150.0
+    assert got["evaluation on csqa"] == 7.5 + 2.0 + 1.0  # the shared evaluation once
 
 
 def test_metrics_table_lists_the_untuned_models_only_where_they_were_evaluated():
@@ -870,3 +882,39 @@ def test_sentences_are_generated_from_verdicts():
 def test_book_title_states_no_verdict():
     title = yaml.safe_load((REPO / "_config.yml").read_text())["title"]
     assert not verdict_words_in(title), title
+
+
+def _write_records(folder: Path, correct: list[bool]) -> str:
+    folder.mkdir()
+    rows = [
+        {
+            "id": f"q{i}",
+            "gold": 0,
+            "pred": 0 if ok else 1,
+            "probs": [0.7, 0.3] if ok else [0.3, 0.7],
+            "confidence": 0.7,
+            "correct": ok,
+        }
+        for i, ok in enumerate(correct)
+    ]
+    (folder / "records.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return str(folder / "records.jsonl")
+
+
+def test_seed_records_pools_seeds_and_keeps_a_shared_baseline_once(tmp_path):
+    base = _write_records(tmp_path / "base", [True, False, False, True])
+    blocks = {}
+    for seed, correct in ((0, [True, True, False, True]), (1, [True, True, True, True])):
+        ft = _write_records(tmp_path / f"ft{seed}", correct)
+        blocks[str(seed)] = {
+            "by_test": {"csqa": {"records": {"finetune": ft, "student_base": base}}}
+        }
+    results = {**blocks["0"], "seeds": [0, 1], "by_seed": blocks, "config": {"seed": 0}}
+    recs = book.seed_records(results, "csqa")
+    assert sorted(recs["finetune"]) == [0, 1] and list(recs["student_base"]) == [0]
+    assert [r["id"] for r in recs["finetune"][1]] == ["q0", "q1", "q2", "q3"]
+    assert book.seeds_of(results) == [0, 1]
+    # one seed, no by_seed: the run's own seed
+    single = {**blocks["0"], "config": {"seed": 4}}
+    assert list(book.seed_records(single, "csqa")["finetune"]) == [4]
+    assert book.seeds_of(single) == [4]

@@ -104,14 +104,14 @@ def _seed_folders(out: Path, results: Mapping[str, Any]) -> list[tuple[int, Path
     """(seed, run folder) of each training seed of a run written under `out`."""
     if results.get("by_seed"):
         return [(int(s), out / f"seed-{s}") for s in results["by_seed"]]
-    return [(int(results["config"]["seed"]), out)]
+    return [(int(results.get("config", {}).get("seed", 0)), out)]
 
 
 def _seed_blocks(results: Mapping[str, Any]) -> list[tuple[int, Mapping[str, Any]]]:
     """(seed, block with that seed's `artefacts` and `by_test`) of each training seed."""
     if results.get("by_seed"):
         return [(int(s), block) for s, block in results["by_seed"].items()]
-    return [(int(results["config"]["seed"]), results)]
+    return [(int(results.get("config", {}).get("seed", 0)), results)]
 
 
 STAGE_LABELS = {
