@@ -310,7 +310,6 @@ def _machine(results: Mapping[str, Any]) -> dict:
         "hardware": perf.get("hardware"),
         "device": perf.get("device"),
         "processes": meta.get("num_processes"),
-        "peak_gflops": perf.get("peak_gflops"),
         "precision": results.get("precision"),
     }
 
