@@ -121,6 +121,26 @@ def resolve(records_file: str | os.PathLike | None, profile: str | None, test: s
     return _locate(records_file)
 
 
+def records_for(
+    profile: str | None,
+    records_file: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    allow_compute: bool | None = None,
+) -> Path:
+    """The file the lab chapter reads: `resolve`'s; or, when a profile was given and the
+    repository has no file for it, an export of the profile's own CSQA run (`book.run_setting`,
+    so cached runs are reused and missing ones are computed only as that function allows) into
+    `out_dir`, so that the book builds at every profile."""
+    path = resolve(records_file, profile)
+    if path.is_file() or records_file is not None or profile is None:
+        return path
+    from first_lib import book
+
+    book.run_setting(profile, "csqa", out_dir, allow_compute)
+    out = Path(out_dir) / Path(default_file(profile)).name
+    return export_records(Path(out_dir) / "runs" / "csqa", "csqa", out)
+
+
 def _locate(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_absolute() or path.exists() or not (REPO / path).exists():

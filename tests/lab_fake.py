@@ -53,13 +53,20 @@ def _write(folder: Path, records: list[dict], meta: dict) -> str:
     return str(path)
 
 
-def fake_run(root: Path, n: int = 40, seeds=(0, 1), test: str = "csqa", seed: int = 0) -> Path:
-    """Write a finished run of `len(seeds)` training seeds on `n` questions under `root`;
-    returns the run's --out folder (holding results.json)."""
+def fake_run(
+    root: Path,
+    n: int = 40,
+    seeds=(0, 1),
+    test: str = "csqa",
+    seed: int = 0,
+    out: Path | None = None,
+) -> Path:
+    """Write a finished run of `len(seeds)` training seeds on `n` questions under `root` (its
+    results.json in `out`, default root/out); returns the run's --out folder."""
     rng = np.random.default_rng(seed)
     ids = [f"{test}-test-{i}" for i in range(n)]
     gold = rng.integers(0, 5, n)
-    home, out = root / "home", root / "out"
+    home, out = root / "home", out or root / "out"
     teacher = home / "teacher"
     teacher.mkdir(parents=True)
     perf = {"hardware": "Fake CPU", "device": "cpu", "peak_gflops": 100.0}
@@ -102,6 +109,6 @@ def fake_run(root: Path, n: int = 40, seeds=(0, 1), test: str = "csqa", seed: in
         "seeds": list(seeds),
         "by_seed": by_seed,
     }
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results))
     return out

@@ -178,6 +178,25 @@ def test_resolve_picks_the_profiles_file(tmp_path, monkeypatch):
     assert lab.resolve("mine.json.gz", "tiny") == Path("mine.json.gz")
 
 
+def test_a_profile_without_a_file_reads_its_own_run(tmp_path, monkeypatch):
+    """At a profile whose file is not in lab/ (a gpu build, a cpu build before its file is
+    committed) the chapter exports that profile's run, as `book.run_setting` gives it."""
+    asked = []
+
+    def run_setting(profile, setting, out_dir, allow_compute=None):
+        asked.append((profile, setting, allow_compute))
+        fake_run(tmp_path, n=12, seeds=(0,), out=Path(out_dir) / "runs" / setting)
+
+    monkeypatch.setattr(book, "run_setting", run_setting)
+    path = lab.records_for("gpu", None, tmp_path / "results", allow_compute=False)
+    assert path == tmp_path / "results" / "records-gpu-csqa.json.gz"
+    assert asked == [("gpu", "csqa", False)] and lab.load_lab_records(path).n_test == 12
+    assert lab.records_for("tiny", None, tmp_path / "results").resolve() == TINY_FILE  # in lab/
+    with pytest.raises(FirstError, match="no lab records file"):  # a file named: never a run
+        lab.load_lab_records(lab.records_for("gpu", "mine.json.gz", tmp_path / "results"))
+    assert len(asked) == 1
+
+
 def test_split_questions_and_refit_temperature(exported):
     _, _, _, data = exported
     ids = data.meta["ids"]
