@@ -36,6 +36,10 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
         ("first_lib.device",),
         "this machine: CPU features or GPU, the precision auto picks, versions",
     ),
+    "export-records": (
+        ("first_lib.lab",),
+        "pack a finished run's per-question records of one test set into one small file",
+    ),
 }
 
 

@@ -86,11 +86,34 @@ def library_hash(repo: Path = REPO) -> str:
     return h.hexdigest()
 
 
-def fingerprint(source: Path, profile: str, lib_hash: str, precision: str = "fp32") -> str:
-    """What a chapter's execution depends on: its text, the library, the profile and the
-    precision its runs compute at ("fp32" | "bf16", resolved)."""
+# Folders of data a chapter reads besides the library and its runs: the lab's records files.
+CHAPTER_DATA = {"lab": ("lab",)}
+
+
+def data_hash(name: str, repo: Path = REPO) -> str:
+    """SHA-256 over the files of the chapter's CHAPTER_DATA folders ('' when it has none)."""
+    folders = CHAPTER_DATA.get(name, ())
+    if not folders:
+        return ""
     h = hashlib.sha256()
-    for part in (source.read_bytes(), lib_hash.encode(), profile.encode(), precision.encode()):
+    for folder in folders:
+        for path in sorted((repo / folder).rglob("*")):
+            if path.is_file():
+                h.update(str(path.relative_to(repo)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def fingerprint(
+    source: Path, profile: str, lib_hash: str, precision: str = "fp32", data: str = ""
+) -> str:
+    """What a chapter's execution depends on: its text, the library, the profile, the
+    precision its runs compute at ("fp32" | "bf16", resolved) and the data files it reads
+    (`data_hash`)."""
+    h = hashlib.sha256()
+    parts = [source.read_bytes(), lib_hash.encode(), profile.encode(), precision.encode()]
+    if data:  # (a chapter without data keeps the fingerprint it had before data counted)
+        parts.append(data.encode())
+    for part in parts:
         h.update(part)
         h.update(b"\0")
     return h.hexdigest()
@@ -450,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         source = REPO / f"{rel}.md"
         target = executed_dir / f"{name}.ipynb"
         stamp = executed_dir / f"{name}.stamp.json"
-        fp = fingerprint(source, profile, lib, precision)
+        fp = fingerprint(source, profile, lib, precision, data_hash(name))
         executed[rel] = target
         selected = args.only is None or name in args.only
         fresh = target.exists() and stamp.exists() and json.loads(stamp.read_text()).get("fp") == fp

@@ -23,6 +23,7 @@ CHAPTER_FILES = sorted((REPO / "chapters").glob("*.md"))
 NOTEBOOKS = [p for p in CHAPTER_FILES if build_book.is_notebook(p)]
 EXPECTED = {
     "intro",
+    "lab",
     "concentrated_knowledge",
     "miscalibration",
     "ls_vs_ts",
@@ -430,6 +431,23 @@ def test_fingerprint_follows_text_library_and_profile(tmp_path):
     assert fp != build_book.fingerprint(md, "tiny", "lib", "bf16")  # another precision
     md.write_text("b")
     assert fp != build_book.fingerprint(md, "tiny", "lib")
+
+
+def test_fingerprint_follows_the_data_a_chapter_reads(tmp_path, monkeypatch):
+    """The lab reads lab/*.json.gz: a new records file re-executes it, and only it."""
+    md = tmp_path / "x.md"
+    md.write_text("a")
+    (tmp_path / "lab").mkdir()
+    monkeypatch.setattr(build_book, "CHAPTER_DATA", {"x": ("lab",)})
+    empty = build_book.data_hash("x", tmp_path)
+    (tmp_path / "lab" / "r.json.gz").write_bytes(b"1")
+    one = build_book.data_hash("x", tmp_path)
+    (tmp_path / "lab" / "r.json.gz").write_bytes(b"2")
+    assert len({empty, one, build_book.data_hash("x", tmp_path)}) == 3
+    assert build_book.data_hash("intro", tmp_path) == ""
+    fp = build_book.fingerprint(md, "tiny", "lib")
+    assert build_book.fingerprint(md, "tiny", "lib", "fp32", "") == fp  # no data: as before
+    assert build_book.fingerprint(md, "tiny", "lib", "fp32", one) != fp
 
 
 def test_is_notebook_needs_jupytext_front_matter(tmp_path):

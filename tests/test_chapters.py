@@ -83,6 +83,44 @@ def test_intro(executed):
     assert d["teacher"].startswith("tiny")
 
 
+def test_lab(executed):
+    """The lab reads the committed tiny records file only: its numbers are the file's run's
+    (its precision, not the kernel's) and hang together."""
+    from first_lib import lab
+
+    out, errors, _ = executed
+    assert "lab" not in errors, errors["lab"]
+    d = json.loads((out / "lab.json").read_text())
+    data = lab.load_lab_records(lab.resolve(None, "tiny"))
+    assert d["chapter"] == "lab" and d["profile"] == "tiny" == data.profile
+    assert d["precision"] == data.meta["precision"]
+    assert d["n_test"] == data.n_test and d["seeds"] == data.seeds
+    assert set(d["variants"]) == set(data.records) and d["format_version"] == lab.VERSION
+    assert d["run_check"]["n"] > 0 and d["run_check"]["max_abs_difference"] < 1e-9
+    refit = d["refit"]
+    assert refit["n_fit"] + refit["n_held"] == d["n_test"]
+    assert set(refit["temperatures"]) == {str(s) for s in data.seeds}
+    assert all(t > 0 for t in refit["temperatures"].values())
+    assert frac(refit["ece_before"]["point"]) and frac(refit["ece_after"]["point"])
+    assert refit["ece_change"]["seeds"] == "paired"
+    check_difference(refit["ece_change"])
+    assert set(d["metrics"]) == set(data.records)
+    for by_metric in d["metrics"].values():
+        assert set(by_metric) == {"acc", "ece", "ece_equal_mass", "smece", "brier", "nll", "aurc"}
+        for m, e in by_metric.items():
+            check_difference(e)
+            assert e["n_questions"] == d["n_test"]
+            if m not in ("brier", "nll"):
+                assert frac(e["point"]), m
+    # the untuned student is one evaluation; a trained one is pooled over the seeds
+    assert d["metrics"]["student_base"]["ece"]["n_seeds"] == [1]
+    assert d["metrics"]["finetune"]["ece"]["n_seeds"] == [len(data.seeds)]
+    assert set(d["first_vs_finetune"]) == set(d["metrics"]["finetune"])
+    for e in d["first_vs_finetune"].values():
+        check_difference(e)
+        assert e["seeds"] == "paired"
+
+
 def test_concentrated_knowledge(executed):
     d = load(executed, "concentrated_knowledge")
     assert d["plain_text"] and len(d["task"]) == 3

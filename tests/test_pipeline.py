@@ -121,6 +121,33 @@ def test_every_model_stage_records_its_model_work(tiny_run):
         assert 0 <= perf["pad_fraction"] < 0.5, d
 
 
+def test_a_finished_run_exports_to_a_lab_file_of_its_records(tiny_run, tmp_path):
+    """`first export-records` of a real run: the lab file gives back the run's records (the
+    probabilities exactly), and the metrics recomputed from it are those of results.json."""
+    from first_lib import book, lab
+
+    res = json.loads((tiny_run["out"] / "results.json").read_text())
+    out = tmp_path / "records.json.gz"
+    subprocess.run(
+        [sys.executable, "-m", "first_lib.cli", "export-records", "--run", str(tiny_run["out"])]
+        + ["--test", "csqa", "--out", str(out)],
+        env=tiny_run["env"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    data = lab.load_lab_records(out)
+    assert data.profile == "tiny" and data.meta["precision"] == tiny_run["precision"]
+    assert data.meta["config"] == res["config"] and data.seeds == [res["config"]["seed"]]
+    for variant, records in book.records_of(res, "csqa").items():
+        back = data.records[variant][data.seeds[0]]
+        assert [(r["id"], r["pred"], r["probs"]) for r in back] == [
+            (r["id"], r["pred"], r["probs"]) for r in records
+        ], variant
+    diffs = lab.run_differences(data)
+    assert len(diffs) == 9 * len(lab.ORDER_FREE) and max(diffs) < 1e-9
+
+
 def test_tiny_run_is_cached(tiny_run):
     t0 = time.perf_counter()
     proc = _first_run(tiny_run["out"] / "again", tiny_run["env"])

@@ -93,12 +93,22 @@ def precision_sentence(precision: str | None = None) -> str:
     return f"Computed at <strong>{html.escape(precision)}</strong> ({why})."
 
 
-def profile_banner(profile: str, note: str = "", precision: str | None = None) -> Any:
+def profile_banner(
+    profile: str, note: str = "", precision: str | None = None, elsewhere: bool = False
+) -> Any:
     """An admonition saying which profile and precision produced the page's numbers (a warning
-    for tiny). `precision`: the one recorded in the page's results (default: this kernel's)."""
+    for tiny). `precision`: the one recorded in the page's results (default: this kernel's).
+    `elsewhere`: the numbers were computed by another process (a records file), so this
+    kernel's precision setting does not explain theirs."""
     from IPython.display import HTML
 
-    note = html.escape(note) + " " + precision_sentence(precision)
+    if elsewhere:
+        said = (
+            f"Computed at <strong>{html.escape(str(precision))}</strong> by the run that made them."
+        )
+    else:
+        said = precision_sentence(precision)
+    note = html.escape(note) + " " + said
     if profile == "tiny":
         body = (
             "<p><strong>The numbers on this page come from tiny random models</strong> "
