@@ -416,6 +416,7 @@ def test_config_renders_without_executing():
     assert cfg["execute"]["execute_notebooks"] == "off"
     assert cfg["bibtex_bibfiles"] == ["references.bib"]
     assert cfg["only_build_toc_files"] is True
+    assert "sphinx_exercise" in cfg["sphinx"]["extra_extensions"]  # the chapters' exercises
 
 
 # ----------------------------------------------------------------------------- build script
@@ -462,6 +463,7 @@ def test_staged_config_marks_tiny_builds_and_drops_launch_without_url():
     assert "TINY" in tiny["title"] and "tiny random models" in tiny["html"]["announcement"]
     assert "launch_buttons" not in tiny
     assert "scripts.build_book" in tiny["sphinx"]["extra_extensions"]
+    assert "sphinx_exercise" in tiny["sphinx"]["extra_extensions"]  # kept in the staged build
     cpu = build_book.staged_config("cpu", "https://github.com/org/repo")
     assert "TINY" not in cpu["title"] and "announcement" not in cpu.get("html", {})
     assert cpu["repository"]["url"] == "https://github.com/org/repo"
@@ -936,3 +938,186 @@ def test_seed_records_pools_seeds_and_keeps_a_shared_baseline_once(tmp_path):
     single = {**blocks["0"], "config": {"seed": 4}}
     assert list(book.seed_records(single, "csqa")["finetune"]) == [4]
     assert book.seeds_of(single) == [4]
+# ----------------------------------------------------------------------------- exercises
+
+EXERCISE_TAG = "exercise-solution"  # the tag of every code cell of a solution
+_DIRECTIVE = re.compile(r"^(`{3,}|:{3,})\{(exercise|solution|solution-start|solution-end)\}(.*)$")
+_OPTION = re.compile(r"^:([\w-]+):\s*(.*)$")
+
+
+def exercise_section(path: Path) -> dict | None:
+    """The `## Exercises` section of a MyST notebook, parsed from its cells in order: the
+    exercises ({exercise}, with their options), the solutions ({solution} or the gated
+    {solution-start} ... {solution-end}, each with its target, options, the prose and the code
+    cells it gates), the tagged solution cells outside any solution, the `## ` headings after
+    the section, and a gated solution left open. None when there is no such section."""
+    import jupytext
+
+    cells = jupytext.read(path).cells
+    start = next(
+        (
+            i
+            for i, c in enumerate(cells)
+            if c.cell_type == "markdown" and re.search(r"^## Exercises\s*$", c.source, re.M)
+        ),
+        None,
+    )
+    if start is None:
+        return None
+    out = {"exercises": [], "solutions": [], "orphans": [], "headings_after": [], "open": None}
+    for n, cell in enumerate(cells[start:]):
+        if cell.cell_type == "code":
+            tags = cell.metadata.get("tags", [])
+            if out["open"] is not None:
+                out["open"]["cells"].append((tags, cell.source))
+            elif EXERCISE_TAG in tags:
+                out["orphans"].append(cell.source)
+            continue
+        lines = cell.source.splitlines()
+        if n == 0:
+            lines = lines[
+                next(i for i, ln in enumerate(lines) if ln.startswith("## Exercises")) + 1 :
+            ]
+        i = 0
+        while i < len(lines):
+            m = _DIRECTIVE.match(lines[i])
+            i += 1
+            if m is None:
+                if lines[i - 1].startswith("## "):
+                    out["headings_after"].append(lines[i - 1])
+                if out["open"] is not None:
+                    out["open"]["prose"].append(lines[i - 1])
+                continue
+            name, arg, opts = m.group(2), m.group(3).strip(), {}
+            while i < len(lines) and (o := _OPTION.match(lines[i])):
+                opts[o.group(1)] = o.group(2).strip()
+                i += 1
+            if name == "exercise":
+                out["exercises"].append({"title": arg, **opts})
+            elif name == "solution-end":
+                out["open"] = None
+            else:
+                sol = {"target": arg, "gated": name == "solution-start", "cells": [], "prose": []}
+                out["solutions"].append({**sol, **opts})
+                if name == "solution-start":
+                    out["open"] = out["solutions"][-1]
+    return out
+
+
+def _numbers(node: ast.AST, source: str) -> list[str]:
+    """The source text of every number in an expression: `(0.40, 1_000)` -> ['0.40', '1000']."""
+    return [
+        ast.get_source_segment(source, c).replace("_", "")
+        for c in ast.walk(node)
+        if isinstance(c, ast.Constant) and type(c.value) in (int, float)
+    ]
+
+
+def _in_prose(number: str, prose: str) -> bool:
+    """`number` written in `prose` as a number of its own (1,234 and 1 234 read as 1234)."""
+    prose = re.sub(r"(?<=\d)[, \u202f](?=\d{3}\b)", "", prose)
+    return re.search(rf"(?<![\d.]){re.escape(number)}(?![\d])", prose) is not None
+
+
+def exercise_problems(path: Path) -> list[str]:
+    """What is wrong with a chapter's exercises (empty: nothing). The rules: a `## Exercises`
+    section, the last of the chapter, with 2 to 4 labelled exercises; each exercise has exactly
+    one solution, gated ({solution-start} ... {solution-end}) and folded (`:class: dropdown`),
+    around at least one code cell; every such cell is tagged `EXERCISE_TAG` and asserts
+    something; every number of a `by_hand = ...` answer appears in the solution's prose, and
+    an assert checks `by_hand`, so a wrong hand answer fails the chapter."""
+    sec = exercise_section(path)
+    if sec is None:
+        return ["no '## Exercises' section"]
+    problems = [f"a heading after the exercises: {h}" for h in sec["headings_after"]]
+    labels = [e.get("label") for e in sec["exercises"]]
+    if not 2 <= len(labels) <= 4:
+        problems.append(f"{len(labels)} exercises (2 to 4 wanted)")
+    if None in labels or len(set(labels)) != len(labels):
+        problems.append(f"exercise labels missing or repeated: {labels}")
+    for label in labels:
+        n = sum(s["target"] == label for s in sec["solutions"])
+        if n != 1:
+            problems.append(f"{label}: {n} solutions")
+    for sol in sec["solutions"]:
+        where = f"solution to {sol['target']}"
+        if sol["target"] not in labels:
+            problems.append(f"{where}: no such exercise")
+        if not sol["gated"] or "dropdown" not in sol.get("class", "").split():
+            problems.append(f"{where}: not a gated solution with :class: dropdown")
+        if not sol["cells"]:
+            problems.append(f"{where}: no code cell")
+        prose = "\n".join(sol["prose"])
+        for tags, src in sol["cells"]:
+            tree = ast.parse(src)
+            asserts = [n for n in ast.walk(tree) if isinstance(n, ast.Assert)]
+            if EXERCISE_TAG not in tags:
+                problems.append(f"{where}: a code cell without the tag {EXERCISE_TAG}")
+            if not asserts:
+                problems.append(f"{where}: a code cell that asserts nothing")
+            for node in tree.body:
+                if not (isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "by_hand"):
+                    continue
+                missing = [x for x in _numbers(node.value, src) if not _in_prose(x, prose)]
+                if missing:
+                    problems.append(f"{where}: by_hand numbers not in its prose: {missing}")
+                checked = any(
+                    isinstance(n, ast.Name) and n.id == "by_hand"
+                    for a in asserts
+                    for n in ast.walk(a)
+                )
+                if not checked:
+                    problems.append(f"{where}: no assert checks by_hand")
+    if sec["orphans"]:
+        problems.append(f"{len(sec['orphans'])} {EXERCISE_TAG} cells outside a solution")
+    if sec["open"] is not None:
+        problems.append(f"solution to {sec['open']['target']}: no solution-end")
+    return problems
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_chapter_ends_with_exercises_and_checked_solutions(path):
+    """Issue 19: 2-4 exercises at the end of each chapter, each with a hidden solution whose
+    code cells assert the answer (tests/test_chapters.py checks that they ran)."""
+    assert exercise_problems(path) == [], path.name
+
+
+def test_exercise_check_can_fail(tmp_path):
+    """The check above catches a missing solution, an untagged or assert-free solution cell, an
+    ungated solution, a hand answer that the prose does not state or no assert checks, and a
+    tagged cell outside a solution."""
+    head = (REPO / "chapters" / "intro.md").read_text().split("# ", 1)[0]
+
+    def code(src, tags=(EXERCISE_TAG,)):
+        return f"```{{code-cell}} ipython3\n:tags: [{', '.join(tags)}]\n\n{src}\n```\n\n"
+
+    def start(label):
+        return f"````{{solution-start}} {label}\n:class: dropdown\n````\n\n"
+
+    end = "````{solution-end}\n````\n\n"
+    page = tmp_path / "page.md"
+    page.write_text(
+        head
+        + "# A page\n\n## Exercises\n\n"
+        + "````{exercise} One\n:label: ex-one\n\nText.\n````\n\n"
+        + start("ex-one")
+        + "The answer is 0.39, by hand.\n\n"
+        + code("by_hand = (0.39, 0.21)\nassert 0.39 == by_hand[0]")
+        + code("x = 1", tags=())
+        + end
+        + "````{exercise} Two\n:label: ex-two\n\nText.\n````\n\n"
+        + "````{exercise} Three\n:label: ex-three\n\nText.\n````\n\n"
+        + "````{solution} ex-three\n\nProse only.\n````\n\n"
+        + code("assert True")
+    )
+    problems = exercise_problems(page)
+    assert any("ex-two: 0 solutions" in p for p in problems)
+    assert any("without the tag" in p for p in problems)
+    assert any("asserts nothing" in p for p in problems)
+    assert any("by_hand numbers not in its prose: ['0.21']" in p for p in problems)
+    assert any("ex-three: not a gated solution" in p for p in problems)
+    assert any("ex-three: no code cell" in p for p in problems)
+    assert any("outside a solution" in p for p in problems)
+    assert not any("no assert checks by_hand" in p for p in problems)
+    page.write_text(page.read_text().replace("assert 0.39 == by_hand[0]", "assert 0.39 == 0.39"))
+    assert any("no assert checks by_hand" in p for p in exercise_problems(page))

@@ -76,6 +76,23 @@ def test_every_chapter_executes(executed):
     assert not errors, errors
 
 
+def test_exercise_solutions_ran(executed):
+    """Every chapter's exercises (issue 19): each solution cell (tagged `exercise-solution`,
+    2 to 4 exercises a chapter, each with at least one) was executed without an error, so
+    the hand answers its asserts check hold at this profile."""
+    import nbformat
+
+    out, errors, _ = executed
+    for name in CHAPTERS:
+        assert name not in errors, errors[name]
+        nb = nbformat.read(out / f"{name}.ipynb", as_version=4)
+        cells = [c for c in nb.cells if "exercise-solution" in c.metadata.get("tags", [])]
+        assert len(cells) >= 2, f"{name}: {len(cells)} solution cells"
+        for cell in cells:
+            assert cell.execution_count is not None, f"{name}: a solution cell did not run"
+            assert not [o for o in cell.outputs if o.output_type == "error"], name
+
+
 def test_intro(executed):
     d = load(executed, "intro")
     assert 0.0 < d["ece_noise"]["median"] < 0.3
