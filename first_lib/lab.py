@@ -121,6 +121,16 @@ def resolve(records_file: str | os.PathLike | None, profile: str | None, test: s
     return _locate(records_file)
 
 
+def profile_of(profile: str | None, records_file: str | os.PathLike | None) -> str:
+    """The profile the lab chapter shows its records at: `profile` when given, else the one the
+    records file names (read from the file), else the profile of `resolve`'s default file."""
+    if profile is not None:
+        return profile
+    if records_file is not None:
+        return _read_json_gz(_locate(records_file))["profile"]
+    return "cpu" if _locate(default_file("cpu")).is_file() else "tiny"
+
+
 def records_for(
     profile: str | None,
     records_file: str | os.PathLike | None,
