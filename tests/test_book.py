@@ -938,6 +938,8 @@ def test_seed_records_pools_seeds_and_keeps_a_shared_baseline_once(tmp_path):
     single = {**blocks["0"], "config": {"seed": 4}}
     assert list(book.seed_records(single, "csqa")["finetune"]) == [4]
     assert book.seeds_of(single) == [4]
+
+
 # ----------------------------------------------------------------------------- exercises
 
 EXERCISE_TAG = "exercise-solution"  # the tag of every code cell of a solution

@@ -42,3 +42,23 @@ def test_each_command_builds_from_its_own_modules():
         parser = cli.build_parser(name)
         sub = parser._subparsers._group_actions[0].choices[name]
         assert sub.add_help, f"{name}: the lazily listed stub was not replaced by the real parser"
+
+
+def test_dry_run_seeds_say_not_estimated_rather_than_zero(monkeypatch):
+    """With nothing to count from (a fresh machine without the data wheel), the per-seed lines
+    say so; with rows, each seed's minutes and the total count a shared artefact once."""
+    from first_lib.pipeline import cli as pcli
+    from first_lib.pipeline import clock
+
+    monkeypatch.setattr(clock, "estimate", lambda prof, setting: [])
+    text = pcli.describe_seeds("tiny", "csqa", "0,1", {})
+    assert "not estimated" in text and "0.0 min" not in text
+
+    def rows(prof, setting):
+        own = {"artefact": f"own-{prof.seed}", "seconds": 120.0, "done": False}
+        return [own, {"artefact": "shared", "seconds": 60.0, "done": False}]
+
+    monkeypatch.setattr(clock, "estimate", rows)
+    text = pcli.describe_seeds("tiny", "csqa", "0,1", {})
+    assert "seed 0: 3.0 min" in text and "seed 1: 3.0 min" in text
+    assert "all seeds: 5.0 min" in text

@@ -59,6 +59,8 @@ def describe_seeds(profile: str, setting: str, seeds: str, overrides: dict) -> s
     for seed in [int(s) for s in seeds.split(",") if s.strip()]:
         prof = for_setting(get_profile(profile, **overrides, seed=seed), setting)
         est = clock.estimate(prof, setting)
+        if not est:  # nothing to count from (data or architecture not here): no made-up zero
+            return "per-seed minutes: not estimated (see the line above)"
         rows += est
         lines.append(f"seed {seed}: {clock.total_minutes(est):.1f} min still to compute")
     lines.append(f"all seeds: {clock.total_minutes(rows):.1f} min (shared artefacts counted once)")
