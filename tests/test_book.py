@@ -31,6 +31,7 @@ EXPECTED = {
     "out_of_domain",
     "paper_vs_reproduction",
     "appendix_benchmarks",
+    "beyond_k",
 }
 
 

@@ -211,6 +211,79 @@ def test_distillation_chapters(executed, name, tests):
             assert frac(r["confidence"]) and isinstance(r["correct"], bool)
 
 
+def check_beyond_k(d: dict) -> None:
+    """The beyond-k chapter's numbers: mass grows with k, the bytes are the store format's and a
+    sampled store costs what the top-k of the same width does, every student has an ECE and an
+    accuracy, and the store cut to the paper's k is the run's own."""
+    ks, paper_k = d["ks"], d["paper_k"]
+    assert d["seeds"] and paper_k in ks
+    means = [d["mass"][str(k)]["mean"] for k in ks]
+    assert all(frac(m) for m in means) and means == sorted(means)
+    for k in ks:
+        m = d["mass"][str(k)]
+        assert m["lo"] <= m["hi"] and frac(m["share_at_least_95"])
+        b = d["bytes"][f"top-{k}"]
+        assert b["per_position"] == pytest.approx(b["format"])  # measured on disk = the format
+    for n in d["draws"]:
+        assert d["bytes"][f"sampled-{n}"]["per_position"] == d["bytes"][f"top-{n}"]["per_position"]
+        for metric in ("ece", "acc"):
+            check_difference(d["sampled_vs_topk"][str(n)][metric])
+    labels = [f"top-{k}" for k in ks] + [f"sampled-{n}" for n in d["draws"]]
+    assert sorted(d["students"]) == sorted(labels)
+    for label in labels:
+        for metric in ("ece", "acc"):
+            est = d["students"][label][metric]
+            assert frac(est["point"]) and est["lo"] <= est["hi"]
+            if label != f"top-{paper_k}":
+                check_difference(d["vs_paper_k"][f"{label} {metric}"])
+    assert d["cut_matches_run_store"] == {"same_ids": 1.0, "max_prob_diff": 0.0}
+    assert all(r["done"] and r["actual_s"] is not None for r in d["costs"])
+
+
+def test_beyond_k(executed):
+    check_beyond_k(load(executed, "beyond_k"))
+
+
+def test_beyond_k_check_can_fail(tmp_path):
+    """The check above catches a store whose bytes are not the format's."""
+    import copy
+
+    good = {
+        "ks": [1, 5],
+        "paper_k": 5,
+        "draws": [5],
+        "seeds": [0],
+        "mass": {
+            "1": {"mean": 0.4, "lo": 0.3, "hi": 0.5, "share_at_least_95": 0.1},
+            "5": {"mean": 0.9, "lo": 0.8, "hi": 0.95, "share_at_least_95": 0.6},
+        },
+        "bytes": {
+            "top-1": {"per_position": 4.0, "format": 4},
+            "top-5": {"per_position": 20.0, "format": 20},
+            "sampled-5": {"per_position": 20.0, "format": 20},
+        },
+        "students": {
+            lab: {m: {"point": 0.2, "lo": 0.1, "hi": 0.3} for m in ("ece", "acc")}
+            for lab in ("top-1", "top-5", "sampled-5")
+        },
+        "vs_paper_k": {
+            f"{lab} {m}": {"point": 0.0, "lo": -0.1, "hi": 0.1}
+            for lab in ("top-1", "sampled-5")
+            for m in ("ece", "acc")
+        },
+        "sampled_vs_topk": {
+            "5": {m: {"point": 0.0, "lo": -0.1, "hi": 0.1} for m in ("ece", "acc")}
+        },
+        "cut_matches_run_store": {"same_ids": 1.0, "max_prob_diff": 0.0},
+        "costs": [{"done": True, "actual_s": 1.0}],
+    }
+    check_beyond_k(good)
+    bad = copy.deepcopy(good)
+    bad["bytes"]["sampled-5"]["per_position"] = 24.0
+    with pytest.raises(AssertionError):
+        check_beyond_k(bad)
+
+
 def test_paper_vs_reproduction(executed):
     d = load(executed, "paper_vs_reproduction")
     claims = d["claims"]
