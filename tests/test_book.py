@@ -30,6 +30,7 @@ EXPECTED = {
     "distillation",
     "out_of_domain",
     "paper_vs_reproduction",
+    "beyond_temperature",
     "appendix_benchmarks",
     "beyond_k",
 }

@@ -284,6 +284,49 @@ def test_beyond_k_check_can_fail(tmp_path):
         check_beyond_k(bad)
 
 
+def test_beyond_temperature(executed):
+    """The validation-size study (every subset's choice, its test ECE and gap; all the data is one
+    choice with no gap) and the temperature comparisons, consistent with the pipeline's fits."""
+    d = load(executed, "beyond_temperature")
+    n_val, seeds, sizes = d["n_validation"], d["seeds"], d["sizes"]
+    assert sizes[-1] == n_val and sizes == sorted(set(sizes)) and len(sizes) >= 2
+    for kind in ("ts", "ls"):
+        by_size = d["validation_size"][kind]
+        assert set(by_size) == {str(m) for m in sizes}
+        for m in sizes:
+            r = by_size[str(m)]
+            want = len(seeds) * (d["n_subsets"] if m < n_val else 1)
+            for key in ("coef", "test_ece", "gap"):
+                assert r[key]["lo"] <= r[key]["median"] <= r[key]["hi"] and r[key]["n"] == want
+            assert frac(r["test_ece"]["lo"]) and frac(r["test_ece"]["hi"]) and frac(r["within_0.1"])
+            check_difference(r["mean_gap"])
+            assert r["mean_gap"]["n_questions"] == d["n_test"]
+        whole = by_size[str(n_val)]
+        assert whole["gap"] == {"median": 0.0, "lo": 0.0, "hi": 0.0, "n": len(seeds)}
+        assert whole["mean_gap"]["point"] == 0 and whole["within_0.1"] == 1.0
+        assert set(whole["whole"]) == {str(s) for s in seeds}
+    for s in seeds:
+        c = d["validation_size"]["ts"][str(n_val)]["whole"][str(s)]
+        assert c == pytest.approx(d["fits"]["teacher"][str(s)]["eq4"])
+    assert d["teacher_fit_matches_pipeline"] is True and d["accuracy_kept"] is True
+    assert d["posthoc_refit_matches_pipeline"] and all(d["posthoc_refit_matches_pipeline"].values())
+    assert set(d["method_ece"]) == {"teacher", "finetune", "distill"}
+    for model, by_method in d["method_ece"].items():
+        assert set(by_method) == {"none", "eq4", "power", "logit"}
+        for e in by_method.values():
+            assert frac(e["point"]) and e["lo"] <= e["hi"]
+        for e in d["method_differences"][model].values():
+            check_difference(e)
+        for used, n in (d["nll_positions"][f"{model}/{s}"] for s in seeds):
+            assert 0 < used <= n
+    assert set(d["before_vs_after"]) == {"finetune_posthoc_ts", "distill_posthoc_ts"}
+    for cmp in d["before_vs_after"].values():
+        for metric in ("ece", "acc"):
+            check_difference(cmp[metric])
+            assert cmp[metric]["seeds"] == "paired"
+            assert cmp[f"verdict_{metric}"] in VERDICTS
+
+
 def test_paper_vs_reproduction(executed):
     d = load(executed, "paper_vs_reproduction")
     claims = d["claims"]
