@@ -27,6 +27,8 @@ import numpy as np
 
 from first_lib.errors import FirstError
 
+DEFAULT_KS = (1, 2, 3, 5, 10, 20, 50)  # the chapter's `ks` (a test keeps the two equal)
+DEFAULT_DRAWS = (5, 20)  # the chapter's `draws`
 CODE = ("first_lib.beyond",)  # the study's own code: enters the keys of the stores it writes
 ALLOW_COMPUTE = "FIRST_ALLOW_COMPUTE"
 
@@ -58,9 +60,10 @@ def _profile(profile: str, setting: str, seed: int, overrides: dict):
     return for_setting(get_profile(profile, **{**overrides, "seed": seed}), setting)
 
 
-def _base(prof, setting: str) -> dict:
+def _base(prof, setting: str, require_run: bool = True) -> dict:
     """The run's nodes the study reads: teacher, store, plain-distillation student and its
-    evaluation on the first test set."""
+    evaluation on the first test set (FirstError when they are not computed, unless
+    `require_run` is false)."""
     from first_lib.pipeline.data import test_tasks
     from first_lib.pipeline.graph import run_precision, stage_graph
 
@@ -78,7 +81,7 @@ def _base(prof, setting: str) -> dict:
         "data": {k: v for k, v in by["teacher"].key.items() if k in ("data", "tests")},
     }
     missing = [n for n in ("teacher", "extract", "distill", "evaluate") if not base[n].done()]
-    if missing:
+    if missing and require_run:
         raise FirstError(
             f"the study builds on a finished run of profile {prof.name}, setting {setting} "
             f"(seed {prof.seed}); missing: {', '.join(base[n].name for n in missing)}. Run it "
@@ -92,13 +95,15 @@ def _student_cfg(prof, kind: str):
     return replace(cfg, kd_normalize="full") if kind == "sampled" else cfg
 
 
-def plan(prof, setting: str, ks, draws, sample_seed: int = 0) -> tuple[dict, list[_Item], dict]:
+def plan(
+    prof, setting: str, ks, draws, sample_seed: int = 0, require_run: bool = True
+) -> tuple[dict, list[_Item], dict]:
     """(the run's base nodes, the study's artefacts in order, {label: (store item or None,
     student item or None, evaluation key)}) for one training seed; nothing is loaded."""
     from first_lib.artefacts import code_version
     from first_lib.pipeline.graph import CODE_OF, eval_key, prefix_top_layers
 
-    base = _base(prof, setting)
+    base = _base(prof, setting, require_run)
     precision = base["precision"]
     k_max = max(ks)
     code = code_version(CODE)
@@ -154,6 +159,13 @@ def plan(prof, setting: str, ks, draws, sample_seed: int = 0) -> tuple[dict, lis
             items += [student, _Item(f"evaluate {label}", "evaluate", ekey, "evaluate")]
             labels[label] = (store, student, ekey)
     return base, items, labels
+
+
+def study_artefacts(prof, setting: str) -> set[str]:
+    """Folder names of the study's artefacts for `prof` at the chapter's default lists, whether
+    computed or not: what `first clean` keeps."""
+    _, items, _ = plan(prof, setting, DEFAULT_KS, DEFAULT_DRAWS, require_run=False)
+    return {item.path.name for item in items}
 
 
 def _store_path(item: _Item, samples_dir: Path | None) -> Path:
