@@ -299,7 +299,13 @@ def profile_from_dict(data: dict) -> Profile:
     for name in ("teacher_train", "student_train"):
         if isinstance(values.get(name), dict):
             values[name] = TrainConfig(**values[name])
-    for name in ("params_b", "seeds", "ood_tests"):  # JSON has lists where the fields hold tuples
+    tuples = ("params_b", "seeds", "ood_tests")  # JSON has lists where the fields hold tuples
+    for name in tuples:
         if name in values:
             values[name] = tuple(values[name])
+    if isinstance(values.get("per_setting"), dict):  # and so do a setting's overrides of them
+        values["per_setting"] = {
+            setting: {k: tuple(v) if k in tuples else v for k, v in over.items()}
+            for setting, over in values["per_setting"].items()
+        }
     return Profile(**values)
