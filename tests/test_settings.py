@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from first_lib import pipeline
-from first_lib.beyond.study import DEFAULT_DRAWS, DEFAULT_KS, study_artefacts
 from first_lib.config import TASK_NAMES
 from first_lib.errors import FirstError
 from first_lib.pipeline import data  # its `test_tasks` is no test of this file
@@ -152,9 +151,6 @@ def test_clean_keeps_the_runs_of_every_setting():
                     prof = replace(for_setting(profile, setting), seed=seed)
                     made = pipeline.run_artefacts(prof, setting, precision)
                     assert made <= live, (profile.name, setting, precision, seed)
-    for seed in get_profile("cpu").seeds:  # the beyond-k study at the chapter's lists
-        prof = replace(for_setting(get_profile("cpu"), "csqa"), seed=seed, precision="bf16")
-        assert study_artefacts(prof, "csqa") <= live
     prof = for_setting(get_profile("cpu", ood_tests=["winogrande"]), "ood")
     assert pipeline.run_artefacts(prof, "ood", "bf16") <= live
 
@@ -176,11 +172,3 @@ def test_a_tiny_run_of_another_task(tmp_path):
     clean = [sys.executable, "-m", "first_lib.cli", "clean"]
     listed = subprocess.run(clean, env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert listed.returncode == 0 and "0 entries" in listed.stdout, listed.stdout
-
-
-def test_beyond_k_chapter_lists_are_the_ones_first_clean_keeps():
-    """The chapter's default `ks` and `draws` are the study's defaults, so its artefacts are live."""
-    from tests.test_book import parameters_of
-
-    params = parameters_of(REPO / "chapters" / "beyond_k.md")
-    assert tuple(params["ks"]) == DEFAULT_KS and tuple(params["draws"]) == DEFAULT_DRAWS

@@ -27,8 +27,6 @@ import numpy as np
 
 from first_lib.errors import FirstError
 
-DEFAULT_KS = (1, 2, 3, 5, 10, 20, 50)  # the chapter's `ks` (a test keeps the two equal)
-DEFAULT_DRAWS = (5, 20)  # the chapter's `draws`
 CODE = ("first_lib.beyond",)  # the study's own code: enters the keys of the stores it writes
 ALLOW_COMPUTE = "FIRST_ALLOW_COMPUTE"
 
@@ -159,13 +157,6 @@ def plan(
             items += [student, _Item(f"evaluate {label}", "evaluate", ekey, "evaluate")]
             labels[label] = (store, student, ekey)
     return base, items, labels
-
-
-def study_artefacts(prof, setting: str) -> set[str]:
-    """Folder names of the study's artefacts for `prof` at the chapter's default lists, whether
-    computed or not: what `first clean` keeps."""
-    _, items, _ = plan(prof, setting, DEFAULT_KS, DEFAULT_DRAWS, require_run=False)
-    return {item.path.name for item in items}
 
 
 def _store_path(item: _Item, samples_dir: Path | None) -> Path:

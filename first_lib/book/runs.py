@@ -9,7 +9,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from first_lib.book.labels import STUDENT_VARIANTS, VARIANT_LABELS
+from first_lib.book.labels import (
+    STUDENT_VARIANTS,
+    TABLE_ORDER,
+    VARIANT_LABELS,
+    metrics_row,
+    pct_ci,
+    variant_label,
+)
 from first_lib.errors import FirstError
 from first_lib.pipeline import TRANSFORM_OF
 
@@ -238,3 +245,49 @@ def seed_records(results: Mapping[str, Any], test: str | None = None) -> dict[st
             entry["_paths"].add(path)
             entry[int(seed)] = sorted(load_records(path), key=lambda r: str(r["id"]))
     return {name: {s: r for s, r in e.items() if s != "_paths"} for name, e in out.items()}
+
+
+def metrics_table(
+    results: Mapping[str, Any],
+    test: str | None = None,
+    with_base: bool = True,
+    n_boot: int = 1000,
+    seed: int = 0,
+):
+    """Table 1 for one test set: a pandas DataFrame of 'value [95% CI]' strings (percent). A run
+    of several training seeds shows each metric's mean over the seeds, its interval resampling
+    questions and seeds together (`stats.estimate`); one seed: the run's stored metrics."""
+    import pandas as pd
+
+    test = test or next(iter(results["by_test"]))
+    block = results["by_test"][test]
+    names = [
+        b for b in ("teacher_base", "student_base") if with_base and b in block.get("baselines", {})
+    ]
+    names += list(TABLE_ORDER)
+    if len(results.get("seeds") or []) > 1:
+        from first_lib import stats
+
+        recs = seed_records(results, test)
+
+        def row(v):
+            est = {
+                m: stats.estimate(recs[v], m, n_boot=n_boot, seed=seed)
+                for m in ("ece", "acc", "trust")
+            }
+            return {
+                f"{name} {arrow}": pct_ci(e.point, e.lo, e.hi)
+                for (name, arrow), e in zip(
+                    (("ECE", "↓"), ("Acc", "↑"), ("Trust", "↑")), est.values(), strict=True
+                )
+            }
+    else:
+
+        def row(v):
+            return metrics_row(
+                block["baselines"][v] if v.endswith("_base") else block["variants"][v]
+            )
+
+    return pd.DataFrame.from_dict(
+        {variant_label(v, results): row(v) for v in names}, orient="index"
+    )

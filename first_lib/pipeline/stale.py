@@ -25,21 +25,14 @@ from first_lib.profiles import PROFILES, all_settings, for_setting
 
 def live_artefacts() -> set[str]:
     """Names of every artefact a built-in profile and setting of this version would use at either
-    precision and every training seed of the profile, and of the beyond-k chapter's study at its
-    default lists, plus those of runs in progress (`in_use`). Every valid setting counts, not only
+    precision and every training seed of the profile, plus those of runs in progress (`in_use`). Every valid setting counts, not only
     the book's three: a finished run of another task's setting is as current as the book's."""
-    from first_lib.beyond.study import study_artefacts
-
     names = set()
     combos = itertools.product(PROFILES.values(), all_settings(), ("fp32", "bf16"))
     for base, setting, precision in combos:
         for prof in _as_run(base, setting):
             for seed in base.seeds:  # every training seed of the profile (`first run --seeds`)
                 names |= run_artefacts(replace(prof, seed=seed), setting, precision)
-    for base, precision in itertools.product(PROFILES.values(), ("fp32", "bf16")):
-        for seed in base.seeds:  # the beyond-k chapter's study at its default lists
-            prof = replace(for_setting(base, "csqa"), seed=seed, precision=precision)
-            names |= study_artefacts(prof, "csqa")
     return names | names_in_use()
 
 
