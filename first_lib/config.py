@@ -289,6 +289,15 @@ def with_training_seed(prof: Profile) -> Profile:
     )
 
 
+def _field_from_json(name: str, value, tuples: tuple[str, ...]):
+    """A setting's override of field `name` as the field holds it (JSON gives lists and dicts)."""
+    if name in tuples:
+        return tuple(value)
+    if name in ("teacher_train", "student_train") and isinstance(value, dict):
+        return TrainConfig(**value)
+    return value
+
+
 def profile_from_dict(data: dict) -> Profile:
     """The `Profile` that `Profile.to_dict` (as stored in results.json) describes."""
     known = {f.name for f in fields(Profile)}
@@ -305,7 +314,7 @@ def profile_from_dict(data: dict) -> Profile:
             values[name] = tuple(values[name])
     if isinstance(values.get("per_setting"), dict):  # and so do a setting's overrides of them
         values["per_setting"] = {
-            setting: {k: tuple(v) if k in tuples else v for k, v in over.items()}
+            setting: {k: _field_from_json(k, v, tuples) for k, v in over.items()}
             for setting, over in values["per_setting"].items()
         }
     return Profile(**values)
