@@ -174,22 +174,9 @@ def expected_gap(
         sidx = _seed_draws(seed_rng, qidx.shape[0], len(seeds))
         reps.append(np.take_along_axis(per_seed, sidx, axis=1).mean(axis=1))
     reps = np.concatenate(reps)
-    lo, hi, p = stats.interval(point, reps, "basic", alpha)
-    se = float(np.std(reps, ddof=1)) if n_boot > 1 else 0.0
-    return stats.Estimate(
-        metric="ece",
-        point=point,
-        lo=lo,
-        hi=hi,
-        corrected=float(2 * point - reps.mean()),
-        p=p,
-        se=se,
-        mde=stats.mde(se, alpha),
-        method="basic",
-        seeds="paired" if len(seeds) > 1 else "single",
-        n_questions=int(n),
-        n_seeds=(len(seeds), len(seeds)),
-        alpha=alpha,
+    seeds_scheme = "paired" if len(seeds) > 1 else "single"
+    return stats.from_replicates(
+        point, reps, "ece", "basic", alpha, 0.8, seeds_scheme, n, (len(seeds), len(seeds))
     )
 
 

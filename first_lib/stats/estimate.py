@@ -51,6 +51,26 @@ def _method(metric: str, method: str) -> str:
 
 
 def _estimate(point, reps, metric, method, alpha, power, seeds, sides) -> Estimate:
+    n_seeds = tuple(r.n_seeds for r in sides)
+    return from_replicates(
+        point, reps, metric, method, alpha, power, seeds, len(sides[0].ids), n_seeds
+    )
+
+
+def from_replicates(
+    point: float,
+    reps: np.ndarray,
+    metric: str,
+    method: str,
+    alpha: float,
+    power: float,
+    seeds: str,
+    n_questions: int,
+    n_seeds: tuple[int, ...],
+) -> Estimate:
+    """The `Estimate` of `point` from its bootstrap replicates `reps`: the interval by `method`,
+    the bias-corrected point, the standard error and the smallest difference detected with
+    `power` (for analyses that draw their own replicates)."""
     lo, hi, p = interval(point, reps, method, alpha)
     se = float(np.std(reps, ddof=1)) if reps.shape[0] > 1 else 0.0
     return Estimate(
@@ -64,8 +84,8 @@ def _estimate(point, reps, metric, method, alpha, power, seeds, sides) -> Estima
         mde=mde(se, alpha, power),
         method=method,
         seeds=seeds,
-        n_questions=len(sides[0].ids),
-        n_seeds=tuple(r.n_seeds for r in sides),
+        n_questions=int(n_questions),
+        n_seeds=n_seeds,
         alpha=alpha,
     )
 
