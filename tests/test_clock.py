@@ -94,3 +94,23 @@ def test_unknown_architecture_says_so(home):
     prof = get_profile("paper")
     assert clock.estimate(prof, "csqa", "bf16") == []
     assert "not estimated" in clock.describe([])
+
+
+def test_the_book_estimate_counts_every_training_seed(home):
+    """A setting that runs three training seeds costs its first seed plus two more of everything
+    a seed trains (the untuned baselines' evaluations are shared): not one seed's time."""
+    from first_lib.profiles import for_setting, get_profile
+
+    _, per = clock.book_estimate("cpu", "bf16", settings=["csqa"])
+    seeds = for_setting(get_profile("cpu"), "csqa").seeds
+    assert len(seeds) == 3
+    one = clock.total_minutes(
+        clock.estimate(for_setting(get_profile("cpu"), "csqa"), "csqa", "bf16")
+    )
+    shared = sum(
+        r["seconds"] / 60
+        for r in clock.estimate(for_setting(get_profile("cpu"), "csqa"), "csqa", "bf16")
+        if r["stage"].endswith("_base on csqa")
+    )
+    assert shared > 0
+    assert per["csqa"] == pytest.approx(3 * one - 2 * shared)

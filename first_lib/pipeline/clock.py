@@ -300,16 +300,20 @@ def total_minutes(rows: list[dict], only_missing: bool = True) -> float:
 
 
 def book_estimate(profile: str, precision: str, settings=None) -> tuple[float, dict]:
-    """Minutes still to compute for the book's runs at `profile` (every setting), and per
-    setting (a shared artefact is counted in the first setting that needs it)."""
+    """Minutes still to compute for the book's runs at `profile` (every setting, every training
+    seed a setting runs), and per setting (a shared artefact is counted in the first setting or
+    seed that needs it)."""
     from first_lib.profiles import SETTINGS, for_setting, get_profile
 
     rows, per = [], {}
     for setting in settings or SETTINGS:
-        prof = for_setting(get_profile(profile, precision=precision), setting)
-        mine = estimate(prof, setting, precision)
-        if not mine:
-            return float("nan"), {}
+        mine = []
+        for seed in for_setting(get_profile(profile, precision=precision), setting).seeds:
+            prof = for_setting(get_profile(profile, precision=precision, seed=seed), setting)
+            seed_rows = estimate(prof, setting, precision)
+            if not seed_rows:
+                return float("nan"), {}
+            mine += seed_rows
         known = {r["artefact"] for r in rows if not r["done"]}
         per[setting] = total_minutes([r for r in mine if r["artefact"] not in known])
         rows += mine
