@@ -227,7 +227,25 @@ def get_profile(name: str | None, **overrides) -> Profile:
             flat[head] = replace(flat.get(head, getattr(prof, head)), **fields)
         except FirstError as err:  # TrainConfig's own checks: say which profile key
             raise FirstError(f"{head}: {err}") from None
+    if flat and "per_setting" not in flat:
+        flat["per_setting"] = _overridden_per_setting(prof.per_setting, flat, nested)
     return with_training_seed(check_profile(replace(prof, **flat)) if flat else prof)
+
+
+def _overridden_per_setting(per_setting: dict, flat: dict, nested: dict) -> dict:
+    """A profile's `per_setting` once the caller has overridden fields: a value given by the
+    caller wins in every setting too (`--set n_test=200` is not undone by BoolQ's own n_test);
+    a dotted training override changes that field in a setting's own training config."""
+    out = {}
+    for setting, extra in per_setting.items():
+        kept = {}
+        for key, value in extra.items():
+            if key in nested and isinstance(value, TrainConfig):
+                kept[key] = replace(value, **nested[key])
+            elif key not in flat:
+                kept[key] = value
+        out[setting] = kept
+    return out
 
 
 def for_setting(prof: Profile, setting: str) -> Profile:

@@ -172,3 +172,22 @@ def test_a_tiny_run_of_another_task(tmp_path):
     clean = [sys.executable, "-m", "first_lib.cli", "clean"]
     listed = subprocess.run(clean, env=env, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert listed.returncode == 0 and "0 entries" in listed.stdout, listed.stdout
+
+
+def test_a_callers_override_wins_over_a_settings_own_value():
+    """The cpu profile gives BoolQ its own test size and student recipe (`per_setting`); a value
+    the caller sets (`first run --set ...`) still reaches a BoolQ run, and a dotted training
+    override changes that one field of BoolQ's own training config, keeping its other fields."""
+    from first_lib.profiles import for_setting, get_profile
+
+    own = for_setting(get_profile("cpu"), "boolq")
+    assert own.n_test == 1000 and own.student_train.lora_layers == 8
+    assert own.student_train.lr == 3e-4
+    changed = for_setting(get_profile("cpu", n_test=200, **{"student_train.lr": 1e-3}), "boolq")
+    assert changed.n_test == 200
+    assert changed.student_train.lr == 1e-3 and changed.student_train.lora_layers == 8
+    assert changed.max_length == own.max_length  # a field the caller left alone keeps BoolQ's
+    deeper = for_setting(get_profile("cpu", **{"student_train.lora_layers": 0}), "boolq")
+    assert deeper.student_train.lora_layers == 0 and deeper.student_train.lr == 3e-4
+    # the other settings are untouched by BoolQ's recipe
+    assert for_setting(get_profile("cpu"), "csqa").student_train.lora_layers == 0
