@@ -72,9 +72,20 @@ def primary_names(
     for test in tests:
         for other in PRIMARY_COMPETITORS:
             if other in have:
-                names += [first_vs_name(other, m, test) for m in PRIMARY_METRICS]
+                names += [
+                    first_vs_name(other, m, test)
+                    for m in PRIMARY_METRICS
+                    if not is_identity(other, m)
+                ]
         names += [tuning_name(who, test) for who in TUNED]
     return names
+
+
+def is_identity(other: str, metric: str) -> bool:
+    """Whether "FIRST against `other` on `metric`" repeats another claim: post-hoc temperature
+    scaling keeps every answer (the arg max of the candidates), so its accuracy is its base
+    model's and FIRST's accuracy gap to it is the gap to that base model."""
+    return other in POSTHOC_OF and metric == "acc"
 
 
 def is_primary(name: str) -> bool:
