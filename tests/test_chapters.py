@@ -244,6 +244,20 @@ def test_beyond_k(executed):
     check_beyond_k(load(executed, "beyond_k"))
 
 
+def test_clean_keeps_the_beyond_k_study(executed):
+    """The study the chapter made (its default k and draws are the study's `KS` and `DRAWS`) is
+    live for `first clean`, which once listed all of it as stale."""
+    from first_lib.beyond import study
+    from first_lib.pipeline.stale import live_artefacts
+
+    _, errors, precision = executed
+    assert "beyond_k" not in errors, errors.get("beyond_k")
+    prof = study._profile("tiny", "csqa", 0, {"precision": precision})
+    _, items, _ = study.plan(prof, "csqa", study.KS, study.DRAWS)
+    assert items and all(item.done() for item in items)
+    assert {item.path.name for item in items} <= live_artefacts()
+
+
 def test_beyond_k_check_can_fail(tmp_path):
     """The check above catches a store whose bytes are not the format's."""
     import copy

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -147,8 +146,9 @@ def test_clean_keeps_the_runs_of_every_setting():
     for profile in PROFILES.values():
         for setting in all_settings():
             for precision in ("fp32", "bf16"):
-                for seed in profile.seeds:  # every training seed, not only the first
-                    prof = replace(for_setting(profile, setting), seed=seed)
+                for seed in profile.seeds:  # every training seed, not only the first,
+                    # built as `first run --seeds` builds it (the seed reaches the training configs)
+                    prof = for_setting(get_profile(profile.name, seed=seed), setting)
                     made = pipeline.run_artefacts(prof, setting, precision)
                     assert made <= live, (profile.name, setting, precision, seed)
     prof = for_setting(get_profile("cpu", ood_tests=["winogrande"]), "ood")

@@ -29,6 +29,10 @@ from first_lib.errors import FirstError
 
 CODE = ("first_lib.beyond",)  # the study's own code: enters the keys of the stores it writes
 ALLOW_COMPUTE = "FIRST_ALLOW_COMPUTE"
+# The chapter's defaults (its parameters cell holds the same lists): the top-k stores studied and
+# the sampled stores' draws per position. `first clean` keeps the study's artefacts at these.
+KS = (1, 2, 3, 5, 10, 20, 50)
+DRAWS = (5, 20)
 
 
 @dataclass
@@ -216,11 +220,18 @@ def minutes(rows: list[dict], only_missing: bool = True) -> float:
     return sum((r["estimate_s"] or 0.0) for r in rows if not (only_missing and r["done"])) / 60
 
 
+def artefact_names(prof, setting: str) -> set[str]:
+    """Folder names of the artefacts the study makes on top of the run `prof` (one training seed,
+    its precision) at the default `KS` and `DRAWS`, computed or not: what `first clean` keeps."""
+    _, items, _ = plan(prof, setting, KS, DRAWS, require_run=False)
+    return {item.path.name for item in items}
+
+
 def run_study(
     profile: str,
     setting: str = "csqa",
-    ks=(1, 2, 3, 5, 10, 20, 50),
-    draws=(5,),
+    ks=KS,
+    draws=DRAWS,
     n_seeds: int = 1,
     sample_seed: int = 0,
     allow_compute: bool | None = None,

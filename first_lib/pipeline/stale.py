@@ -16,7 +16,8 @@ from pathlib import Path
 
 from first_lib import fsio
 from first_lib.artefacts import artefact_lock, code_version, is_done
-from first_lib.config import TASK_NAMES, Profile
+from first_lib.beyond import study
+from first_lib.config import TASK_NAMES, Profile, with_training_seed
 from first_lib.errors import FirstError
 from first_lib.paths import first_home
 from first_lib.pipeline.graph import run_artefacts
@@ -25,14 +26,19 @@ from first_lib.profiles import PROFILES, all_settings, for_setting
 
 def live_artefacts() -> set[str]:
     """Names of every artefact a built-in profile and setting of this version would use at either
-    precision and every training seed of the profile, plus those of runs in progress (`in_use`). Every valid setting counts, not only
+    precision and every training seed of the profile (with the beyond-k study's, at its default
+    k and draws), plus those of runs in progress (`in_use`). Every valid setting counts, not only
     the book's three: a finished run of another task's setting is as current as the book's."""
     names = set()
     combos = itertools.product(PROFILES.values(), all_settings(), ("fp32", "bf16"))
     for base, setting, precision in combos:
         for prof in _as_run(base, setting):
-            for seed in base.seeds:  # every training seed of the profile (`first run --seeds`)
-                names |= run_artefacts(replace(prof, seed=seed), setting, precision)
+            for seed in base.seeds:  # every training seed of the profile (`first run --seeds`),
+                # which a run writes into both training configs too (`with_training_seed`)
+                seeded = with_training_seed(replace(prof, seed=seed))
+                names |= run_artefacts(seeded, setting, precision)
+                # and the chapter beyond_k's study on top of that run, at its default k and draws
+                names |= study.artefact_names(replace(seeded, precision=precision), setting)
     return names | names_in_use()
 
 
