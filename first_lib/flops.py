@@ -256,12 +256,63 @@ def attention_length(lengths) -> float:
     return sum(n * n for n in lengths) / total if total else 0.0
 
 
+# A stage shared the machine when other processes kept more than this many cores busy on average
+# while it ran (a quarter of a core: background daemons use a few hundredths). Its `mfu` then
+# measures the machine as it was, not the code: the clock leaves such records out of its rates.
+CONTENDED_CORES = 0.25
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds every process on this machine has spent busy since boot (the first line of
+    Linux's /proc/stat: user, nice, system, irq, softirq and steal time), None where there is no
+    /proc/stat."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()
+        ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds this process (all its threads) has used."""
+    t = os.times()
+    return t.user + t.system
+
+
+class Contention:
+    """How busy the rest of the machine kept the CPU while a stage ran: the average number of cores
+    that other processes used between construction and `other_cores()` (None where unmeasurable)."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.busy0 = machine_busy_seconds()
+        self.own0 = own_cpu_seconds()
+
+    def other_cores(self) -> float | None:
+        busy, wall = machine_busy_seconds(), time.perf_counter() - self.t0
+        if busy is None or self.busy0 is None or wall <= 0:
+            return None
+        others = (busy - self.busy0) - (own_cpu_seconds() - self.own0)
+        return round(max(others, 0.0) / wall, 3)
+
+
+def contended(perf: dict) -> bool:
+    """Whether a stage's `perf` record says it shared the machine (see `CONTENDED_CORES`); a
+    record made before this was measured counts as not contended."""
+    other = perf.get("other_cores")
+    return other is not None and other > CONTENDED_CORES
+
+
 class Tally:
     """Running totals of one stage's model work, batch by batch: model FLOPs, real and computed
     (padded) tokens, and the seconds of model work that the caller times with `clock`.
 
     `forward` and `train` take a batch's real lengths, its computed positions (batch x padded
-    length) and the rows where the LM head runs; `record` turns the totals into `perf_record`.
+    length) and the rows where the LM head runs; `record` turns the totals into `perf_record`,
+    with the cores other processes kept busy since the tally was made (`Contention`).
     """
 
     def __init__(self, shape: Shape):
@@ -270,6 +321,7 @@ class Tally:
         self.real_tokens = 0
         self.computed_tokens = 0
         self.seconds = 0.0
+        self.contention = Contention()
 
     def _tokens(self, lengths, computed: int) -> tuple[int, float]:
         real = int(sum(lengths))
@@ -308,7 +360,9 @@ class Tally:
         perf = perf_record(
             self.flops, self.seconds, self.real_tokens, self.computed_tokens, precision, device
         )
-        return {**perf, "shape": self.shape.to_dict()}
+        # on a GPU the host's other work hardly bears on the rate (and other ranks are processes)
+        other = self.contention.other_cores() if device == "cpu" else None
+        return {**perf, "shape": self.shape.to_dict(), "other_cores": other}
 
 
 def _sync(device: str) -> None:

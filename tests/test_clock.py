@@ -70,6 +70,24 @@ def test_this_machines_records_replace_the_prior(home):
     assert "prior" in clock.rate("train", "bf16", shape=teacher)[1]  # another model's
 
 
+def test_a_stage_that_shared_the_machine_does_not_set_the_rate(home):
+    student = flops.shape_of("qwen2.5-coder-0.5b-instruct")
+    for name, mfu, other in (("finetune-alone", 0.4, 0.02), ("finetune-shared", 0.1, 1.1)):
+        folder = home / "runs" / name
+        folder.mkdir(parents=True)
+        perf = {
+            "mfu": mfu,
+            "precision": "bf16",
+            "kind": "train",
+            "shape": student.to_dict(),
+            "other_cores": other,
+        }
+        (folder / "meta.json").write_text(json.dumps({"perf": perf}))
+    assert clock.recorded_mfu("train", "bf16", shape=student) == [0.4]
+    gflops, basis = clock.rate("train", "bf16", shape=student)
+    assert gflops == pytest.approx(400.0) and "upper quartile of 1" in basis
+
+
 def test_done_stages_cost_nothing_and_shared_artefacts_count_once(home):
     rows = list(_rows().values())
     assert clock.total_minutes(rows) == pytest.approx(sum(r["seconds"] for r in rows) / 60)
@@ -104,13 +122,8 @@ def test_the_book_estimate_counts_every_training_seed(home):
     _, per = clock.book_estimate("cpu", "bf16", settings=["csqa"])
     seeds = for_setting(get_profile("cpu"), "csqa").seeds
     assert len(seeds) == 3
-    one = clock.total_minutes(
-        clock.estimate(for_setting(get_profile("cpu"), "csqa"), "csqa", "bf16")
-    )
-    shared = sum(
-        r["seconds"] / 60
-        for r in clock.estimate(for_setting(get_profile("cpu"), "csqa"), "csqa", "bf16")
-        if r["stage"].endswith("_base on csqa")
-    )
+    first_seed = clock.estimate(for_setting(get_profile("cpu"), "csqa"), "csqa", "bf16")
+    one = clock.total_minutes(first_seed)
+    shared = sum(r["seconds"] / 60 for r in first_seed if r["stage"].endswith("_base on csqa"))
     assert shared > 0
     assert per["csqa"] == pytest.approx(3 * one - 2 * shared)

@@ -1,5 +1,8 @@
 """The FLOP model and the machine's peak (first_lib/flops.py)."""
 
+from pathlib import Path
+
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -86,3 +89,37 @@ def test_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
 def test_a_real_peak_is_positive_at_both_precisions():
     for precision in ("fp32", "bf16"):
         assert flops.measure_peak_gflops(precision, seconds=0.05) > 0
+
+
+def test_contention_counts_other_processes_not_this_one(monkeypatch):
+    """`Contention.other_cores`: the machine's busy CPU seconds less this process's, per second of
+    wall time (the counters replaced by a script: 3 s of wall, 5 busy seconds of which 2 ours)."""
+    clock = iter([100.0, 103.0])
+    busy = iter([1000.0, 1005.0])
+    own = iter([10.0, 12.0])
+    monkeypatch.setattr(flops.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(flops, "machine_busy_seconds", lambda: next(busy))
+    monkeypatch.setattr(flops, "own_cpu_seconds", lambda: next(own))
+    c = flops.Contention()
+    assert c.other_cores() == pytest.approx(1.0)  # (5 - 2) / 3
+    assert flops.contended({"other_cores": 1.0})
+    assert not flops.contended({"other_cores": 0.05}) and not flops.contended({})
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="needs Linux's /proc/stat")
+def test_a_busy_neighbour_process_is_measured():
+    """A real second process spinning on one core for a second shows as about one busy core."""
+    import subprocess
+    import sys
+
+    c = flops.Contention()
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import time\nt = time.perf_counter()\nwhile time.perf_counter() - t < 1.0: pass",
+        ],
+        check=True,
+    )
+    other = c.other_cores()
+    assert other is not None and other > 0.5

@@ -183,7 +183,8 @@ def stage_costs(results: Mapping[str, Any]) -> list[dict]:
     """Per training seed and stage of a run (as `run_setting` returns it, with each seed's
     `clock.json` under `_clocks`): the time estimated before it ran, the time it took
     (`wall_seconds` in its meta.json), and its utilisation (`perf.mfu`, `perf.pad_fraction`)
-    where the stage recorded them."""
+    where the stage recorded them, with the cores other processes kept busy while it ran
+    (`perf.other_cores`: above `flops.CONTENDED_CORES` its mfu measured a shared machine)."""
     from first_lib.pipeline import is_done, read_meta
 
     clocks = results.get("_clocks") or {None: results.get("_clock") or {}}
@@ -204,6 +205,8 @@ def stage_costs(results: Mapping[str, Any]) -> list[dict]:
                     "actual_s": meta.get("wall_seconds"),
                     "mfu": perf.get("mfu"),
                     "pad_fraction": perf.get("pad_fraction"),
+                    # cores other processes kept busy meanwhile (None: not measured)
+                    "other_cores": perf.get("other_cores"),
                 }
             )
     return rows

@@ -213,7 +213,8 @@ def recorded_mfu(
 ) -> list[float]:
     """`mfu` of every finished stage of `kind` at `precision` under $FIRST_HOME/runs (this
     machine's, when `hardware` matches what the record names; of a model of `shape` when one is
-    given: a tiny model's share of the peak says nothing about a real one's)."""
+    given: a tiny model's share of the peak says nothing about a real one's). Stages that shared
+    the machine with other work (`flops.contended`) are left out: their rate was the load's."""
     from first_lib.paths import first_home
 
     out = []
@@ -229,6 +230,8 @@ def recorded_mfu(
         if hardware and perf.get("hardware") not in (None, hardware):
             continue
         if shape is not None and perf.get("shape") != shape.to_dict():
+            continue
+        if flops.contended(perf):
             continue
         out.append(float(perf["mfu"]))
     return out
