@@ -103,8 +103,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", help="book profile whose chapter timings to include")
     p.add_argument(
         "--prefix-model",
-        help="24-layer config of the prefix-reuse measurement (default: prefix-student; "
-        f"{_QWEN_05} for the real width)",
+        help=f"24-layer config of the prefix-reuse measurement (default: {_QWEN_05}, the real "
+        "width; prefix-student: 1/3.5 of it)",
     )
     device_mod.add_precision_argument(p)
     p.set_defaults(func=_cmd_bench)

@@ -39,8 +39,9 @@ DERIVED: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-teacher": _small(
         _QWEN_15, 1024, hidden_size=96, intermediate_size=192, num_hidden_layers=1
     ),
-    # Frozen-prefix reuse: the 0.5B student's 24 layers and vocabulary, 1/3.5 of its width
-    # (head size 64 and the MLP's 5.4x expansion kept).
+    # Frozen-prefix reuse at reduced cost (`--prefix-model prefix-student`; the default is the
+    # real 0.5B config): its 24 layers and vocabulary, 1/3.5 of its width (head size 64 and the
+    # MLP's 5.4x expansion kept).
     "prefix-student": _small(_QWEN_05, hidden_size=256, intermediate_size=1408),
     "tiny-prefix-student": _small(_QWEN_05, 1024, hidden_size=32, intermediate_size=64),
 }
