@@ -42,6 +42,14 @@ def test_ratios_are_sane(results):
     assert 0.5 < results["kd_over_ce_peak_memory"] < 2
     assert d["peak_memory_bytes"]["ce"] > 10 * 2**20  # a Python process with torch
     assert 0 < results["extract_over_forward_throughput"] < 50
+    # the second extraction measurement, with the preset's `extract_model` (any causal LM will do)
+    real = d["extract_real"]
+    assert real["model"] == bench.preset("tiny").extract_model == "tiny-student"
+    assert (
+        results["extract_over_forward_throughput_real"] == real["extract_over_forward_throughput"]
+    )
+    assert len(real["extract_over_forward_samples"]) == bench.preset("tiny").reps
+    assert "extract_all_over_forward_throughput" not in real  # only forward and extract measured
     assert 0 < results["offline_over_online_step_time"] < 5
     assert set(d["offline_over_online_step_time_by_impl"]) == {"equivalent", "lean"}
     assert results["online_impl"] == "first_lib.bench.online_step_equivalent"

@@ -18,7 +18,11 @@ other work slows every variant alike. What is measured, and through which code:
   pass it rides on: same batches, same dtype, the LM head at the same (stored) positions, in
   tokens/s. Target >= 0.90. (Until issue 17 the reference was the plain forward with full logits
   at every position, twice the LM-head rows of an extraction of the targets at the default
-  `target_frac`; that ratio is kept as ``extract_over_full_logits_forward_throughput``.)
+  `target_frac`; that ratio is kept as ``extract_over_full_logits_forward_throughput``.) The
+  quick preset's teacher is two thin layers under the real vocabulary, so its forward is
+  almost all LM head: the worst case for top-k. ``extract_over_forward_throughput_real`` is the
+  same ratio with the `cpu` profile's teacher architecture (`extract_model`, randomly
+  initialised, a few examples), what a real extraction pays; target >= 0.90 for both.
 - ``store_bytes_per_token``: bytes on disk of the store's payload files per stored position at
   k = 5 and the real 151,936-token vocabulary. Target <= 22. On the same positions the teacher's
   top-5 is also written as JSON lines (the authors' layout, see `write_jsonl_topk`) and the full
@@ -32,7 +36,7 @@ other work slows every variant alike. What is measured, and through which code:
   extra key) on 10^6 stored positions x k = 5. Target < 1 s.
 - ``prefix_reuse_train_speedup`` and ``prefix_reuse_eval_speedup``: frozen-prefix reuse
   (`first_lib.prefix`) against the plain path, at the `cpu` profile's student architecture
-  (Qwen2.5-Coder 0.5B: 24 layers, its vocabulary and head geometry) with a reduced width, LoRA
+  (Qwen2.5-Coder 0.5B, randomly initialised; `prefix_model`), LoRA
   on the top L = 8 (the targets) and L = 12 (``..._L12``) of the 24 layers. Training: seconds
   per optimizer step of `train.train` with and without reuse (same examples, same steps; the
   loop's own clock, which starts after the bottom states are built). Evaluation:
@@ -68,6 +72,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "kd_over_ce_step_time": ("<=", 1.05),
     "kd_over_ce_peak_memory": ("<=", 1.10),
     "extract_over_forward_throughput": (">=", 0.90),
+    "extract_over_forward_throughput_real": (">=", 0.90),
     "store_bytes_per_token": ("<=", 22.0),
     "offline_over_online_step_time": ("<=", 0.5),
     "coefficient_search_seconds": ("<", 1.0),
@@ -114,6 +119,16 @@ class BenchConfig:
         },
     )
     extract_batch: int = field(default=4, metadata={"help": "examples per teacher forward"})
+    # The teacher above is two layers under the real 151,936-token LM head, so its forward is
+    # almost all head and top-k weighs on it as on no real model (the worst case). The same
+    # measurement at the `cpu` profile's teacher architecture says what a real extraction pays.
+    extract_model: str = field(
+        default=_QWEN_15,
+        metadata={"help": "teacher config of the extraction measured at real width ('': skip)"},
+    )
+    extract_model_examples: int = field(
+        default=8, metadata={"help": "examples of that measurement"}
+    )
     bytes_examples: int = field(default=4, metadata={"help": "examples for the disk-use files"})
     k: int = 5
     steps: int = field(default=1, metadata={"help": "optimizer steps per timed training run"})
@@ -162,7 +177,7 @@ class BenchConfig:
 
 
 def preset(name: str, device: str = "cpu", **overrides) -> BenchConfig:
-    """`tiny` (tests, seconds), `quick` (a minute on a 2-core CPU) or `full` (the real
+    """`tiny` (tests, seconds), `quick` (about six minutes on a 2-core CPU) or `full` (the real
     0.5B/1.5B architectures, randomly initialised; meant for a GPU)."""
     base: dict[str, Any]
     if name == "tiny":
@@ -170,6 +185,8 @@ def preset(name: str, device: str = "cpu", **overrides) -> BenchConfig:
             student="tiny-student",
             teacher="tiny-teacher",
             prefix_model="tiny-prefix-student",
+            extract_model="tiny-student",  # another model than the teacher: its own path
+            extract_model_examples=4,
             prefix_seq_len=16,
             prefix_examples=8,
             prefix_steps=2,
@@ -188,7 +205,10 @@ def preset(name: str, device: str = "cpu", **overrides) -> BenchConfig:
         # 32 examples for the extraction: with 8 (two batches) the fixed cost of a call (hashes,
         # locks, fsync'd shard and manifest: 250 of 1,130 ms on a 2-core AMX CPU at bf16) was a
         # quarter of the extraction's time, which a real store of 10^4 examples never sees.
-        base = dict(extract_examples=32)
+        # Four optimizer steps per timed training run: a step of the quick student is ~0.13 s
+        # on 2 cores, and with one step a single hiccup moved KD / CE from 0.91 to 1.15 between
+        # two runs on the same machine (samples 0.11-0.19 s against CE's 0.12-0.13).
+        base = dict(extract_examples=32, steps=4)
     elif name == "full":
         base = dict(
             student=_QWEN_05,

@@ -13,9 +13,11 @@ from first_lib import flops
 from first_lib.bench.config import BenchConfig
 from first_lib.bench.shared import _median, _sync
 
+ALL_VARIANTS = ("forward", "forward_all", "forward_full", "extract", "extract_all")
+
 
 def measure_extraction(
-    teacher, examples: Sequence[dict], cfg: BenchConfig, work: Path
+    teacher, examples: Sequence[dict], cfg: BenchConfig, work: Path, variants=ALL_VARIANTS
 ) -> tuple[dict[str, Any], Path]:
     """Teacher tokens/s of `extract_topk` (into a fresh folder each time) and of the forward pass
     it rides on over the same batches, interleaved; returns (numbers, a finished store's folder).
@@ -24,12 +26,13 @@ def measure_extraction(
     the same rows); storing every position (`extract_all`, against `forward_all`) shows whether
     top-k, the copies and the writes hide behind the forward at its largest LM-head share.
     `forward_full` is the plain `model(...)` with full logits everywhere (the old reference).
-    Each is also given as model FLOPs per second over the machine's peak (`*_mfu`)."""
+    Each is also given as model FLOPs per second over the machine's peak (`*_mfu`). `variants`:
+    a subset to measure (it must hold "forward" and "extract")."""
     from first_lib import knowledge
 
     tokens = sum(len(ex["input_ids"]) for ex in examples)
     forward_positions = {"forward": "targets", "forward_all": "all", "forward_full": None}
-    variants = (*forward_positions, "extract", "extract_all")
+    variants = tuple(v for v in ALL_VARIANTS if v in variants)
     tps: dict[str, list[float]] = {v: [] for v in variants}
     store = None
     for r in range(cfg.warmup + cfg.reps):
@@ -78,12 +81,16 @@ def measure_extraction(
     head_rows = {"forward": "targets", "extract": "targets", "forward_full": "full"}
     out = {
         "extract_over_forward_throughput": _median(paired("extract", "forward")),
-        "extract_all_over_forward_throughput": _median(paired("extract_all", "forward_all")),
-        "extract_over_full_logits_forward_throughput": _median(paired("extract", "forward_full")),
         "extract_over_forward_samples": paired("extract", "forward"),
         "extract_tokens": tokens,
         "extract_positions": meta["n_positions"],
     }
+    if "extract_all" in variants and "forward_all" in variants:
+        out["extract_all_over_forward_throughput"] = _median(paired("extract_all", "forward_all"))
+    if "forward_full" in variants:
+        out["extract_over_full_logits_forward_throughput"] = _median(
+            paired("extract", "forward_full")
+        )
     for v in variants:
         median = _median(tps[v])
         out[f"{v}_tokens_per_s"] = median

@@ -103,6 +103,11 @@ def run_bench(
         else:
             ext, store = measure_extraction(teacher, examples, cfg, work)
         details.update(ext)
+        if cfg.extract_model == cfg.teacher:  # the measurement above already was at it
+            details["extract_over_forward_throughput_real"] = ext["extract_over_forward_throughput"]
+        elif cfg.extract_model:
+            log(f"extraction vs forward at {cfg.extract_model}")
+            details.update(_extraction_at(cfg.extract_model, cfg, work / "real"))
         log("disk use")
         details.update(measure_store_bytes(teacher, examples[: cfg.bytes_examples], cfg, work))
         log("training steps: CE, KD, online")
@@ -138,3 +143,20 @@ def run_bench(
     results["precision"] = cfg.precision
     results["wall_seconds"] = time.perf_counter() - t_start
     return results
+
+
+def _extraction_at(model_name: str, cfg: BenchConfig, work: Path) -> dict[str, Any]:
+    """Extraction against the forward it rides on (targets only) with a teacher of config
+    `model_name`: `extract_over_forward_throughput_real` and its details."""
+    dtype, _ = _dtypes(cfg)
+    model = build_model(model_name, cfg.device, dtype, cfg.seed).eval()
+    vocab = model.get_input_embeddings().num_embeddings
+    examples = make_examples(
+        cfg.extract_model_examples, cfg.seq_len, vocab, cfg.target_frac, cfg.seed
+    )
+    ext, _ = measure_extraction(model, examples, cfg, work, variants=("forward", "extract"))
+    del model
+    return {
+        "extract_over_forward_throughput_real": ext["extract_over_forward_throughput"],
+        "extract_real": {"model": model_name, **ext},
+    }
