@@ -257,7 +257,13 @@ def load_lab_records(path: str | os.PathLike) -> LabRecords:
 
 
 def _read_results(run: Path) -> dict:
+    """A run's results.json; for a `--seeds` run that has not finished every seed (still going,
+    or stopped), its finished seeds, combined as the run will combine them."""
     path = run / "results.json" if run.is_dir() else run
+    if not path.is_file() and run.is_dir() and any(run.glob("seed-*/results.json")):
+        from first_lib.pipeline.runner import finished_seeds
+
+        return finished_seeds(run)
     if not path.is_file():
         raise FirstError(
             f"no results.json at {path}: give the --out folder of a finished `first run`"
@@ -391,9 +397,10 @@ def _provenance(results: Mapping[str, Any], stage_code: dict, finished: float) -
 def export_records(
     run: str | os.PathLike, test: str | None = None, out: str | os.PathLike | None = None
 ) -> Path:
-    """Write the lab file of a finished run (`first run --out DIR`, with or without `--seeds`):
-    the records of every variant and seed on `test` (default: the run's first test set), the
-    run's config, machine and code versions. Default `out`: `default_file(profile, test)`."""
+    """Write the lab file of a finished run (`first run --out DIR`, with or without `--seeds`;
+    of a `--seeds` run not yet finished, its finished seeds): the records of every variant and
+    seed on `test` (default: the run's first test set), the run's config, machine and code
+    versions. Default `out`: `default_file(profile, test)`."""
     run = Path(run)
     results = _read_results(run)
     test = test or next(iter(results["by_test"]))

@@ -106,6 +106,26 @@ def test_export_refuses_records_it_could_not_give_back(tmp_path):
         lab.export_records(tmp_path / "nowhere", "csqa", tmp_path / "x.json.gz")
 
 
+def test_a_seeds_run_not_finished_exports_its_finished_seeds(exported, tmp_path):
+    """A `--seeds` run stopped after two of three seeds (seed-S/results.json, no results.json
+    at the top): the file holds those two seeds, the same records as the finished run's."""
+    run, _, results, data = exported
+    partial = tmp_path / "partial"
+    for seed in (0, 1):  # seed 2 never finished
+        one = {k: v for k, v in results.items() if k not in ("seeds", "by_seed")}
+        one.update(results["by_seed"][str(seed)])
+        (partial / f"seed-{seed}").mkdir(parents=True)
+        (partial / f"seed-{seed}" / "results.json").write_text(json.dumps(one))
+    (partial / "seed-2").mkdir()  # started, not finished
+    got = lab.load_lab_records(lab.export_records(partial, "csqa", tmp_path / "p.json.gz"))
+    assert got.records["finetune"].keys() == {0, 1}
+    for seed in (0, 1):
+        assert got.records["finetune"][seed] == data.records["finetune"][seed]
+    assert got.records["student_base"].keys() == {0}
+    with pytest.raises(FirstError, match="no results.json"):
+        lab.export_records(partial / "seed-2", "csqa", tmp_path / "x.json.gz")
+
+
 def _rewrite(path: Path, target: Path, change) -> Path:
     data = json.loads(gzip.decompress(path.read_bytes()))
     change(data)

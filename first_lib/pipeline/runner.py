@@ -4,6 +4,7 @@ missing, and write `results.json` (with the whole resolved config) and `timings.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import sys
 import time
@@ -88,11 +89,33 @@ def run_seeds(profile: str, setting: str, out: Path, seeds, log=None, **override
         each[seed] = run(
             profile, setting, Path(out) / f"seed-{seed}", log=log, **overrides, seed=seed
         )
-    results = dict(each[seeds[0]])
-    results["seeds"] = seeds
-    results["by_seed"] = {str(s): {k: r[k] for k in PER_SEED} for s, r in each.items()}
+    results = combine_seeds(each)
     fsio.atomic_write_json(Path(out) / "results.json", results, indent=2, sort_keys=True)
     return results
+
+
+def combine_seeds(each: dict) -> dict:
+    """One results dict from the per-seed ones ({seed: results}, in order): the first seed's,
+    plus `seeds` and `by_seed` (what `run_seeds` writes)."""
+    seeds = [int(s) for s in each]
+    results = dict(each[next(iter(each))])
+    results["seeds"] = seeds
+    results["by_seed"] = {str(s): {k: r[k] for k in PER_SEED if k in r} for s, r in each.items()}
+    return results
+
+
+def finished_seeds(out: Path) -> dict:
+    """The seeds of a `--seeds` run that have finished (`out/seed-S/results.json`), combined as
+    `run_seeds` combines them, for a run that is still going or was stopped; FirstError when no
+    seed has finished."""
+    found = {}
+    for folder in Path(out).glob("seed-*"):
+        tail = folder.name.removeprefix("seed-")
+        if tail.isdigit() and (folder / "results.json").is_file():
+            found[int(tail)] = json.loads((folder / "results.json").read_text())
+    if not found:
+        raise FirstError(f"no finished seed under {out} (seed-S/results.json)")
+    return combine_seeds({s: found[s] for s in sorted(found)})
 
 
 class _Run:
