@@ -16,7 +16,7 @@ from pathlib import Path
 
 from first_lib import fsio
 from first_lib.artefacts import artefact_lock, code_version, is_done
-from first_lib.beyond import study
+from first_lib.beyond.plan import artefact_names as study_artefact_names
 from first_lib.config import TASK_NAMES, Profile, with_training_seed
 from first_lib.errors import FirstError
 from first_lib.paths import first_home
@@ -38,7 +38,7 @@ def live_artefacts() -> set[str]:
                 seeded = with_training_seed(replace(prof, seed=seed))
                 names |= run_artefacts(seeded, setting, precision)
                 # and the chapter beyond_k's study on top of that run, at its default k and draws
-                names |= study.artefact_names(replace(seeded, precision=precision), setting)
+                names |= study_artefact_names(replace(seeded, precision=precision), setting)
     return names | names_in_use()
 
 
