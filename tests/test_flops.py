@@ -123,3 +123,38 @@ def test_a_busy_neighbour_process_is_measured():
     )
     other = c.other_cores()
     assert other is not None and other > 0.5
+
+
+def test_an_evaluation_counts_the_bottom_states_it_built(tmp_path, monkeypatch):
+    """An evaluation that builds the frozen bottom's cache entry spends that pass on its clock;
+    `stages.count_prefix_builds` adds its FLOPs (torch's count of the same pass) and its padded
+    positions, and leaves alone the entries that were there before the stage began."""
+    from first_lib import prefix
+    from first_lib.pipeline import stages
+
+    monkeypatch.setenv("FIRST_HOME", str(tmp_path))
+    model = make_tiny_model(1024, "teacher").float()
+    model.config._attn_implementation = "eager"
+    gen = torch.Generator().manual_seed(0)
+    lengths = [int(n) for n in torch.randint(5, 30, (11,), generator=gen)]
+    seqs = [torch.randint(0, 1024, (n,), generator=gen).tolist() for n in lengths]
+    root = prefix.cache_root()
+    old = prefix.cached_bottom_states(model, seqs[:4], 2, root=root)  # there before the stage
+    assert len(old) == 4
+    before = stages._prefix_entries()
+    assert len(before) == 1
+    got = _counted(lambda: prefix.cached_bottom_states(model, seqs, 2, root=root))
+    tally = flops.Tally(flops.shape_of_config(model.config))
+    assert stages.count_prefix_builds(tally, before) == 1
+    assert tally.seconds == 0.0  # the time is the caller's clock's
+    # torch counts the padded positions too; the model counts real tokens: compare each share
+    order = sorted(lengths, reverse=True)
+    batches = [order[i : i + prefix.BATCH_SIZE] for i in range(0, len(order), prefix.BATCH_SIZE)]
+    computed = sum(len(b) * b[0] for b in batches)
+    assert tally.real_tokens == sum(lengths) and tally.computed_tokens == computed
+    shape = flops.shape_of_config(model.config)
+    padded = sum(flops.forward_flops(shape, len(b) * b[0], b[0], 0, layers=2) for b in batches)
+    assert abs(got - padded) / padded < 0.02, (got, padded)
+    assert 0 < tally.flops < padded
+    again = flops.Tally(shape)
+    assert stages.count_prefix_builds(again, stages._prefix_entries()) == 0 and again.flops == 0

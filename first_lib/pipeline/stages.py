@@ -45,6 +45,38 @@ def _prefix_root():
     return prefix.cache_root()
 
 
+def _prefix_entries() -> set[str]:
+    """Names of the finished entries of the frozen-bottom cache (`first_lib.prefix`)."""
+    root = _prefix_root()
+    if not root.is_dir():
+        return set()
+    return {d.name for d in root.iterdir() if (d / "meta.json").is_file()}
+
+
+def count_prefix_builds(tally, before: set[str]) -> int:
+    """Add to `tally` the forward passes that built the cache entries finished since `before`
+    (`_prefix_entries()` taken when the stage began): an evaluation builds its bottom states
+    inside its clocked seconds, so without them its FLOPs fall short of its time. Each entry's
+    key gives the layers it ran and its states file the sequences' lengths; the batches are
+    re-formed as `prefix.bottom_states` forms them (longest first), so padding counts too.
+    Returns the entries counted. An entry another process finished meanwhile would count too:
+    the stages of one run do not overlap."""
+    from safetensors import safe_open
+
+    from first_lib import prefix
+
+    new = sorted(_prefix_entries() - before)
+    for name in new:
+        folder = _prefix_root() / name
+        layers = int(read_meta(folder)["key"]["layers"][1])
+        with safe_open(str(folder / prefix.STATES_FILE), framework="pt") as f:
+            lengths = sorted(f.get_tensor("lengths").tolist(), reverse=True)
+        for lo in range(0, len(lengths), prefix.BATCH_SIZE):
+            batch = lengths[lo : lo + prefix.BATCH_SIZE]
+            tally.forward(batch, len(batch) * batch[0], head_rows=0, layers=layers)
+    return len(new)
+
+
 def _barrier(acc) -> None:
     if acc.num_processes > 1:
         acc.wait_for_everyone()
@@ -305,6 +337,7 @@ def stage_evaluate(key: dict, model_dir: str, questions: list, prof: Profile, ac
                     top_layers=key["top_layers"],
                 )
                 tally = flops.Tally(flops.shape_of_config(model.config))
+                before = _prefix_entries()
                 _, summary = evaluate.run_evaluation(
                     config,
                     model,
@@ -315,6 +348,7 @@ def stage_evaluate(key: dict, model_dir: str, questions: list, prof: Profile, ac
                     prefix_cache=_prefix_root(),
                     log=log,
                 )
+                count_prefix_builds(tally, before)
                 fsio.crash_point("evaluate:records-written")
                 write_meta(
                     out,
