@@ -238,6 +238,19 @@ def check_beyond_k(d: dict) -> None:
                 check_difference(d["vs_paper_k"][f"{label} {metric}"])
     assert d["cut_matches_run_store"] == {"same_ids": 1.0, "max_prob_diff": 0.0}
     assert all(r["done"] and r["actual_s"] is not None for r in d["costs"])
+    # the Holm family holds the other top-k students that learned, on both metrics, and only them
+    assert sorted(d["learned"]) == sorted(labels)
+    family = {
+        f"{label} {m}"
+        for label in labels
+        if label.startswith("top-") and label != f"top-{paper_k}" and d["learned"][label]
+        for m in ("ece", "acc")
+    }
+    assert set(d["holm"]) == family and all(0 <= q <= 1 for q in d["holm"].values())
+    for label in d["beyond_seed_spread"]:
+        assert (
+            d["learned"][label] and min(d["holm"][f"{label} {m}"] for m in ("ece", "acc")) <= 0.05
+        )
 
 
 def test_beyond_k(executed):
@@ -290,12 +303,23 @@ def test_beyond_k_check_can_fail(tmp_path):
         },
         "cut_matches_run_store": {"same_ids": 1.0, "max_prob_diff": 0.0},
         "costs": [{"done": True, "actual_s": 1.0}],
+        "learned": {"top-1": True, "top-5": True, "sampled-5": True},
+        "holm": {"top-1 ece": 0.5, "top-1 acc": 0.5},
+        "beyond_seed_spread": [],
     }
     check_beyond_k(good)
     bad = copy.deepcopy(good)
     bad["bytes"]["sampled-5"]["per_position"] = 24.0
     with pytest.raises(AssertionError):
         check_beyond_k(bad)
+    # a student that did not learn stays out of the Holm family, and a difference called firm
+    # must be Holm-significant
+    for change in (
+        {"learned": {"top-1": False, "top-5": True, "sampled-5": True}},
+        {"beyond_seed_spread": ["top-1"]},
+    ):
+        with pytest.raises(AssertionError):
+            check_beyond_k({**copy.deepcopy(good), **change})
 
 
 def test_beyond_temperature(executed):

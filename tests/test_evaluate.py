@@ -19,33 +19,11 @@ from first_lib.evaluate import (
     summarize,
 )
 from first_lib.tasks import MCQuestion, encode, render_prompt
+from tests.test_tasks import char_tokenizer
 
 torch.set_num_threads(2)
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 RECORD_KEYS = {"id", "gold", "pred", "probs", "raw_probs", "confidence", "correct"}
-
-
-def char_tokenizer():
-    """Character-level tokenizer with `` yes``/`` no`` as single tokens and a chat template."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<pad>", "<eos>", "<|im_start|>", "<|im_end|>"]
-    chars = specials + [chr(i) for i in range(32, 127)] + ["\n"]
-    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(specials)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>"
-    )
-    fast.add_tokens([AddedToken(" yes", normalized=False), AddedToken(" no", normalized=False)])
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
 
 
 @pytest.fixture(scope="module")
