@@ -68,7 +68,7 @@ def search(
     candidates=None,
     role: str = "student",
 ) -> list:
-    rows = []
+    rows = _earlier_rows(out, setting, role)
     acc = None
     field, stage = ROLES[role]
     default = CANDIDATES if role == "student" else TEACHER_CANDIDATES
@@ -122,7 +122,9 @@ def search(
                 "artefact": model_dir.name,
             }
         )
-        log(_line(rows[-1]))
+        row = rows.pop()
+        rows = _merged(rows, row)
+        log(_line(row))
         if out is not None:  # after each candidate: an interrupted search keeps what it found
             found = {
                 "role": role,
@@ -132,6 +134,30 @@ def search(
             }
             fsio.atomic_write_json(out, {**found, "candidates": rows}, indent=2)
     return rows
+
+
+def _recipe(row: dict) -> tuple:
+    """What a candidate row was: a later search of the same recipe replaces it."""
+    return tuple(row.get(k) for k in ("lora_layers", "lr", "epochs", "n_train", "n_validation"))
+
+
+def _merged(rows: list[dict], row: dict) -> list[dict]:
+    """`rows` with `row` last, in place of an earlier row of the same recipe."""
+    return [r for r in rows if _recipe(r) != _recipe(row)] + [row]
+
+
+def _earlier_rows(out: Path | None, setting: str, role: str) -> list[dict]:
+    """The candidates an earlier search of the same setting and role wrote to `out`: a search of
+    new candidates adds to them instead of dropping them."""
+    if out is None or not out.is_file():
+        return []
+    try:
+        found = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return []
+    if found.get("setting") != setting or found.get("role", "student") != role:
+        return []
+    return list(found.get("candidates", []))
 
 
 def _records(folder: Path) -> list[dict]:
