@@ -124,6 +124,12 @@ def test_a_seeds_run_not_finished_exports_its_finished_seeds(exported, tmp_path)
     assert got.records["student_base"].keys() == {0}
     with pytest.raises(FirstError, match="no results.json"):
         lab.export_records(partial / "seed-2", "csqa", tmp_path / "x.json.gz")
+    # a seed folder left from a run of another configuration is not mixed in
+    older = json.loads((partial / "seed-1" / "results.json").read_text())
+    older["config"] = {**older["config"], "seed": 1, "n_train": 7}
+    (partial / "seed-1" / "results.json").write_text(json.dumps(older))
+    with pytest.raises(FirstError, match="seed-1 was made with another configuration.*n_train"):
+        lab.export_records(partial, "csqa", tmp_path / "q.json.gz")
 
 
 def _rewrite(path: Path, target: Path, change) -> Path:

@@ -115,7 +115,27 @@ def finished_seeds(out: Path) -> dict:
             found[int(tail)] = json.loads((folder / "results.json").read_text())
     if not found:
         raise FirstError(f"no finished seed under {out} (seed-S/results.json)")
-    return combine_seeds({s: found[s] for s in sorted(found)})
+    seeds = sorted(found)
+    first = _seedless(found[seeds[0]].get("config", {}))
+    for seed in seeds[1:]:
+        other = _seedless(found[seed].get("config", {}))
+        if other != first:
+            keys = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+            raise FirstError(
+                f"{out}: seed-{seed} was made with another configuration than seed-{seeds[0]} "
+                f"(differs in {', '.join(keys)}); move the older seed folders away or rerun them"
+            )
+    return combine_seeds({s: found[s] for s in seeds})
+
+
+def _seedless(config: dict) -> dict:
+    """A run's recorded config without the training seed (top level and in its training
+    configs): what the seeds of one `--seeds` run share."""
+    out = {k: v for k, v in config.items() if k != "seed"}
+    for name in ("teacher_train", "student_train"):
+        if isinstance(out.get(name), dict):
+            out[name] = {k: v for k, v in out[name].items() if k != "seed"}
+    return out
 
 
 class _Run:
