@@ -99,30 +99,27 @@ def search(
             records[label + "_metrics"] = meta["metrics"]
         learned, gain = stats.learned(records["tuned"], records["untuned"], n_boot=2000)
         meta = read_meta(model_dir)
-        rows.append(
-            {
-                "role": role,
-                "lora_layers": layers or DEPTH[role],
-                "lr": lr,
-                "epochs": epochs,
-                "n_train": n_train,
-                "n_validation": len(data["validation"]),
-                "steps": meta["steps"],
-                "train_seconds": round(meta.get("seconds", train_s), 1),
-                "final_loss": round(sum(meta["losses"][-10:]) / len(meta["losses"][-10:]), 4),
-                "acc_tuned": records["tuned_metrics"]["acc"],
-                "acc_untuned": records["untuned_metrics"]["acc"],
-                "acc_gain": gain.point,
-                "acc_gain_ci": [gain.lo, gain.hi],
-                "ece_tuned": records["tuned_metrics"]["ece"],
-                "ece_untuned": records["untuned_metrics"]["ece"],
-                "learned": learned,
-                "precision": precision,
-                "load_average": load,
-                "artefact": model_dir.name,
-            }
-        )
-        row = rows.pop()
+        row = {
+            "role": role,
+            "lora_layers": layers or DEPTH[role],
+            "lr": lr,
+            "epochs": epochs,
+            "n_train": n_train,
+            "n_validation": len(data["validation"]),
+            "steps": meta["steps"],
+            "train_seconds": round(meta.get("seconds", train_s), 1),
+            "final_loss": round(sum(meta["losses"][-10:]) / len(meta["losses"][-10:]), 4),
+            "acc_tuned": records["tuned_metrics"]["acc"],
+            "acc_untuned": records["untuned_metrics"]["acc"],
+            "acc_gain": gain.point,
+            "acc_gain_ci": [gain.lo, gain.hi],
+            "ece_tuned": records["tuned_metrics"]["ece"],
+            "ece_untuned": records["untuned_metrics"]["ece"],
+            "learned": learned,
+            "precision": precision,
+            "load_average": load,
+            "artefact": model_dir.name,
+        }
         rows = _merged(rows, row)
         log(_line(row))
         if out is not None:  # after each candidate: an interrupted search keeps what it found
