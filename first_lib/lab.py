@@ -42,7 +42,7 @@ import numpy as np
 
 from first_lib import fsio
 from first_lib.errors import FirstError
-from first_lib.pipeline.graph import POSTHOC
+from first_lib.pipeline.graph import BASELINES, POSTHOC
 
 FORMAT = "first-lab-records"
 VERSION = 1
@@ -67,8 +67,9 @@ def default_file(profile: str, test: str = "csqa") -> str:
     return f"{LAB_DIR}/records-{profile}-{test}.json.gz"
 
 
-def export_command(run: str, test: str, out: str) -> str:
-    return f"first export-records --run {run} --test {test} --out {out}"
+def export_command(run: str, test: str, out: str, add_to: str | None = None) -> str:
+    tail = f" --add-to {add_to}" if add_to else ""
+    return f"first export-records --run {run} --test {test} --out {out}{tail}"
 
 
 # ----------------------------------------------------------------------------- loading
@@ -119,6 +120,21 @@ def resolve(records_file: str | os.PathLike | None, profile: str | None, test: s
             profile = "cpu" if _locate(cpu).is_file() else "tiny"
         records_file = default_file(profile, test)
     return _locate(records_file)
+
+
+def profile_files(profile: str, path: str | os.PathLike | None = None) -> list[Path]:
+    """The repository's lab files of `profile` (`lab/records-<profile>-*.json.gz`), one a test
+    set; `path` (a file read from elsewhere) takes the place of the one of its own test set."""
+    files = {}
+    for f in sorted((REPO / LAB_DIR).glob(f"records-{profile}-*.json.gz")):
+        files[f.name.removeprefix(f"records-{profile}-").removesuffix(".json.gz")] = f
+    if path is not None:
+        path = Path(path)
+        files[_read_json_gz(path)["test"]] = path
+    from first_lib.profiles import book_settings
+
+    order = [*book_settings(), *sorted(files)]  # the book's order: CSQA, BoolQ, ...
+    return [files[t] for t in sorted(files, key=order.index)]
 
 
 def profile_of(profile: str | None, records_file: str | os.PathLike | None) -> str:
@@ -395,12 +411,17 @@ def _provenance(results: Mapping[str, Any], stage_code: dict, finished: float) -
 
 
 def export_records(
-    run: str | os.PathLike, test: str | None = None, out: str | os.PathLike | None = None
+    run: str | os.PathLike,
+    test: str | None = None,
+    out: str | os.PathLike | None = None,
+    add_to: str | os.PathLike | None = None,
 ) -> Path:
     """Write the lab file of a finished run (`first run --out DIR`, with or without `--seeds`;
     of a `--seeds` run not yet finished, its finished seeds): the records of every variant and
     seed on `test` (default: the run's first test set), the run's config, machine and code
-    versions. Default `out`: `default_file(profile, test)`."""
+    versions. Default `out`: `add_to`, else `default_file(profile, test)`. With `add_to` (a lab
+    file of other training seeds of the same design, made earlier, maybe on another machine),
+    the file written holds the seeds of both (`merge_lab_data`)."""
     run = Path(run)
     results = _read_results(run)
     test = test or next(iter(results["by_test"]))
@@ -408,7 +429,8 @@ def export_records(
         raise FirstError(
             f"the run has no test set {test!r}; it has {', '.join(results['by_test'])}"
         )
-    out = Path(out or default_file(results["profile"], test))
+    earlier = _read_json_gz(_locate(add_to)) if add_to is not None else None
+    out = Path(out or add_to or default_file(results["profile"], test))
     blocks, written, run_metrics, temperatures = {}, {}, {}, {}
     ids = gold = None
     stage_code, finished = {}, 0.0
@@ -436,16 +458,104 @@ def export_records(
         "test": test,
         **_provenance(results, stage_code, finished),
         "exported": _iso(dt.datetime.now(dt.UTC).timestamp()),
-        "command": export_command(str(run), test, str(out)),
+        "command": export_command(str(run), test, str(out), add_to and str(add_to)),
         "posthoc_temperatures": temperatures,
         "run_metrics": run_metrics,
         "ids": ids,
         "gold": gold,
         "records": blocks,
     }
+    if earlier is not None:
+        data = merge_lab_data(earlier, data, str(add_to))
     text = json.dumps(data, separators=(",", ":"))
     out.parent.mkdir(parents=True, exist_ok=True)
     return fsio.atomic_write_bytes(out, gzip.compress(text.encode(), compresslevel=9, mtime=0))
+
+
+# The untuned models: one evaluation shared by every training seed (kept once in a file).
+SHARED = tuple(BASELINES)
+_SOURCE_KEYS = ("seeds", "machine", "code", "run_finished", "exported", "command")
+
+
+def _blocks_agreement(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict:
+    """How closely two evaluations of one model agree (an untuned baseline evaluated again by a
+    later run, maybe on another CPU): the share of questions with the same prediction and the
+    largest difference of a candidate probability."""
+    pa, pb = np.asarray(a["probs"], dtype=np.float64), np.asarray(b["probs"], dtype=np.float64)
+    same = float(np.mean(np.asarray(a["pred"]) == np.asarray(b["pred"])))
+    return {"same_prediction": same, "max_prob_difference": float(np.max(np.abs(pa - pb)))}
+
+
+def merge_lab_data(earlier: Mapping[str, Any], new: Mapping[str, Any], where: str) -> dict:
+    """One lab file's data from two of the same design with different training seeds: a run of
+    seeds 1 and 2 added to a file of seed 0, made in another session. Refused, in one line, when
+    they differ in profile, test set, precision, questions, configuration (the seed aside,
+    `runner.config_differences`) or any stage's code version, share a seed, or hold other
+    variants. A trained variant keeps every seed of both; an untuned baseline (`SHARED`) keeps
+    the earlier evaluation, and `baseline_agreement` says how closely the new one agreed with
+    it. `sources` lists what made each part (seeds, machine, code, commands)."""
+    from first_lib.pipeline.runner import config_differences
+
+    def refuse(why: str):
+        raise FirstError(f"cannot add the run to {where}: {why}")
+
+    for key in ("profile", "setting", "test", "precision"):
+        if earlier.get(key) != new.get(key):
+            refuse(f"it holds {key} {earlier.get(key)!r}, the run {new.get(key)!r}")
+    if earlier["ids"] != new["ids"] or earlier["gold"] != new["gold"]:
+        refuse("the run was tested on other questions")
+    keys = config_differences(earlier["config"], new["config"])
+    if keys:
+        refuse(f"the run was made with another configuration (differs in {', '.join(keys)})")
+    old_code = earlier["code"]["stage_versions"]
+    new_code = new["code"]["stage_versions"]
+    stale = sorted(k for k in old_code.keys() & new_code.keys() if old_code[k] != new_code[k])
+    if stale:
+        refuse(f"other code for the stages {', '.join(stale)}; rerun every seed with one version")
+    both = sorted(set(earlier["seeds"]) & set(new["seeds"]))
+    if both:
+        refuse(f"both hold seed {', '.join(map(str, both))}")
+    if set(earlier["records"]) != set(new["records"]):
+        refuse(
+            f"other variants ({', '.join(sorted(set(earlier['records']) ^ set(new['records'])))})"
+        )
+
+    def by_seed(old: Mapping, add: Mapping, variant: str | None = None) -> dict:
+        if variant in SHARED:
+            return dict(old)
+        return dict(sorted({**old, **add}.items(), key=lambda kv: int(kv[0])))
+
+    records = {v: by_seed(earlier["records"][v], new["records"][v], v) for v in earlier["records"]}
+    agreement = {
+        v: _blocks_agreement(
+            next(iter(earlier["records"][v].values())), next(iter(new["records"][v].values()))
+        )
+        for v in SHARED
+        if v in earlier["records"]
+    }
+    metrics = {
+        v: by_seed(earlier["run_metrics"].get(v, {}), new["run_metrics"].get(v, {}), v)
+        for v in earlier["run_metrics"].keys() | new["run_metrics"].keys()
+    }
+    temps = {
+        v: by_seed(
+            earlier["posthoc_temperatures"].get(v, {}), new["posthoc_temperatures"].get(v, {})
+        )
+        for v in earlier["posthoc_temperatures"].keys() | new["posthoc_temperatures"].keys()
+    }
+    sources = list(earlier.get("sources") or [{k: earlier.get(k) for k in _SOURCE_KEYS}])
+    return {
+        **earlier,
+        "seeds": sorted([*earlier["seeds"], *new["seeds"]]),
+        "calibration": by_seed(earlier["calibration"], new["calibration"]),
+        "run_metrics": metrics,
+        "posthoc_temperatures": temps,
+        "records": records,
+        "exported": new["exported"],
+        "command": new["command"],
+        "sources": [*sources, {k: new.get(k) for k in _SOURCE_KEYS}],
+        "baseline_agreement": [*earlier.get("baseline_agreement", []), agreement],
+    }
 
 
 # Metrics whose value does not depend on the order of the records (equal-mass ECE and AURC break
@@ -509,7 +619,7 @@ def subset(by_seed: Mapping[int, Sequence[dict]], ids: Sequence[str]) -> dict[in
 
 
 def _cmd_export(args) -> int:
-    path = export_records(args.run, args.test, args.out)
+    path = export_records(args.run, args.test, args.out, args.add_to)
     lab = load_lab_records(path)  # what a reader will see: it loads, and says how big it is
     n = sum(len(by_seed) for by_seed in lab.records.values())
     print(
@@ -532,5 +642,12 @@ def add_cli(sub) -> None:
     p.add_argument("--test", default=None, help="test set (default: the run's first)")
     p.add_argument(
         "--out", default=None, help="file to write (default: lab/records-<profile>-<test>.json.gz)"
+    )
+    p.add_argument(
+        "--add-to",
+        default=None,
+        metavar="FILE",
+        help="a lab file of other training seeds of the same design (same config and code): "
+        "write both seeds' records (to FILE unless --out is given)",
     )
     p.set_defaults(func=_cmd_export)

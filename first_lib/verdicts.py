@@ -207,6 +207,60 @@ def interval_method(est: Any) -> str:
     return "bias-corrected basic bootstrap" if method == "basic" else "percentile bootstrap"
 
 
+def primary_estimates(
+    records: Mapping[str, Any], test: str, n_boot: int = 1000, seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """The primary family's comparisons on one test set (`primary_names` for ``test``, with the
+    competitors ``records`` has), each oriented as its claim states it: {name: {"estimate":
+    `stats.Estimate`, "models": the models it is about, "a", "b", "metric"}}, the estimate being
+    metric(a) - metric(b) paired over questions and seeds. "FIRST beats X" is positive when FIRST
+    is better (ECE: X - FIRST; accuracy: FIRST - X); "tuning makes the model over-confident" is
+    ECE(tuned) - ECE(untuned), present only where the untuned model was evaluated."""
+    out: dict[str, dict[str, Any]] = {}
+    tuned_of = {"teacher": ("teacher", "teacher_base"), "student": ("finetune", "student_base")}
+    for name in primary_names((test,), [v for v in PRIMARY_COMPETITORS if v in records]):
+        who = next((w for w in TUNED if name == tuning_name(w, test)), None)
+        if who is not None:
+            a, b = tuned_of[who]
+            metric, models = "ece", [a]
+            if b not in records or a not in records:
+                continue
+        else:
+            other, metric = next(
+                (o, m)
+                for o in PRIMARY_COMPETITORS
+                for m in PRIMARY_METRICS
+                if name == first_vs_name(o, m, test)
+            )
+            a, b = (other, "first_ts") if metric == "ece" else ("first_ts", other)
+            models = ["first_ts", other]
+        est = stats.compare(records[a], records[b], metric, n_boot=n_boot, seed=seed)
+        out[name] = {"estimate": est, "models": models, "a": a, "b": b, "metric": metric}
+    return out
+
+
+def seed_spread(records: Mapping[str, Any], a: str, b: str, metric: str) -> float | None:
+    """How far metric(a) - metric(b) moves between the training seeds of one run: max - min
+    over the seeds of the per-seed difference (a model with one evaluation, an untuned
+    baseline, enters every seed with it); None with fewer than two seeds. A yardstick for a
+    comparison made with one training seed, whose interval covers the questions only."""
+    from first_lib.book import conf_correct, metric_value
+
+    def by_seed(m):
+        return records[m] if isinstance(records[m], Mapping) else {0: records[m]}
+
+    seeds = sorted(set(by_seed(a)) | set(by_seed(b)))
+    if len(seeds) < 2:
+        return None
+
+    def value(m, s):
+        runs = by_seed(m)
+        return metric_value(metric, *conf_correct(runs.get(s, next(iter(runs.values())))))
+
+    diffs = [value(a, s) - value(b, s) for s in seeds]
+    return float(max(diffs) - min(diffs))
+
+
 # --------------------------------------------------------------------------- deciding
 
 

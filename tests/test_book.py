@@ -30,6 +30,7 @@ EXPECTED = {
     "distillation",
     "out_of_domain",
     "paper_vs_reproduction",
+    "appendix_more_tasks",
     "beyond_temperature",
     "appendix_benchmarks",
     "beyond_k",
@@ -154,8 +155,9 @@ def header_arguments(path: Path) -> tuple[str, tuple[str, ...]]:
 
 def settings_read(path: Path) -> set[str]:
     """The settings of every `run_setting(profile, SETTING, ...)` call in the chapter's code:
-    a literal, or a name bound to a tuple of literals (assigned, iterated over, or imported as
-    `first_lib.profiles.SETTINGS`). Anything else fails the test that reads this."""
+    a literal, or a name bound to a tuple of literals (assigned, iterated over, imported as
+    `first_lib.profiles.SETTINGS` or `MORE_TASKS`, or a sum of those). Anything else fails the
+    test that reads this."""
     from first_lib import profiles
 
     tree = ast.parse("\n".join(src for _, src in code_cells(path)))
@@ -169,13 +171,16 @@ def settings_read(path: Path) -> set[str]:
             return None if None in out else tuple(v for vs in out for v in vs)
         if isinstance(node, ast.Name):
             return bound.get(node.id)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+            left, right = values(node.left), values(node.right)
+            return None if left is None or right is None else left + right
         return None
 
     for node in ast.walk(tree):  # bindings first: imports, assignments, loops
         if isinstance(node, ast.ImportFrom) and node.module == "first_lib.profiles":
             for alias in node.names:
-                if alias.name == "SETTINGS":
-                    bound[alias.asname or alias.name] = profiles.SETTINGS
+                if alias.name in ("SETTINGS", "MORE_TASKS"):
+                    bound[alias.asname or alias.name] = getattr(profiles, alias.name)
         elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
             if (v := values(node.value)) is not None:
                 bound[node.targets[0].id] = v

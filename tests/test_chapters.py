@@ -322,6 +322,91 @@ def test_beyond_k_check_can_fail(tmp_path):
             check_beyond_k({**copy.deepcopy(good), **change})
 
 
+def check_more_tasks(d: dict) -> None:
+    """The two-more-tasks appendix: its family is the primary family of each task; every claim
+    on a model that did not learn is withheld; the Holm column is Holm's over the testable
+    claims; with one training seed each difference is set against the CSQA seed spread; every
+    sentence is the one generated from its verdict."""
+    claims = d["claims"]
+    for t in d["tasks"]:
+        variants = {c["a"] for c in claims.values() if c["task"] == t} | {
+            c["b"] for c in claims.values() if c["task"] == t
+        }
+        want = set(verdicts.primary_names((t,), variants))
+        assert {n for n, c in claims.items() if c["task"] == t} == want
+    family = {}
+    for name, c in claims.items():
+        assert c["verdict"] in VERDICTS
+        assert (c["verdict"] == stats.NOT_TESTABLE) == (not d["testable"][name])
+        learned = d["learned"][c["task"]]
+        needs = verdicts.depends_on(c["models"])
+        assert d["testable"][name] == all(learned.get(m) is not False for m in needs)
+        if d["testable"][name]:
+            family[name] = c["p"]
+        else:
+            assert c["p_holm"] is None
+        est = c["estimate"]
+        assert est["lo"] <= est["hi"]
+        yardstick = d["csqa_seeds"] if "csqa_seeds" in d else d["yardstick_seeds"]
+        if len(d["seeds"][c["task"]]) == 1 and len(yardstick) > 1:
+            assert c["spread"] is not None and c["spread"] >= 0
+            assert c["beyond_seed_spread"] == (abs(est["point"]) > c["spread"])
+        else:
+            assert c["spread"] is None and c["beyond_seed_spread"] is None
+    for name, p_holm in stats.holm(family).items() if family else ():
+        assert math.isclose(claims[name]["p_holm"], p_holm, abs_tol=1e-12)
+    assert sum(d["counts"].values()) == len(claims)
+    for name, text in d["sentences"].items():
+        assert text == verdicts.sentence(claims[name]["subject"], claims[name]["verdict"])
+    for by_model in d["training"].values():
+        for chk in by_model.values():
+            if chk["learned"] is not None:
+                assert chk["learned"] == (chk["estimate"]["lo"] > 0)
+
+
+def test_appendix_more_tasks(executed):
+    from first_lib.profiles import MORE_TASKS
+
+    d = load(executed, "appendix_more_tasks")
+    assert tuple(d["tasks"]) == MORE_TASKS
+    assert all(n > 0 for n in d["n_test"].values())
+    check_more_tasks(d)
+
+
+def test_lab_decides_the_primary_family_of_its_files(executed):
+    """The lab page's last table: the primary family of every lab file of the profile (at tiny:
+    the committed CSQA file), decided as the appendix decides its tasks."""
+    lab = load(executed, "lab")
+    d = lab["evidence"]
+    assert d["tasks"] == ["csqa"] and d["seeds"]["csqa"] == lab["seeds"]
+    assert d["claims"] and sum(d["counts"].values()) == len(d["claims"])
+    check_more_tasks(d)
+
+
+def test_more_tasks_check_can_fail(executed):
+    """The check above catches a verdict on a model that did not learn, a Holm column that is
+    not Holm's, and a sentence that does not follow its verdict."""
+    import copy
+
+    good = load(executed, "appendix_more_tasks")
+    name = sorted(good["claims"])[0]
+    t = good["claims"][name]["task"]
+    for change in (
+        lambda d: d["learned"][t].update(teacher=not d["learned"][t]["teacher"]),
+        lambda d: d["claims"][name].update(
+            verdict=stats.TOO_NOISY
+            if d["claims"][name]["verdict"] != stats.TOO_NOISY
+            else stats.REPRODUCED
+        ),
+        lambda d: d["sentences"].update({name: "This build settles it."}),
+        lambda d: d["claims"].pop(name),
+    ):
+        bad = copy.deepcopy(good)
+        change(bad)
+        with pytest.raises(AssertionError):
+            check_more_tasks(bad)
+
+
 def test_beyond_temperature(executed):
     """The validation-size study (every subset's choice, its test ECE and gap; all the data is one
     choice with no gap) and the temperature comparisons, consistent with the pipeline's fits."""

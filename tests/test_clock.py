@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from first_lib import flops, pipeline
+from first_lib import flops, pipeline, profiles
 from first_lib.pipeline import clock
 from first_lib.profiles import for_setting, get_profile
 from tests.conftest import isolated_home
@@ -97,7 +97,11 @@ def test_done_stages_cost_nothing_and_shared_artefacts_count_once(home):
     total, per = clock.book_estimate("cpu", "bf16")
     # the untuned pair's evaluations on CSQA are shared by the csqa and ood settings
     assert total < sum(per.values()) + 1e-9 or total == pytest.approx(sum(per.values()))
-    assert set(per) == {"csqa", "boolq", "ood"}
+    assert (
+        set(per)
+        == set(profiles.book_settings())
+        == {"csqa", "boolq", "ood", "obqa", "arc_challenge"}
+    )
 
 
 def test_dry_run_prints_minutes(home, capsys):

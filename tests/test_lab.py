@@ -124,8 +124,15 @@ def test_a_seeds_run_not_finished_exports_its_finished_seeds(exported, tmp_path)
     assert got.records["student_base"].keys() == {0}
     with pytest.raises(FirstError, match="no results.json"):
         lab.export_records(partial / "seed-2", "csqa", tmp_path / "x.json.gz")
-    # a seed folder left from a run of another configuration is not mixed in
+    # another setting's entry of the profile's table, or its prose, changed between the seeds:
+    # the same run
     older = json.loads((partial / "seed-1" / "results.json").read_text())
+    edited = {**older["config"], "note": "reworded", "per_setting": {"obqa": {"seeds": [0]}}}
+    (partial / "seed-1" / "results.json").write_text(json.dumps({**older, "config": edited}))
+    assert lab.load_lab_records(
+        lab.export_records(partial, "csqa", tmp_path / "e.json.gz")
+    ).records["finetune"].keys() == {0, 1}
+    # a seed folder left from a run of another configuration is not mixed in
     older["config"] = {**older["config"], "seed": 1, "n_train": 7}
     (partial / "seed-1" / "results.json").write_text(json.dumps(older))
     with pytest.raises(FirstError, match="seed-1 was made with another configuration.*n_train"):
@@ -282,3 +289,66 @@ def test_committed_tiny_file_is_a_tiny_run_of_todays_questions():
     for by_seed in data.records.values():
         for records in by_seed.values():
             assert all(np.isclose(sum(r["probs"]), 1.0, atol=1e-5) for r in records)
+
+
+def _seed_runs(results: dict, root: Path, groups) -> list[Path]:
+    """The fake run's seeds split into `--seeds` runs of their own (as if made in different
+    sessions): one folder of seed-S/results.json a group."""
+    runs = []
+    for group in groups:
+        run = root / ("seeds-" + "-".join(map(str, group)))
+        for seed in group:
+            one = {k: v for k, v in results.items() if k not in ("seeds", "by_seed")}
+            one.update(results["by_seed"][str(seed)])
+            one["config"] = {**results["config"], "seed": seed, "seeds": list(group)}
+            (run / f"seed-{seed}").mkdir(parents=True)
+            (run / f"seed-{seed}" / "results.json").write_text(json.dumps(one))
+        runs.append(run)
+    return runs
+
+
+def test_seeds_run_in_two_sessions_merge_into_the_file_of_one_run(exported, tmp_path):
+    """Seed 0 exported in one session, seeds 1 and 2 added in another (`--add-to`): the file
+    holds the same records, seeds, calibration and run metrics as the export of the run of all
+    three; the untuned baselines once, with how well the second evaluation agreed."""
+    _, _, results, whole = exported
+    first, rest = _seed_runs(results, tmp_path, [(0,), (1, 2)])
+    path = lab.export_records(first, "csqa", tmp_path / "m.json.gz")
+    assert lab.load_lab_records(path).seeds == [0]
+    assert lab.export_records(rest, "csqa", add_to=path) == path
+    got = lab.load_lab_records(path)
+    assert got.seeds == [0, 1, 2]
+    assert got.records == whole.records
+    for key in ("calibration", "run_metrics", "posthoc_temperatures"):
+        assert got.meta[key] == whole.meta[key], key
+    assert lab.run_differences(got) == lab.run_differences(whole)
+    assert [s["seeds"] for s in got.meta["sources"]] == [[0], [1, 2]]
+    assert "--add-to" in got.meta["command"]
+    (agreement,) = got.meta["baseline_agreement"]
+    assert agreement["student_base"] == {"same_prediction": 1.0, "max_prob_difference": 0.0}
+    # the same seed twice, or seeds of another design or code, are refused in one line
+    with pytest.raises(FirstError, match="both hold seed 1, 2") as err:
+        lab.export_records(rest, "csqa", tmp_path / "x.json.gz", add_to=path)
+    one_line(err)
+    other = tmp_path / "other.json.gz"
+    for change, why in (
+        (lambda d: d["config"].update(n_train=7), "another configuration.*n_train"),
+        (lambda d: d["code"]["stage_versions"].update(evaluate="zzz"), "other code.*evaluate"),
+        (lambda d: d.update(precision="bf16"), "precision"),
+        (lambda d: d["gold"].reverse(), "other questions"),
+    ):
+        _rewrite(lab.export_records(first, "csqa", tmp_path / "s0.json.gz"), other, change)
+        with pytest.raises(FirstError, match=why):
+            lab.export_records(rest, "csqa", tmp_path / "x.json.gz", add_to=other)
+
+
+def test_cli_adds_seeds_to_a_file(exported, tmp_path, capsys):
+    _, _, results, _ = exported
+    first, rest = _seed_runs(results, tmp_path, [(2,), (0, 1)])
+    path = tmp_path / "r.json.gz"
+    assert cli.main(["export-records", "--run", str(first), "--out", str(path)]) == 0
+    assert cli.main(["export-records", "--run", str(rest), "--add-to", str(path)]) == 0
+    assert "seeds 0, 1, 2" in capsys.readouterr().out
+    data = lab.load_lab_records(path)
+    assert data.records["student_base"].keys() == {2}  # the earlier evaluation, once
+    assert data.records["finetune"].keys() == {0, 1, 2}

@@ -170,7 +170,7 @@ def rerun_commands(
             *commands,
             "```",
         ]
-    others = [s for s in all_settings() if s not in SETTINGS]
+    others = [s for s in all_settings() if s not in SETTINGS and s not in settings]
     parts += [
         "",
         f"Any task of the data wheel is a setting too ({', '.join(others)}), e.g. "

@@ -306,10 +306,10 @@ def book_estimate(profile: str, precision: str, settings=None) -> tuple[float, d
     """Minutes still to compute for the book's runs at `profile` (every setting, every training
     seed a setting runs), and per setting (a shared artefact is counted in the first setting or
     seed that needs it)."""
-    from first_lib.profiles import SETTINGS, for_setting, get_profile
+    from first_lib.profiles import book_settings, for_setting, get_profile
 
     rows, per = [], {}
-    for setting in settings or SETTINGS:
+    for setting in settings or book_settings():
         mine = []
         for seed in for_setting(get_profile(profile, precision=precision), setting).seeds:
             prof = for_setting(get_profile(profile, precision=precision, seed=seed), setting)

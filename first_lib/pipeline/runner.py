@@ -116,11 +116,9 @@ def finished_seeds(out: Path) -> dict:
     if not found:
         raise FirstError(f"no finished seed under {out} (seed-S/results.json)")
     seeds = sorted(found)
-    first = _seedless(found[seeds[0]].get("config", {}))
     for seed in seeds[1:]:
-        other = _seedless(found[seed].get("config", {}))
-        if other != first:
-            keys = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        keys = config_differences(found[seeds[0]].get("config", {}), found[seed].get("config", {}))
+        if keys:
             raise FirstError(
                 f"{out}: seed-{seed} was made with another configuration than seed-{seeds[0]} "
                 f"(differs in {', '.join(keys)}); move the older seed folders away or rerun them"
@@ -128,10 +126,21 @@ def finished_seeds(out: Path) -> dict:
     return combine_seeds({s: found[s] for s in seeds})
 
 
+def config_differences(a: dict, b: dict) -> list[str]:
+    """The top-level keys in which two runs' recorded configs differ, the training seed (and
+    what `_seedless` leaves out) aside: [] when they are seeds of one design."""
+    a, b = _seedless(a), _seedless(b)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
 def _seedless(config: dict) -> dict:
     """A run's recorded config without the training seed (top level and in its training
-    configs): what the seeds of one `--seeds` run share."""
-    out = {k: v for k, v in config.items() if k != "seed"}
+    configs): what the seeds of one `--seeds` run share. The list of `seeds` (runs of seeds 0
+    and of 1, 2 are one design), the profile's `per_setting` table and its `note` are left out
+    too: the top level already holds the run's own setting's values, and an edit of another
+    setting's entry (or of the prose) does not change this run."""
+    drop = ("seed", "seeds", "per_setting", "note")
+    out = {k: v for k, v in config.items() if k not in drop}
     for name in ("teacher_train", "student_train"):
         if isinstance(out.get(name), dict):
             out[name] = {k: v for k, v in out[name].items() if k != "seed"}

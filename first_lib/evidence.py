@@ -1,0 +1,296 @@
+"""The primary claims of one or more test sets, decided together: what `appendix_more_tasks`
+shows for its tasks, and what `first evidence FILE...` prints from lab records files.
+
+A run at the `cpu` profile takes hours and its cache lives on one machine; its lab file
+(`first export-records`, `first_lib.lab`) is a few hundred kB in the repository and holds every
+per-question answer the verdicts need. So the decision can be made, and remade by anyone, from
+the files alone: `first evidence lab/records-cpu-csqa.json.gz lab/records-cpu-boolq.json.gz`
+checks that each tuned model learned (`verdicts.training_checks`), forms the primary family of
+each test (`verdicts.primary_estimates`), holds each claim to the paper's effect size (Table 1's
+difference on that test, else on CSQA), corrects the whole family with Holm (`verdicts.decide`)
+and sets a one-seed difference against how far the same difference moved between the training
+seeds of a run that has several (`verdicts.seed_spread`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from first_lib import stats, verdicts
+from first_lib.errors import FirstError
+
+LABEL = {
+    "teacher": "teacher",
+    "teacher_base": "untuned teacher",
+    "student_base": "untuned student",
+    "finetune": "Fine-tune",
+    "distill": "Distill",
+    "distill_ls": "Distill w/ LS",
+    "first_ts": "FIRST",
+    "finetune_posthoc_ts": "Fine-tune + TS",
+    "distill_posthoc_ts": "Distill + TS",
+}
+SUBJECT = {"ece": "better calibrated than", "acc": "more accurate than"}
+
+
+def paper_points(test: str, a: str, b: str, metric: str) -> tuple[float | None, str | None]:
+    """The paper's Table 1 difference metric(a) - metric(b) in points on `test` (on CSQA where
+    the paper has no row for `test`) and the row it came from; (None, None) where the paper has
+    no number (post-hoc TS, the tuning claims)."""
+    from first_lib.book import PAPER_TABLE1_LLAMA2 as PAPER
+
+    source = test if test in PAPER else "csqa"
+    row = PAPER[source]
+    if a not in row or b not in row:
+        return None, None
+    return round(row[a][metric] - row[b][metric], 1), source
+
+
+def primary_family(
+    recs_by_test: Mapping[str, Mapping[str, Any]],
+    names: Mapping[str, str] | None = None,
+    yardstick: Mapping[str, Any] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """(claims, checks) of the primary family of every test in `recs_by_test` ({test: {variant:
+    {seed: records}}}), Holm-corrected together. checks: {test: `verdicts.training_checks`}.
+    claims: {name: {"task", "subject", "paper" (points or None), "paper_from", "estimate",
+    "models", "a", "b", "metric", "claim" (`stats.Claim`), "testable", "note", "verdict", "p",
+    "p_holm", "spread", "beyond_seed_spread"}}: for a test with one training seed, "spread" is
+    `verdicts.seed_spread` of the same difference in `yardstick` (records of a run with several
+    seeds), and "beyond_seed_spread" whether |difference| exceeds it; else both None."""
+    names = names or {}
+    checks = {
+        t: verdicts.training_checks(r, n_boot=n_boot, seed=seed) for t, r in recs_by_test.items()
+    }
+    claims: dict[str, dict[str, Any]] = {}
+    for t, recs in recs_by_test.items():
+        n_seeds = max(len(by_seed) for by_seed in recs.values())
+        where = names.get(t, t)
+        for name, c in verdicts.primary_estimates(recs, t, n_boot=n_boot, seed=seed).items():
+            a, b, metric = c["a"], c["b"], c["metric"]
+            if "first_ts" in (a, b):
+                other = b if a == "first_ts" else a
+                subject = f"FIRST is {SUBJECT[metric]} {LABEL[other]} on {where}"
+                paper, source = paper_points(t, a, b, metric)
+            else:
+                who = "teacher" if a == "teacher" else "student"
+                subject = f"tuning makes the {who} over-confident on {where}"
+                paper, source = None, None  # the paper shows it in a figure, with no number
+            claim = stats.Claim(
+                "above" if not paper or paper > 0 else "below",
+                None if not paper else paper / 100,
+                primary=True,
+            )
+            ok, why = verdicts.testability(c["models"], checks[t])
+            spread = None
+            if n_seeds == 1 and yardstick is not None:
+                spread = verdicts.seed_spread(yardstick, a, b, metric)
+            claims[name] = {
+                "task": t,
+                "subject": subject,
+                "paper": paper,
+                "paper_from": source,
+                "claim": claim,
+                "testable": ok,
+                "note": why,
+                "spread": spread,
+                **c,
+            }
+    decided = verdicts.decide(
+        {n: {"claim": c["claim"], "estimate": c["estimate"], "testable": c["testable"]}
+         for n, c in claims.items()}
+    )  # fmt: skip
+    for name, c in claims.items():
+        d = decided[name]
+        beyond = None if c["spread"] is None else bool(abs(c["estimate"].point) > c["spread"])
+        c.update(verdict=d["verdict"], p=d["p"], p_holm=d["p_holm"], beyond_seed_spread=beyond)
+    return claims, checks
+
+
+def _diff(est) -> str:
+    from first_lib.book import diff_text
+
+    return f"{diff_text(est)} points"
+
+
+def claim_rows(
+    claims: Mapping[str, Mapping[str, Any]], names: Mapping[str, str] | None = None
+) -> list[dict[str, str]]:
+    """One row of text a claim, for a table: task, claim, difference with its 95% interval,
+    MDE, the paper's difference (and the test it is from where that is another), Holm's p,
+    verdict (with why a claim is not testable), and the seed spread where one was computed."""
+    names = names or {}
+    rows = []
+    for c in claims.values():
+        where = names.get(c["task"], c["task"])
+        est, paper = c["estimate"], c["paper"]
+        from_other = paper is not None and c["paper_from"] != c["task"]
+        row = {
+            "task": where,
+            "claim": c["subject"][0].upper() + c["subject"][1:].replace(f" on {where}", ""),
+            "difference [95% CI]": _diff(est),
+            "MDE": f"{100 * est.mde:.1f}",
+            "paper": "—"
+            if paper is None
+            else f"{paper:+.1f}"
+            + (f" ({names.get(c['paper_from'], c['paper_from'])})" if from_other else ""),
+            "p (Holm)": "—" if c["p_holm"] is None else f"{c['p_holm']:.3g}",
+            "verdict": verdicts.SHORT[c["verdict"]] + (f" ({c['note']})" if c["note"] else ""),
+        }
+        if any(x["spread"] is not None for x in claims.values()):
+            row["seed spread"] = (
+                "—"
+                if c["spread"] is None
+                else f"{100 * c['spread']:.1f} ({'beyond' if c['beyond_seed_spread'] else 'within'})"
+            )
+        rows.append(row)
+    return rows
+
+
+def check_rows(
+    checks: Mapping[str, Mapping[str, Any]], names: Mapping[str, str] | None = None
+) -> list[dict[str, str]]:
+    """One row of text a tuned model: did it beat its untuned start (paired accuracy)?"""
+    names = names or {}
+    rows = []
+    for t, by_model in checks.items():
+        for m, c in by_model.items():
+            e = c["estimate"]
+            rows.append(
+                {
+                    "task": names.get(t, t),
+                    "model": LABEL[m],
+                    "against": LABEL.get(c["base"], c["base"]),
+                    "Acc tuned - untuned [95% CI]": _diff(e) if e else "—",
+                    "MDE": f"{100 * e.mde:.1f}" if e else "—",
+                    "learned?": {
+                        True: "yes",
+                        False: "no",
+                        None: "not checked: no untuned baseline",
+                    }[c["learned"]],
+                }
+            )
+    return rows
+
+
+# --------------------------------------------------------------------------- from lab files
+
+
+def from_files(paths: Sequence[str | Path], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The primary family decided from lab records files (one test set each, one profile):
+    {"files": [{path, profile, test, seeds, n_test, precision, machines}], "claims", "checks",
+    "counts", "sentences", "yardstick" (the test whose seed spread one-seed tests are set
+    against, or None)}."""
+    from first_lib import lab, tasks
+
+    loaded = [lab.load_lab_records(lab._locate(p)) for p in paths]
+    if not loaded:
+        raise FirstError("give at least one lab records file (lab/records-PROFILE-TEST.json.gz)")
+    tests = [d.test for d in loaded]
+    if len(set(tests)) != len(tests):
+        raise FirstError(f"two files of one test set ({', '.join(tests)}): merge them first "
+                         "(first export-records --add-to)")  # fmt: skip
+    profiles = sorted({d.profile for d in loaded})
+    if len(profiles) > 1:
+        raise FirstError(f"files of different profiles ({', '.join(profiles)}) are not one design")
+    recs = {d.test: d.records for d in loaded}
+    several = [d for d in loaded if len(d.seeds) > 1]
+    yard = max(several, key=lambda d: len(d.seeds)) if several else None
+    names = {}
+    for t in [*tests, "csqa"]:
+        try:
+            names[t] = tasks.task_spec(t).description
+        except FirstError:
+            names[t] = t
+    claims, checks = primary_family(
+        recs, names, yard.records if yard else None, n_boot=n_boot, seed=seed
+    )
+    counts = {v: sum(c["verdict"] == v for c in claims.values()) for v in stats.VERDICTS}
+    files = [
+        {
+            "path": str(d.path),
+            "profile": d.profile,
+            "test": d.test,
+            "seeds": d.seeds,
+            "n_test": d.n_test,
+            "precision": d.meta.get("precision"),
+            "machines": sorted(
+                {
+                    json.dumps(s.get("machine"), sort_keys=True)
+                    for s in d.meta.get("sources") or [d.meta]
+                }
+            ),
+        }
+        for d in loaded
+    ]
+    return {
+        "files": files,
+        "names": names,
+        "claims": claims,
+        "checks": checks,
+        "counts": counts,
+        "sentences": {n: verdicts.sentence(c["subject"], c["verdict"]) for n, c in claims.items()},
+        "yardstick": yard.test if yard else None,
+        "n_boot": n_boot,
+    }
+
+
+def _print_table(rows: list[dict[str, str]]) -> None:
+    if not rows:
+        return
+    cols = list(rows[0])
+    width = {c: max(len(c), *(len(r.get(c, "")) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(width[c]) for c in cols))
+    for r in rows:
+        print("  ".join(r.get(c, "").ljust(width[c]) for c in cols))
+
+
+def _cmd_evidence(args) -> int:
+    out = from_files(args.files, n_boot=args.n_boot, seed=args.seed)
+    names = out["names"]
+    for f in out["files"]:
+        print(
+            f"{f['path']}: {names[f['test']]} ({f['test']}), profile {f['profile']}, "
+            f"{f['precision']}, {f['n_test']} test questions, training seeds "
+            f"{', '.join(map(str, f['seeds']))}"
+        )
+    print("\nDid training work? (each tuned model against its untuned start, paired)")
+    _print_table(check_rows(out["checks"], names))
+    print(
+        "\nThe primary family (Holm over its testable claims; positive: the claim's direction; "
+        "MDE: smallest difference detected with 80% power)"
+    )
+    _print_table(claim_rows(out["claims"], names))
+    if out["yardstick"]:
+        print(
+            f"seed spread: how far the same difference moved between the training seeds of "
+            f"{names[out['yardstick']]} (max - min), for a test with one seed"
+        )
+    print("\n" + verdicts.counts_sentence(out["counts"], "primary claims"))
+    if args.json:
+        from first_lib.book.output import _jsonable
+
+        Path(args.json).write_text(json.dumps(_jsonable(out), indent=1, sort_keys=True))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser(
+        "evidence",
+        help="decide the primary claims from lab records files (no model, no training)",
+        description="Check that each tuned model learned, then decide the primary family "
+        "(FIRST against Fine-tune, Distill and Fine-tune + TS on ECE and accuracy; tuning makes "
+        "the model over-confident) of every test set given, Holm-corrected together, from the "
+        "per-question records of lab files (first export-records).",
+    )
+    p.add_argument("files", nargs="+", help="lab records files, one a test set")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--json", default=None, help="also write everything as JSON to this file")
+    p.set_defaults(func=_cmd_evidence)
