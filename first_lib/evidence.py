@@ -191,6 +191,12 @@ def from_files(paths: Sequence[str | Path], n_boot: int = 1000, seed: int = 0) -
     loaded = [lab.load_lab_records(lab._locate(p)) for p in paths]
     if not loaded:
         raise FirstError("give at least one lab records file (lab/records-PROFILE-TEST.json.gz)")
+    ood = [str(d.path) for d in loaded if d.meta.get("setting") not in (None, d.test)]
+    if ood:
+        raise FirstError(
+            f"{', '.join(ood)}: a run tested on another task's split (the out-of-domain setting); "
+            "its claims are secondary and paper_vs_reproduction decides them"
+        )
     tests = [d.test for d in loaded]
     if len(set(tests)) != len(tests):
         raise FirstError(f"two files of one test set ({', '.join(tests)}): merge them first "

@@ -62,8 +62,12 @@ ROUNDING = (
 )
 
 
-def default_file(profile: str, test: str = "csqa") -> str:
-    """Where the records of `profile`'s run on `test` live in the repository."""
+def default_file(profile: str, test: str = "csqa", setting: str | None = None) -> str:
+    """Where the records of `profile`'s run on `test` live in the repository: an in-domain run
+    (`setting` is the test set, or not given) as records-<profile>-<test>; a run tested on
+    another task's split (the out-of-domain setting) as records-<profile>-<setting>-<test>."""
+    if setting and setting != test:
+        return f"{LAB_DIR}/records-{profile}-{setting}-{test}.json.gz"
     return f"{LAB_DIR}/records-{profile}-{test}.json.gz"
 
 
@@ -123,11 +127,16 @@ def resolve(records_file: str | os.PathLike | None, profile: str | None, test: s
 
 
 def profile_files(profile: str, path: str | os.PathLike | None = None) -> list[Path]:
-    """The repository's lab files of `profile` (`lab/records-<profile>-*.json.gz`), one a test
-    set; `path` (a file read from elsewhere) takes the place of the one of its own test set."""
+    """The repository's in-domain lab files of `profile` (`lab/records-<profile>-<task>.json.gz`,
+    one a task; not the out-of-domain setting's, records-<profile>-ood-<test>); `path` (a file
+    read from elsewhere) takes the place of the one of its own test set."""
+    from first_lib.profiles import all_settings
+
     files = {}
     for f in sorted((REPO / LAB_DIR).glob(f"records-{profile}-*.json.gz")):
-        files[f.name.removeprefix(f"records-{profile}-").removesuffix(".json.gz")] = f
+        test = f.name.removeprefix(f"records-{profile}-").removesuffix(".json.gz")
+        if test in all_settings():
+            files[test] = f
     if path is not None:
         path = Path(path)
         files[_read_json_gz(path)["test"]] = path
@@ -430,7 +439,7 @@ def export_records(
             f"the run has no test set {test!r}; it has {', '.join(results['by_test'])}"
         )
     earlier = _read_json_gz(_locate(add_to)) if add_to is not None else None
-    out = Path(out or add_to or default_file(results["profile"], test))
+    out = Path(out or add_to or default_file(results["profile"], test, results.get("setting")))
     blocks, written, run_metrics, temperatures = {}, {}, {}, {}
     ids = gold = None
     stage_code, finished = {}, 0.0

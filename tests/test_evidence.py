@@ -100,3 +100,20 @@ def test_cli_prints_the_tables_and_writes_json(files, tmp_path, capsys):
 def test_files_of_two_profiles_are_not_one_design(files):
     with pytest.raises(FirstError, match="different profiles"):
         evidence.from_files([files["boolq"], lab.default_file("tiny", "csqa")])
+
+
+def test_out_of_domain_files_are_named_apart_and_not_in_the_family(files, tmp_path):
+    """The out-of-domain run tests on CSQA's split too: its file is records-P-ood-csqa, the lab's
+    glob of in-domain files skips it, and `first evidence` refuses it (its claims are
+    secondary)."""
+    import gzip
+
+    assert lab.default_file("cpu", "csqa", "ood") == "lab/records-cpu-ood-csqa.json.gz"
+    assert lab.default_file("cpu", "csqa", "csqa") == lab.default_file("cpu", "csqa")
+    assert all("-ood-" not in f.name for f in lab.profile_files("cpu"))
+    data = json.loads(gzip.decompress(files["csqa"].read_bytes()))
+    data["setting"] = "ood"
+    ood = tmp_path / "records-fake-ood-csqa.json.gz"
+    ood.write_bytes(gzip.compress(json.dumps(data).encode()))
+    with pytest.raises(FirstError, match="out-of-domain"):
+        evidence.from_files([files["boolq"], ood])
