@@ -502,7 +502,7 @@ def merge_lab_data(earlier: Mapping[str, Any], new: Mapping[str, Any], where: st
     `runner.config_differences`) or any stage's code version, share a seed, or hold other
     variants. A trained variant keeps every seed of both; an untuned baseline (`SHARED`) keeps
     the earlier evaluation, and `baseline_agreement` says how closely the new one agreed with
-    it. `sources` lists what made each part (seeds, machine, code, commands)."""
+    it (a run made with `--set baselines=false` has none to compare, and is accepted for it). `sources` lists what made each part (seeds, machine, code, commands)."""
     from first_lib.pipeline.runner import config_differences
 
     def refuse(why: str):
@@ -514,7 +514,14 @@ def merge_lab_data(earlier: Mapping[str, Any], new: Mapping[str, Any], where: st
     if earlier["ids"] != new["ids"] or earlier["gold"] != new["gold"]:
         refuse("the run was tested on other questions")
     keys = config_differences(earlier["config"], new["config"])
-    if keys:
+    # a run of more seeds may skip the untuned baselines the file already holds
+    # (`--set baselines=false`: no second evaluation of the same untuned models)
+    reused = (
+        keys == ["baselines"]
+        and earlier["config"].get("baselines")
+        and not any(v in new["records"] for v in SHARED)
+    )
+    if keys and not reused:
         refuse(f"the run was made with another configuration (differs in {', '.join(keys)})")
     old_code = earlier["code"]["stage_versions"]
     new_code = new["code"]["stage_versions"]
@@ -524,23 +531,24 @@ def merge_lab_data(earlier: Mapping[str, Any], new: Mapping[str, Any], where: st
     both = sorted(set(earlier["seeds"]) & set(new["seeds"]))
     if both:
         refuse(f"both hold seed {', '.join(map(str, both))}")
-    if set(earlier["records"]) != set(new["records"]):
-        refuse(
-            f"other variants ({', '.join(sorted(set(earlier['records']) ^ set(new['records'])))})"
-        )
+    trained = set(earlier["records"]) - set(SHARED), set(new["records"]) - set(SHARED)
+    if trained[0] != trained[1]:
+        refuse(f"other variants ({', '.join(sorted(trained[0] ^ trained[1]))})")
 
     def by_seed(old: Mapping, add: Mapping, variant: str | None = None) -> dict:
         if variant in SHARED:
             return dict(old)
         return dict(sorted({**old, **add}.items(), key=lambda kv: int(kv[0])))
 
-    records = {v: by_seed(earlier["records"][v], new["records"][v], v) for v in earlier["records"]}
+    records = {
+        v: by_seed(earlier["records"][v], new["records"].get(v, {}), v) for v in earlier["records"]
+    }
     agreement = {
         v: _blocks_agreement(
             next(iter(earlier["records"][v].values())), next(iter(new["records"][v].values()))
         )
         for v in SHARED
-        if v in earlier["records"]
+        if v in earlier["records"] and v in new["records"]
     }
     metrics = {
         v: by_seed(earlier["run_metrics"].get(v, {}), new["run_metrics"].get(v, {}), v)

@@ -352,3 +352,29 @@ def test_cli_adds_seeds_to_a_file(exported, tmp_path, capsys):
     data = lab.load_lab_records(path)
     assert data.records["student_base"].keys() == {2}  # the earlier evaluation, once
     assert data.records["finetune"].keys() == {0, 1, 2}
+
+
+def test_a_run_without_baselines_adds_its_seeds_to_a_file_that_has_them(exported, tmp_path):
+    """`--set baselines=false` for the later seeds: the untuned models are not evaluated again,
+    the file's evaluation serves every seed; any other configuration change is still refused."""
+    _, _, results, whole = exported
+    first, rest = _seed_runs(results, tmp_path, [(0,), (1, 2)])
+
+    def read(path):
+        return json.loads(gzip.decompress(Path(path).read_bytes()))
+
+    earlier = read(lab.export_records(first, "csqa", tmp_path / "a.json.gz"))
+    earlier["config"]["baselines"] = True
+    new = read(lab.export_records(rest, "csqa", tmp_path / "b.json.gz"))
+    new["config"]["baselines"] = False
+    for v in ("teacher_base", "student_base"):
+        del new["records"][v], new["run_metrics"][v]
+    merged = lab.merge_lab_data(earlier, new, "a.json.gz")
+    out = tmp_path / "m.json.gz"
+    out.write_bytes(gzip.compress(json.dumps(merged).encode()))
+    got = lab.load_lab_records(out)
+    assert got.seeds == [0, 1, 2] and got.records == whole.records
+    assert merged["baseline_agreement"] == [{}]
+    new["config"]["n_train"] = 7
+    with pytest.raises(FirstError, match="differs in baselines, n_train"):
+        lab.merge_lab_data(earlier, new, "a.json.gz")
