@@ -183,12 +183,13 @@ def check_rows(
 
 def from_files(paths: Sequence[str | Path], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """The primary family decided from lab records files (one test set each, one profile):
-    {"files": [{path, profile, test, seeds, n_test, precision, machines}], "claims", "checks",
+    {"files": [{path, profile, test, seeds, n_test, precision, machines (one a part of a merged
+    file)}], "claims", "checks",
     "counts", "sentences", "yardstick" (the test whose seed spread one-seed tests are set
     against, or None)}."""
     from first_lib import lab, tasks
 
-    loaded = [lab.load_lab_records(lab._locate(p)) for p in paths]
+    loaded = [lab.load_lab_records(lab.resolve(p, None)) for p in paths]
     if not loaded:
         raise FirstError("give at least one lab records file (lab/records-PROFILE-TEST.json.gz)")
     ood = [str(d.path) for d in loaded if d.meta.get("setting") not in (None, d.test)]
@@ -225,12 +226,7 @@ def from_files(paths: Sequence[str | Path], n_boot: int = 1000, seed: int = 0) -
             "seeds": d.seeds,
             "n_test": d.n_test,
             "precision": d.meta.get("precision"),
-            "machines": sorted(
-                {
-                    json.dumps(s.get("machine"), sort_keys=True)
-                    for s in d.meta.get("sources") or [d.meta]
-                }
-            ),
+            "machines": [s.get("machine") for s in d.meta.get("sources") or [d.meta]],
         }
         for d in loaded
     ]
@@ -247,13 +243,13 @@ def from_files(paths: Sequence[str | Path], n_boot: int = 1000, seed: int = 0) -
 
 
 def _print_table(rows: list[dict[str, str]]) -> None:
+    """Rows of text as left-aligned columns (what the lab chapter shows as DataFrames)."""
     if not rows:
         return
     cols = list(rows[0])
     width = {c: max(len(c), *(len(r.get(c, "")) for r in rows)) for c in cols}
-    print("  ".join(c.ljust(width[c]) for c in cols))
-    for r in rows:
-        print("  ".join(r.get(c, "").ljust(width[c]) for c in cols))
+    for r in ({c: c for c in cols}, *rows):
+        print("  ".join(r.get(c, "").ljust(width[c]) for c in cols).rstrip())
 
 
 def _cmd_evidence(args) -> int:
