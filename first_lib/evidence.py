@@ -10,6 +10,12 @@ each test (`verdicts.primary_estimates`), holds each claim to the paper's effect
 difference on that test, else on CSQA), corrects the whole family with Holm (`verdicts.decide`)
 and sets a one-seed difference against how far the same difference moved between the training
 seeds of a run that has several (`verdicts.seed_spread`).
+
+Files of the paper's test sets (CSQA, BoolQ, and the out-of-domain setting's CSQA and OBQA,
+`lab/records-P-ood-TEST.json.gz`) also give every other claim of the paper that per-question
+answers decide (`first_lib.claims`, the code of the chapter paper_vs_reproduction): the
+secondary claims, and the count over all claims; what needs a run's cache (the knowledge
+store, the models) or a file not given is listed by name.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from first_lib import claims as paper_claims
 from first_lib import stats, verdicts
 from first_lib.errors import FirstError
 
@@ -192,28 +199,34 @@ def from_files(paths: Sequence[str | Path], n_boot: int = 1000, seed: int = 0) -
     loaded = [lab.load_lab_records(lab.resolve(p, None)) for p in paths]
     if not loaded:
         raise FirstError("give at least one lab records file (lab/records-PROFILE-TEST.json.gz)")
-    ood = [str(d.path) for d in loaded if d.meta.get("setting") not in (None, d.test)]
-    if ood:
-        raise FirstError(
-            f"{', '.join(ood)}: a run tested on another task's split (the out-of-domain setting); "
-            "its claims are secondary and paper_vs_reproduction decides them"
-        )
-    tests = [d.test for d in loaded]
-    if len(set(tests)) != len(tests):
-        raise FirstError(f"two files of one test set ({', '.join(tests)}): merge them first "
+    other = [str(d.path) for d in loaded if d.meta.get("setting") not in (None, d.test, "ood")]
+    if other:
+        raise FirstError(f"{', '.join(other)}: a run tested on another task's split that is not "
+                         "the out-of-domain setting")  # fmt: skip
+    keys = [key_of(d) for d in loaded]
+    if len(set(keys)) != len(keys):
+        raise FirstError(f"two files of one test set ({', '.join(keys)}): merge them first "
                          "(first export-records --add-to)")  # fmt: skip
     profiles = sorted({d.profile for d in loaded})
     if len(profiles) > 1:
         raise FirstError(f"files of different profiles ({', '.join(profiles)}) are not one design")
-    recs = {d.test: d.records for d in loaded}
-    several = [d for d in loaded if len(d.seeds) > 1]
+    in_domain = [d for d, k in zip(loaded, keys, strict=True) if k == d.test]
+    if not in_domain:
+        raise FirstError("no in-domain file: the primary claims are on in-domain test sets "
+                         "(lab/records-PROFILE-TEST.json.gz)")  # fmt: skip
+    tests = [d.test for d in in_domain]
+    recs = {d.test: d.records for d in in_domain}
+    several = [d for d in in_domain if len(d.seeds) > 1]
     yard = max(several, key=lambda d: len(d.seeds)) if several else None
     names = {}
-    for t in [*tests, "csqa"]:
+    for t in [*tests, "csqa", *(d.test for d in loaded)]:
         try:
             names[t] = tasks.task_spec(t).description
         except FirstError:
             names[t] = t
+    for d, k in zip(loaded, keys, strict=True):
+        if k != d.test:
+            names[k] = f"{names[d.test]} (out of domain)"
     claims, checks = primary_family(
         recs, names, yard.records if yard else None, n_boot=n_boot, seed=seed
     )
@@ -223,6 +236,7 @@ def from_files(paths: Sequence[str | Path], n_boot: int = 1000, seed: int = 0) -
             "path": str(d.path),
             "profile": d.profile,
             "test": d.test,
+            "key": key_of(d),
             "seeds": d.seeds,
             "n_test": d.n_test,
             "precision": d.meta.get("precision"),
@@ -239,7 +253,66 @@ def from_files(paths: Sequence[str | Path], n_boot: int = 1000, seed: int = 0) -
         "sentences": {n: verdicts.sentence(c["subject"], c["verdict"]) for n, c in claims.items()},
         "yardstick": yard.test if yard else None,
         "n_boot": n_boot,
+        "all": all_claims(
+            {k: d.records for d, k in zip(loaded, keys, strict=True)}, n_boot=n_boot, seed=seed
+        ),
     }
+
+
+def key_of(data) -> str:
+    """A lab file's test set as the paper's tables name it: the test ("csqa"), or "ood_TEST"
+    for the out-of-domain setting's file of TEST."""
+    setting = data.meta.get("setting")
+    return data.test if setting in (None, data.test) else f"{setting}_{data.test}"
+
+
+def all_claims(recs_by_key: Mapping[str, Any], n_boot: int = 1000, seed: int = 0) -> dict | None:
+    """Every claim of the paper that the records of its test sets decide (`claims.build`,
+    `claims.decide`: Holm over the primary ones, as in paper_vs_reproduction): {"claims",
+    "counts" ({"primary", "secondary"}: {verdict: n}), "missing" ({name: what it needs}),
+    "too_noisy" (share of the counted claims), "tests"}; None when no file is of the paper's."""
+    recs = {k: r for k, r in recs_by_key.items() if k in paper_claims.TEST_NAMES}
+    if not recs:
+        return None
+    checks = {t: verdicts.training_checks(r, n_boot=n_boot, seed=seed) for t, r in recs.items()}
+    claims = paper_claims.build(recs, checks, n_boot=n_boot, seed=seed)
+    counts = paper_claims.decide(claims)
+    n = sum(sum(by.values()) for by in counts.values())
+    noisy = sum(by[stats.TOO_NOISY] for by in counts.values())
+    return {
+        "tests": list(recs),
+        "claims": claims,
+        "checks": checks,
+        "counts": counts,
+        "missing": paper_claims.missing(claims, list(recs)),
+        "too_noisy": noisy / n if n else None,
+    }
+
+
+def all_claim_rows(claims: Mapping[str, Mapping[str, Any]]) -> list[dict[str, str]]:
+    """One row of text a counted claim of `all_claims`: section, test, claim, this build's
+    number, MDE, the paper's, p (Holm-adjusted in brackets), verdict and note."""
+    rows = []
+    for c in claims.values():
+        if not c["counted"]:
+            continue
+        e, p = c["estimate"], c["p"]
+        rows.append(
+            {
+                "": "primary" if c["primary"] else "secondary",
+                "test": paper_claims.TEST_NAMES.get(c["test"], "") if c["test"] else "",
+                "claim": c["claim"],
+                "this build [95% CI]": paper_claims.ours(c),
+                "MDE": f"{100 * e.mde:.1f}" if hasattr(e, "mde") else "—",
+                "paper": c["paper"],
+                "p (Holm)": "—"
+                if p is None
+                else f"{p:.3f}" + (f" ({c['p_holm']:.3f})" if c["p_holm"] is not None else ""),
+                "verdict": verdicts.SHORT.get(c["verdict"], c["verdict"])
+                + (f" ({c['note']})" if c["note"] else ""),
+            }
+        )
+    return rows
 
 
 def _print_table(rows: list[dict[str, str]]) -> None:
@@ -257,7 +330,7 @@ def _cmd_evidence(args) -> int:
     names = out["names"]
     for f in out["files"]:
         print(
-            f"{f['path']}: {names[f['test']]} ({f['test']}), profile {f['profile']}, "
+            f"{f['path']}: {names[f['key']]} ({f['key']}), profile {f['profile']}, "
             f"{f['precision']}, {f['n_test']} test questions, training seeds "
             f"{', '.join(map(str, f['seeds']))}"
         )
@@ -274,6 +347,27 @@ def _cmd_evidence(args) -> int:
             f"{names[out['yardstick']]} (max - min), for a test with one seed"
         )
     print("\n" + verdicts.counts_sentence(out["counts"], "primary claims"))
+    every = out["all"]
+    if every is not None:
+        names_all = ", ".join(paper_claims.TEST_NAMES[t] for t in every["tests"])
+        print(
+            f"\nEvery claim of the paper that these files decide ({names_all}; the code of "
+            "paper_vs_reproduction; Holm over the primary ones; secondary claims uncorrected)"
+        )
+        _print_table(all_claim_rows(every["claims"]))
+        print("\n" + verdicts.counts_sentence(every["counts"]["primary"], "primary claims"))
+        print(verdicts.counts_sentence(every["counts"]["secondary"], "secondary claims"))
+        n = sum(sum(by.values()) for by in every["counts"].values())
+        noisy = sum(by[stats.TOO_NOISY] for by in every["counts"].values())
+        print(
+            f"too noisy to tell: {noisy} of the {n} claims decided here ({every['too_noisy']:.0%})"
+        )
+        if every["missing"]:
+            print(
+                f"{len(every['missing'])} more claims of the book are not decided from these files:"
+            )
+            for name, why in every["missing"].items():
+                print(f"  {name}: {why}")
     if args.json:
         from first_lib.book.output import _jsonable
 
@@ -285,13 +379,19 @@ def _cmd_evidence(args) -> int:
 def add_cli(sub) -> None:
     p = sub.add_parser(
         "evidence",
-        help="decide the primary claims from lab records files (no model, no training)",
+        help="decide the paper's claims from lab records files (no model, no training)",
         description="Check that each tuned model learned, then decide the primary family "
         "(FIRST against Fine-tune, Distill and Fine-tune + TS on ECE and accuracy; tuning makes "
-        "the model over-confident) of every test set given, Holm-corrected together, from the "
-        "per-question records of lab files (first export-records).",
+        "the model over-confident) of every in-domain test set given, Holm-corrected together, "
+        "and every other claim of the paper the files decide (as paper_vs_reproduction does), "
+        "from the per-question records of lab files (first export-records).",
     )
-    p.add_argument("files", nargs="+", help="lab records files, one a test set")
+    p.add_argument(
+        "files",
+        nargs="+",
+        help="lab records files, one a test set (records-P-TEST; the out-of-domain setting's: "
+        "records-P-ood-TEST)",
+    )
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--json", default=None, help="also write everything as JSON to this file")

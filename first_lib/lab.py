@@ -126,24 +126,27 @@ def resolve(records_file: str | os.PathLike | None, profile: str | None, test: s
     return _locate(records_file)
 
 
-def profile_files(profile: str, path: str | os.PathLike | None = None) -> list[Path]:
+def profile_files(
+    profile: str, path: str | os.PathLike | None = None, ood: bool = False
+) -> list[Path]:
     """The repository's in-domain lab files of `profile` (`lab/records-<profile>-<task>.json.gz`,
-    one a task; not the out-of-domain setting's, records-<profile>-ood-<test>); `path` (a file
-    read from elsewhere) takes the place of the one of its own test set."""
-    from first_lib.profiles import all_settings
+    one a task), and with `ood` the out-of-domain setting's after them
+    (records-<profile>-ood-<test>); `path` (a file read from elsewhere) takes the place of the
+    one of its own test set."""
+    from first_lib.profiles import all_settings, book_settings
 
-    files = {}
+    files, other = {}, {}
     for f in sorted((REPO / LAB_DIR).glob(f"records-{profile}-*.json.gz")):
         test = f.name.removeprefix(f"records-{profile}-").removesuffix(".json.gz")
         if test in all_settings():
             files[test] = f
+        elif ood and test.startswith("ood-") and test.removeprefix("ood-") in all_settings():
+            other[test] = f
     if path is not None:
         path = Path(path)
         files[_read_json_gz(path)["test"]] = path
-    from first_lib.profiles import book_settings
-
     order = [*book_settings(), *sorted(files)]  # the book's order: CSQA, BoolQ, ...
-    return [files[t] for t in sorted(files, key=order.index)]
+    return [files[t] for t in sorted(files, key=order.index)] + [other[t] for t in sorted(other)]
 
 
 def profile_of(profile: str | None, records_file: str | os.PathLike | None) -> str:

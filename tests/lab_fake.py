@@ -60,9 +60,11 @@ def fake_run(
     test: str = "csqa",
     seed: int = 0,
     out: Path | None = None,
+    setting: str | None = None,
 ) -> Path:
     """Write a finished run of `len(seeds)` training seeds on `n` questions under `root` (its
-    results.json in `out`, default root/out); returns the run's --out folder."""
+    results.json in `out`, default root/out); returns the run's --out folder. `setting`: the
+    run's setting when it is not `test` (e.g. "ood": trained on a mix, tested on `test`)."""
     rng = np.random.default_rng(seed)
     ids = [f"{test}-test-{i}" for i in range(n)]
     gold = rng.integers(0, 5, n)
@@ -97,7 +99,7 @@ def fake_run(
         }
     results = {
         "profile": "fake",
-        "setting": test,
+        "setting": setting or test,
         "note": "a fake run for tests",
         "precision": "fp32",
         "teacher": "fake:teacher",

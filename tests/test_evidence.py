@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from first_lib import claims as paper_claims
 from first_lib import cli, evidence, lab, stats, verdicts
 from first_lib.errors import FirstError
 from tests.lab_fake import fake_run
@@ -102,18 +103,85 @@ def test_files_of_two_profiles_are_not_one_design(files):
         evidence.from_files([files["boolq"], lab.default_file("tiny", "csqa")])
 
 
-def test_out_of_domain_files_are_named_apart_and_not_in_the_family(files, tmp_path):
-    """The out-of-domain run tests on CSQA's split too: its file is records-P-ood-csqa, the lab's
-    glob of in-domain files skips it, and `first evidence` refuses it (its claims are
-    secondary)."""
-    import gzip
+@pytest.fixture(scope="module")
+def ood_files(tmp_path_factory):
+    """Fake lab files of the out-of-domain setting (one training seed), tested on CSQA (the
+    same 200 question ids as the in-domain CSQA file) and on OBQA."""
+    tmp = tmp_path_factory.mktemp("evidence-ood")
+    out = {}
+    for test in ("csqa", "obqa"):
+        run = fake_run(tmp / test, n=200, seeds=(0,), test=test, seed=11, setting="ood")
+        out[test] = lab.export_records(run, test, tmp / f"records-fake-ood-{test}.json.gz")
+    return out
 
+
+def test_every_claim_the_records_decide(files):
+    """Besides the primary family, the files decide the paper's other claims with the chapter's
+    code (`claims.build`): the primary rows are the family's to the last digit, the secondary
+    ones are uncorrected, and what needs a run's cache or a missing file is listed by name."""
+    got = evidence.from_files([files["csqa"], files["boolq"]], n_boot=200)
+    every = got["all"]
+    assert every["tests"] == ["csqa", "boolq"]
+    claims = every["claims"]
+    for name, c in got["claims"].items():
+        mine = claims[name]
+        assert mine["primary"] and mine["verdict"] == c["verdict"]
+        assert (mine["p"], mine["p_holm"]) == (c["p"], c["p_holm"])
+        assert mine["estimate"].point == c["estimate"].point
+    counted = {k: c for k, c in claims.items() if c["counted"]}
+    assert {k for k, c in counted.items() if c["primary"]} == set(got["claims"])
+    secondary = {k: c for k, c in counted.items() if not c["primary"]}
+    assert len(secondary) >= 10
+    for c in secondary.values():
+        assert c["verdict"] in stats.VERDICTS and c["p_holm"] is None
+    # one secondary claim by hand: the teacher's accuracy minus the fine-tuned student's, over
+    # every seed's answers (accuracy is a mean, so pooling the seeds is the mean difference)
+    recs = lab.load_lab_records(files["csqa"]).records
+
+    def acc(v):
+        return sum(r["correct"] for rs in recs[v].values() for r in rs) / sum(
+            len(rs) for rs in recs[v].values()
+        )
+
+    est = claims["teacher_vs_finetune_acc_csqa"]["estimate"]
+    assert math.isclose(est.point, acc("teacher") - acc("finetune"), abs_tol=1e-12)
+    n = sum(sum(by.values()) for by in every["counts"].values())
+    assert n == len(counted)
+    noisy = sum(by[stats.TOO_NOISY] for by in every["counts"].values())
+    assert every["too_noisy"] == noisy / n
+    # no store and no out-of-domain file: those claims are named, not formed
+    assert set(paper_claims.NEED_CACHE) <= set(every["missing"])
+    assert "ood_worse_calibrated" in every["missing"]
+    assert not set(every["missing"]) & set(claims)
+    assert any(k.endswith("_ood_obqa") for k in every["missing"])
+
+
+def test_out_of_domain_files_add_secondary_claims_only(files, ood_files):
+    """The out-of-domain run tests on CSQA's split too: its file is records-P-ood-csqa, the lab's
+    glob of in-domain files skips it unless asked, and `first evidence` keeps its claims out of
+    the primary family; with CSQA's in-domain file, the in/out comparison is paired."""
     assert lab.default_file("cpu", "csqa", "ood") == "lab/records-cpu-ood-csqa.json.gz"
     assert lab.default_file("cpu", "csqa", "csqa") == lab.default_file("cpu", "csqa")
     assert all("-ood-" not in f.name for f in lab.profile_files("cpu"))
-    data = json.loads(gzip.decompress(files["csqa"].read_bytes()))
-    data["setting"] = "ood"
-    ood = tmp_path / "records-fake-ood-csqa.json.gz"
-    ood.write_bytes(gzip.compress(json.dumps(data).encode()))
-    with pytest.raises(FirstError, match="out-of-domain"):
-        evidence.from_files([files["boolq"], ood])
+    base = evidence.from_files([files["csqa"], files["boolq"]], n_boot=200)
+    got = evidence.from_files([files["csqa"], files["boolq"], *ood_files.values()], n_boot=200)
+    assert [f["key"] for f in got["files"]] == ["csqa", "boolq", "ood_csqa", "ood_obqa"]
+    assert got["names"]["ood_obqa"].endswith("(out of domain)")
+    assert set(got["claims"]) == set(base["claims"])  # the primary family is unchanged
+    every = got["all"]
+    assert every["tests"] == ["csqa", "boolq", "ood_csqa", "ood_obqa"]
+    assert set(every["missing"]) == set(paper_claims.NEED_CACHE)
+    ood = every["claims"]["ood_worse_calibrated"]
+    assert not ood["primary"] and "the same 200 CSQA test questions" in ood["note"]
+    o = lab.load_lab_records(ood_files["csqa"]).records["finetune"]
+    i = lab.load_lab_records(files["csqa"]).records["finetune"]
+    direct = stats.compare(*verdicts.common_questions(o, i), "ece", n_boot=200, seed=0)
+    assert (ood["estimate"].point, ood["estimate"].lo) == (direct.point, direct.lo)
+    assert not any(c["primary"] for k, c in every["claims"].items() if k.endswith("_ood_obqa"))
+    with pytest.raises(FirstError, match="no in-domain file"):
+        evidence.from_files([ood_files["obqa"]])
+
+
+def test_claims_of_unknown_tests_are_refused():
+    with pytest.raises(FirstError, match="not one of the paper's test sets"):
+        paper_claims.build({"arc_challenge": {}}, {})
