@@ -31,6 +31,8 @@ TEST_NAMES = {
 }
 LABEL = {
     "teacher": "teacher",
+    "teacher_base": "untuned teacher",
+    "student_base": "untuned student",
     "finetune": "Fine-tune",
     "distill": "Distill",
     "distill_ls": "Distill w/ LS",

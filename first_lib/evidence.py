@@ -29,17 +29,7 @@ from first_lib import claims as paper_claims
 from first_lib import stats, verdicts
 from first_lib.errors import FirstError
 
-LABEL = {
-    "teacher": "teacher",
-    "teacher_base": "untuned teacher",
-    "student_base": "untuned student",
-    "finetune": "Fine-tune",
-    "distill": "Distill",
-    "distill_ls": "Distill w/ LS",
-    "first_ts": "FIRST",
-    "finetune_posthoc_ts": "Fine-tune + TS",
-    "distill_posthoc_ts": "Distill + TS",
-}
+LABEL = paper_claims.LABEL
 SUBJECT = {"ece": "better calibrated than", "acc": "more accurate than"}
 
 

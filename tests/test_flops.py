@@ -1,5 +1,7 @@
 """The FLOP model and the machine's peak (first_lib/flops.py)."""
 
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,33 @@ def test_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert len(list((tmp_path / "machine").glob("peak-*.json"))) == 1
     rec = flops.perf_record(246e9, 2.0, 90, 100, "fp32")
     assert rec["mfu"] == 1.0 and abs(rec["pad_fraction"] - 0.1) < 1e-9
+
+
+def test_a_peak_measured_beside_busy_processes_is_not_cached(tmp_path, monkeypatch):
+    """A peak measured while other processes kept 1.5 cores busy is used by this process (with a
+    warning) and not written to $FIRST_HOME; measured alone, it is cached with its other_cores."""
+    monkeypatch.setenv("FIRST_HOME", str(tmp_path))
+    monkeypatch.setattr(flops, "_CONTENDED_PEAKS", {})
+    busy = {"cores": 1.5}
+    monkeypatch.setattr(flops.Contention, "other_cores", lambda self: busy["cores"])
+    calls = []
+
+    def fake(precision, device="cpu", seconds=1.0):
+        calls.append(precision)
+        time.sleep(0.25)  # a measurement long enough for /proc/stat's ticks
+        return 60.0 if busy["cores"] > 1 else 180.0
+
+    monkeypatch.setattr(flops, "measure_peak_gflops", fake)
+    with pytest.warns(UserWarning, match="1.5 cores busy"):
+        assert flops.peak_gflops("fp32") == 60.0
+    assert flops.peak_gflops("fp32") == 60.0 and calls == ["fp32"]  # once a process
+    assert not list(tmp_path.glob("machine/peak-*.json"))
+    monkeypatch.setattr(flops, "_CONTENDED_PEAKS", {})  # a new process, the machine now idle
+    busy["cores"] = 0.02
+    assert flops.peak_gflops("fp32") == 180.0
+    (cached,) = tmp_path.glob("machine/peak-*.json")
+    assert json.loads(cached.read_text())["other_cores"] == 0.02
+    assert flops.peak_gflops("fp32") == 180.0 and calls == ["fp32", "fp32"]
 
 
 def test_a_real_peak_is_positive_at_both_precisions():
