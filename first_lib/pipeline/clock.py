@@ -25,11 +25,18 @@ from first_lib.pipeline.data import load_questions, tokenize
 from first_lib.pipeline.graph import run_precision, stage_graph
 
 # Where no record of this machine exists yet: the share of the matmul peak each kind of stage
-# reached in one `cpu`-profile CSQA run at bf16 on a 2-core Xeon with AMX (issue 17's timings:
-# teacher 160 s, extraction 71 s, a student 46-50 s, seven evaluations 246 s, set against the
-# FLOPs this module counts for that run). Replaced by this machine's own records (`perf` in each
-# stage's meta.json) once it has finished a stage of that kind at that precision.
-PRIOR_MFU = {"train": 0.17, "extract": 0.26, "evaluate": 0.24}
+# reached, per precision. bf16: one `cpu`-profile CSQA run on a 2-core Xeon with AMX (issue 17's
+# timings: teacher 160 s, extraction 71 s, a student 46-50 s, seven evaluations 246 s, set
+# against the FLOPs this module counts for that run). fp32: the medians of a reduced `cpu`-profile
+# CSQA run at the real architectures on a 2-core AVX2 EPYC, alone (`bench/stage-rates-cpu-fp32.json`,
+# which tests/test_clock.py checks these against): fp32 kernels run much nearer their peak than
+# bf16 ones, so the bf16 shares would price an fp32 book 3-4x too long. Replaced by this
+# machine's own records (`perf` in each stage's meta.json) once it has finished a stage of that
+# kind at that precision.
+PRIOR_MFU = {
+    "bf16": {"train": 0.17, "extract": 0.26, "evaluate": 0.24},
+    "fp32": {"train": 0.62, "extract": 0.82, "evaluate": 0.77},
+}
 # Without a tokenizer at hand: ~4 characters a token for English BPE text, and the chat
 # template's wrapping (Qwen2.5's role markers: 14 tokens; its default system prompt: 16 more).
 CHARS_PER_TOKEN = 4.0
@@ -255,7 +262,8 @@ def rate(
     if seen:
         mfu = statistics.quantiles(seen, n=4, method="inclusive")[2] if len(seen) > 1 else seen[0]
         return peak * mfu, f"mfu {mfu:.3f} (upper quartile of {len(seen)} runs here)"
-    return peak * PRIOR_MFU[kind], f"mfu {PRIOR_MFU[kind]:.3f} (prior)"
+    prior = PRIOR_MFU.get(precision, PRIOR_MFU["bf16"])[kind]
+    return peak * prior, f"mfu {prior:.3f} (prior at {precision})"
 
 
 # ----------------------------------------------------------------------------- the estimate
