@@ -42,7 +42,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     ),
     "evidence": (
         ("first_lib.evidence",),
-        "decide the primary claims from lab records files (no model, no training)",
+        "decide the paper's claims from lab records files (no model, no training)",
     ),
 }
 
