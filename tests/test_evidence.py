@@ -90,7 +90,15 @@ def test_cli_prints_the_tables_and_writes_json(files, tmp_path, capsys):
     assert cli.main(args) == 0
     text = capsys.readouterr().out
     assert "Did training work?" in text and "Of the 14 primary claims" in text
+    # then the paper's other claims, the share too noisy and what the files cannot decide
+    assert "Every claim of the paper that these files decide (CSQA, BoolQ;" in text
+    assert "secondary claims:" in text and "too noisy to tell: " in text
+    assert "top5_mass_answer: needs the knowledge store" in text
     saved = json.loads(out.read_text())
+    assert (
+        saved["all"]["tests"] == ["csqa", "boolq"]
+        and "ood_worse_calibrated" in saved["all"]["missing"]
+    )
     assert set(saved["claims"]) == set(
         evidence.from_files([files["csqa"], files["boolq"]], n_boot=200)["claims"]
     )
