@@ -13,11 +13,12 @@ POSTHOC = {"finetune_posthoc_ts": "finetune", "distill_posthoc_ts": "distill"}
 BASELINES = ("teacher_base", "student_base")
 
 
-def _records(rng, ids, gold, sharpness: float) -> list[dict]:
-    """Evaluation records of a model whose candidate logits are noise plus a pull to gold, in
-    float32 as `evaluate._record` computes them."""
+def _records(rng, ids, gold, sharpness: float, pull: float = 1.0) -> list[dict]:
+    """Evaluation records of a model whose candidate logits are noise plus a pull to gold
+    (`pull` x `sharpness`: the pull sets the accuracy, the sharpness the confidence), in float32
+    as `evaluate._record` computes them."""
     n, c = len(ids), 5
-    z = rng.normal(0.0, sharpness, (n, c)) + sharpness * (np.arange(c) == gold[:, None])
+    z = rng.normal(0.0, sharpness, (n, c)) + pull * sharpness * (np.arange(c) == gold[:, None])
     logp = (z - np.log(np.exp(z).sum(1, keepdims=True))).astype(np.float32)
     logp = logp + np.log(rng.uniform(0.2, 0.99, (n, 1))).astype(np.float32)  # vocabulary share
     raw = np.exp(logp)
@@ -76,7 +77,10 @@ def fake_run(
         json.dumps({"key": {"code": "abc"}, "num_processes": 1, "perf": perf})
     )
     shared = {
-        b: _write(home / f"{b}-eval", _records(rng, ids, gold, 0.5), {"stage": "evaluate"})
+        # the untuned models: a weak pull to gold, so the tuned ones (pull 1) learned
+        b: _write(
+            home / f"{b}-eval", _records(rng, ids, gold, 0.5, pull=0.2), {"stage": "evaluate"}
+        )
         for b in BASELINES
     }
     config = {"name": "fake", "seed": seeds[0], "seeds": list(seeds), "n_test": n}
