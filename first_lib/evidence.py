@@ -244,7 +244,10 @@ def from_files(paths: Sequence[str | Path], n_boot: int = 1000, seed: int = 0) -
         "yardstick": yard.test if yard else None,
         "n_boot": n_boot,
         "all": all_claims(
-            {k: d.records for d, k in zip(loaded, keys, strict=True)}, n_boot=n_boot, seed=seed
+            {k: d.records for d, k in zip(loaded, keys, strict=True)},
+            n_boot=n_boot,
+            seed=seed,
+            checks=checks,
         ),
     }
 
@@ -256,15 +259,25 @@ def key_of(data) -> str:
     return data.test if setting in (None, data.test) else f"{setting}_{data.test}"
 
 
-def all_claims(recs_by_key: Mapping[str, Any], n_boot: int = 1000, seed: int = 0) -> dict | None:
+def all_claims(
+    recs_by_key: Mapping[str, Any],
+    n_boot: int = 1000,
+    seed: int = 0,
+    checks: Mapping[str, Any] | None = None,
+) -> dict | None:
     """Every claim of the paper that the records of its test sets decide (`claims.build`,
     `claims.decide`: Holm over the primary ones, as in paper_vs_reproduction): {"claims",
     "counts" ({"primary", "secondary"}: {verdict: n}), "missing" ({name: what it needs}),
-    "too_noisy" (share of the counted claims), "tests"}; None when no file is of the paper's."""
+    "n_counted", "n_too_noisy", "too_noisy" (their share), "tests"}; None when no file is of
+    the paper's. `checks`: training checks already made ({test: `verdicts.training_checks`}),
+    reused; the other tests are checked here."""
     recs = {k: r for k, r in recs_by_key.items() if k in paper_claims.TEST_NAMES}
     if not recs:
         return None
-    checks = {t: verdicts.training_checks(r, n_boot=n_boot, seed=seed) for t, r in recs.items()}
+    checks = {
+        t: (checks or {}).get(t) or verdicts.training_checks(r, n_boot=n_boot, seed=seed)
+        for t, r in recs.items()
+    }
     claims = paper_claims.build(recs, checks, n_boot=n_boot, seed=seed)
     counts = paper_claims.decide(claims)
     n = sum(sum(by.values()) for by in counts.values())
@@ -275,6 +288,8 @@ def all_claims(recs_by_key: Mapping[str, Any], n_boot: int = 1000, seed: int = 0
         "checks": checks,
         "counts": counts,
         "missing": paper_claims.missing(claims, list(recs)),
+        "n_counted": n,
+        "n_too_noisy": noisy,
         "too_noisy": noisy / n if n else None,
     }
 
@@ -347,10 +362,9 @@ def _cmd_evidence(args) -> int:
         _print_table(all_claim_rows(every["claims"]))
         print("\n" + verdicts.counts_sentence(every["counts"]["primary"], "primary claims"))
         print(verdicts.counts_sentence(every["counts"]["secondary"], "secondary claims"))
-        n = sum(sum(by.values()) for by in every["counts"].values())
-        noisy = sum(by[stats.TOO_NOISY] for by in every["counts"].values())
         print(
-            f"too noisy to tell: {noisy} of the {n} claims decided here ({every['too_noisy']:.0%})"
+            f"too noisy to tell: {every['n_too_noisy']} of the {every['n_counted']} claims "
+            f"decided here ({every['too_noisy']:.0%})"
         )
         if every["missing"]:
             print(
