@@ -40,6 +40,10 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
         ("first_lib.lab",),
         "pack a finished run's per-question records of one test set into one small file",
     ),
+    "export-knowledge": (
+        ("first_lib.lab_knowledge",),
+        "pack the top-5 mass and stored ranks of a run's cached teacher into one small file",
+    ),
     "evidence": (
         ("first_lib.evidence",),
         "decide the paper's claims from lab records files (no model, no training)",

@@ -179,16 +179,34 @@ def check_rows(
 
 
 def from_files(paths: Sequence[str | Path], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """The primary family decided from lab records files (one test set each, one profile):
+    """The primary family decided from lab records files (one test set each, one profile), and
+    with them the paper's other claims (`all_claims`), those about the teacher's distributions
+    from a knowledge file among `paths` (`lab_knowledge`, lab/knowledge-P-csqa.json.gz):
     {"files": [{path, profile, test, seeds, n_test, precision, machines (one a part of a merged
-    file)}], "claims", "checks",
+    file)}], "knowledge" (None, or {path, profile, setting, seed, n_positions, precision,
+    machine}), "claims", "checks" (the primary family: the paper's in-domain tests among the
+    files, else every in-domain file), "more_tasks" (None, or the family of the other tasks'
+    files given beside the paper's, Holm-corrected apart as appendix_more_tasks does: {tests,
+    claims, checks, counts, sentences}),
     "counts", "sentences", "yardstick" (the test whose seed spread one-seed tests are set
     against, or None)}."""
-    from first_lib import lab, tasks
+    from first_lib import lab, lab_knowledge, tasks
 
-    loaded = [lab.load_lab_records(lab.resolve(p, None)) for p in paths]
+    known = [lab_knowledge.load_knowledge(p) for p in paths if lab_knowledge.is_knowledge_file(p)]
+    loaded = [
+        lab.load_lab_records(lab.resolve(p, None))
+        for p in paths
+        if not lab_knowledge.is_knowledge_file(p)
+    ]
     if not loaded:
         raise FirstError("give at least one lab records file (lab/records-PROFILE-TEST.json.gz)")
+    if len(known) > 1:
+        raise FirstError(f"{len(known)} knowledge files: the paper's Fig. 2 and 3 claims are "
+                         "about one teacher, give one")  # fmt: skip
+    knowledge = known[0] if known else None
+    if knowledge is not None and knowledge.setting != lab_knowledge.SETTING:
+        raise FirstError(f"{knowledge.path}: the teacher of {knowledge.setting}; the paper's Fig. 2 "
+                         f"and 3 claims are about the {lab_knowledge.SETTING} teacher's")  # fmt: skip
     other = [str(d.path) for d in loaded if d.meta.get("setting") not in (None, d.test, "ood")]
     if other:
         raise FirstError(f"{', '.join(other)}: a run tested on another task's split that is not "
@@ -197,15 +215,21 @@ def from_files(paths: Sequence[str | Path], n_boot: int = 1000, seed: int = 0) -
     if len(set(keys)) != len(keys):
         raise FirstError(f"two files of one test set ({', '.join(keys)}): merge them first "
                          "(first export-records --add-to)")  # fmt: skip
-    profiles = sorted({d.profile for d in loaded})
+    profiles = sorted({d.profile for d in loaded} | ({knowledge.profile} if knowledge else set()))
     if len(profiles) > 1:
         raise FirstError(f"files of different profiles ({', '.join(profiles)}) are not one design")
     in_domain = [d for d, k in zip(loaded, keys, strict=True) if k == d.test]
     if not in_domain:
         raise FirstError("no in-domain file: the primary claims are on in-domain test sets "
                          "(lab/records-PROFILE-TEST.json.gz)")  # fmt: skip
-    tests = [d.test for d in in_domain]
-    recs = {d.test: d.records for d in in_domain}
+    # The book's primary family is named on the paper's in-domain tests; files of other tasks
+    # (appendix_more_tasks) form a family of their own, Holm-corrected apart, as the appendix
+    # does; given alone, they are the family.
+    paper = [d for d in in_domain if d.test in verdicts.IN_DOMAIN]
+    more = [d for d in in_domain if d.test not in verdicts.IN_DOMAIN] if paper else []
+    family = paper or in_domain
+    tests = [d.test for d in family]
+    recs = {d.test: d.records for d in family}
     several = [d for d in in_domain if len(d.seeds) > 1]
     yard = max(several, key=lambda d: len(d.seeds)) if several else None
     names = {}
@@ -221,6 +245,23 @@ def from_files(paths: Sequence[str | Path], n_boot: int = 1000, seed: int = 0) -
         recs, names, yard.records if yard else None, n_boot=n_boot, seed=seed
     )
     counts = {v: sum(c["verdict"] == v for c in claims.values()) for v in stats.VERDICTS}
+    more_family = None
+    if more:
+        m_claims, m_checks = primary_family(
+            {d.test: d.records for d in more}, names, yard.records if yard else None,
+            n_boot=n_boot, seed=seed,
+        )  # fmt: skip
+        more_family = {
+            "tests": [d.test for d in more],
+            "claims": m_claims,
+            "checks": m_checks,
+            "counts": {
+                v: sum(c["verdict"] == v for c in m_claims.values()) for v in stats.VERDICTS
+            },
+            "sentences": {
+                n: verdicts.sentence(c["subject"], c["verdict"]) for n, c in m_claims.items()
+            },
+        }
     files = [
         {
             "path": str(d.path),
@@ -234,20 +275,36 @@ def from_files(paths: Sequence[str | Path], n_boot: int = 1000, seed: int = 0) -
         }
         for d in loaded
     ]
+    known = None
+    if knowledge is not None:
+        known = {
+            "path": str(knowledge.path),
+            "profile": knowledge.profile,
+            "setting": knowledge.setting,
+            "seed": (knowledge.meta.get("config") or {}).get("seed"),
+            "n_positions": len(knowledge.tokens[1]),
+            "precision": knowledge.meta.get("precision"),
+            "machine": knowledge.meta.get("machine"),
+        }
+    csqa_meta = next((d.meta for d, k in zip(loaded, keys, strict=True) if k == "csqa"), None)
     return {
         "files": files,
+        "knowledge": known,
         "names": names,
         "claims": claims,
         "checks": checks,
         "counts": counts,
         "sentences": {n: verdicts.sentence(c["subject"], c["verdict"]) for n, c in claims.items()},
         "yardstick": yard.test if yard else None,
+        "more_tasks": more_family,
         "n_boot": n_boot,
         "all": all_claims(
             {k: d.records for d, k in zip(loaded, keys, strict=True)},
             n_boot=n_boot,
             seed=seed,
             checks=checks,
+            knowledge=knowledge,
+            knowledge_note=lab_knowledge.note(knowledge, csqa_meta) if knowledge else "",
         ),
     }
 
@@ -264,13 +321,18 @@ def all_claims(
     n_boot: int = 1000,
     seed: int = 0,
     checks: Mapping[str, Any] | None = None,
+    knowledge=None,
+    knowledge_note: str = "",
 ) -> dict | None:
     """Every claim of the paper that the records of its test sets decide (`claims.build`,
     `claims.decide`: Holm over the primary ones, as in paper_vs_reproduction): {"claims",
     "counts" ({"primary", "secondary"}: {verdict: n}), "missing" ({name: what it needs}),
     "n_counted", "n_too_noisy", "too_noisy" (their share), "tests"}; None when no file is of
     the paper's. `checks`: training checks already made ({test: `verdicts.training_checks`}),
-    reused; the other tests are checked here."""
+    reused; the other tests are checked here. `knowledge`: a `lab_knowledge.Knowledge` (the
+    teacher's top-5 mass and stored ranks), which adds the five claims `claims.NEED_CACHE`
+    names (the two token-level ones only beside CSQA's records); `knowledge_note` is added to
+    the note of each (how its teacher relates to the records')."""
     recs = {k: r for k, r in recs_by_key.items() if k in paper_claims.TEST_NAMES}
     if not recs:
         return None
@@ -278,7 +340,19 @@ def all_claims(
         t: (checks or {}).get(t) or verdicts.training_checks(r, n_boot=n_boot, seed=seed)
         for t, r in recs.items()
     }
-    claims = paper_claims.build(recs, checks, n_boot=n_boot, seed=seed)
+    claims = paper_claims.build(
+        recs,
+        checks,
+        coverage=knowledge.coverage if knowledge is not None else None,
+        tokens=knowledge.tokens if knowledge is not None else None,
+        n_boot=n_boot,
+        seed=seed,
+    )
+    if knowledge is not None and knowledge_note:
+        for name in paper_claims.NEED_CACHE:
+            if name in claims:
+                c = claims[name]
+                c["note"] = "; ".join(x for x in (c["note"], knowledge_note) if x)
     counts = paper_claims.decide(claims)
     n = sum(sum(by.values()) for by in counts.values())
     noisy = sum(by[stats.TOO_NOISY] for by in counts.values())
@@ -339,6 +413,13 @@ def _cmd_evidence(args) -> int:
             f"{f['precision']}, {f['n_test']} test questions, training seeds "
             f"{', '.join(map(str, f['seeds']))}"
         )
+    k = out["knowledge"]
+    if k is not None:
+        print(
+            f"{k['path']}: the {names.get(k['setting'], k['setting'])} teacher's top-5 mass and "
+            f"stored ranks ({k['n_positions']} validation answer positions), profile "
+            f"{k['profile']}, {k['precision']}, training seed {k['seed']}"
+        )
     print("\nDid training work? (each tuned model against its untuned start, paired)")
     _print_table(check_rows(out["checks"], names))
     print(
@@ -352,6 +433,15 @@ def _cmd_evidence(args) -> int:
             f"{names[out['yardstick']]} (max - min), for a test with one seed"
         )
     print("\n" + verdicts.counts_sentence(out["counts"], "primary claims"))
+    more = out["more_tasks"]
+    if more is not None:
+        print(
+            f"\nThe same comparisons on {', '.join(names[t] for t in more['tests'])}: a family of "
+            "their own (Holm over it, as appendix_more_tasks), apart from the book's primary one"
+        )
+        _print_table(check_rows(more["checks"], names))
+        _print_table(claim_rows(more["claims"], names))
+        print("\n" + verdicts.counts_sentence(more["counts"], "claims on the other tasks"))
     every = out["all"]
     if every is not None:
         names_all = ", ".join(paper_claims.TEST_NAMES[t] for t in every["tests"])

@@ -127,12 +127,17 @@ def resolve(records_file: str | os.PathLike | None, profile: str | None, test: s
 
 
 def profile_files(
-    profile: str, path: str | os.PathLike | None = None, ood: bool = False
+    profile: str,
+    path: str | os.PathLike | None = None,
+    ood: bool = False,
+    knowledge: bool = False,
 ) -> list[Path]:
     """The repository's in-domain lab files of `profile` (`lab/records-<profile>-<task>.json.gz`,
     one a task), and with `ood` the out-of-domain setting's after them
-    (records-<profile>-ood-<test>); `path` (a file read from elsewhere) takes the place of the
-    one of its own test set."""
+    (records-<profile>-ood-<test>), and with `knowledge` the teacher's knowledge file last
+    (`lab_knowledge.default_file`) where the repository has one; `path` (a file read from
+    elsewhere) takes the place of the one of its own test set."""
+    from first_lib import lab_knowledge
     from first_lib.profiles import all_settings, book_settings
 
     files, other = {}, {}
@@ -146,7 +151,13 @@ def profile_files(
         path = Path(path)
         files[_read_json_gz(path)["test"]] = path
     order = [*book_settings(), *sorted(files)]  # the book's order: CSQA, BoolQ, ...
-    return [files[t] for t in sorted(files, key=order.index)] + [other[t] for t in sorted(other)]
+    known = REPO / lab_knowledge.default_file(profile)
+    extra = [known] if knowledge and known.is_file() else []
+    return (
+        [files[t] for t in sorted(files, key=order.index)]
+        + [other[t] for t in sorted(other)]
+        + extra
+    )
 
 
 def profile_of(profile: str | None, records_file: str | os.PathLike | None) -> str:

@@ -194,3 +194,28 @@ def test_out_of_domain_files_add_secondary_claims_only(files, ood_files):
 def test_claims_of_unknown_tests_are_refused():
     with pytest.raises(FirstError, match="not one of the paper's test sets"):
         paper_claims.build({"arc_challenge": {}}, {})
+
+
+def test_another_tasks_file_is_a_family_of_its_own(files, tmp_path, capsys):
+    """A file of a task beside the paper's (appendix_more_tasks: OpenBookQA, ARC-Challenge)
+    leaves the book's primary family as it was and is Holm-corrected apart; given alone it is
+    the family."""
+    run = fake_run(tmp_path / "obqa", n=150, seeds=(0,), test="obqa", seed=5)
+    obqa = lab.export_records(run, "obqa", tmp_path / "records-fake-obqa.json.gz")
+    base = evidence.from_files([files["csqa"], files["boolq"]], n_boot=200)
+    got = evidence.from_files([files["csqa"], files["boolq"], obqa], n_boot=200)
+    assert base["more_tasks"] is None
+    assert {n: (c["p"], c["p_holm"]) for n, c in got["claims"].items()} == {
+        n: (c["p"], c["p_holm"]) for n, c in base["claims"].items()
+    }
+    more = got["more_tasks"]
+    assert more["tests"] == ["obqa"] and all(c["task"] == "obqa" for c in more["claims"].values())
+    testable = {n: c["p"] for n, c in more["claims"].items() if c["testable"]}
+    for name, p_holm in stats.holm(testable).items():
+        assert math.isclose(more["claims"][name]["p_holm"], p_holm, abs_tol=1e-12)
+    # one seed: held against the three-seed CSQA file's spread, as the appendix does
+    assert all(c["spread"] is not None for c in more["claims"].values())
+    alone = evidence.from_files([obqa], n_boot=200)
+    assert set(alone["claims"]) == set(more["claims"]) and alone["more_tasks"] is None
+    assert cli.main(["evidence", str(files["csqa"]), str(obqa), "--n-boot", "100"]) == 0
+    assert "a family of their own" in capsys.readouterr().out
