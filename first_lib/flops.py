@@ -231,8 +231,8 @@ def peak_gflops(precision: str, device: str = "cpu", remeasure: bool = False) ->
             return float(json.loads(path.read_text())["gflops"])
         except (ValueError, KeyError, OSError):
             pass  # damaged: measure again
-    if not remeasure and digest in _CONTENDED_PEAKS:
-        return _CONTENDED_PEAKS[digest]
+    if not remeasure and str(path) in _CONTENDED_PEAKS:  # keyed like the cache it stands for
+        return _CONTENDED_PEAKS[str(path)]
     contention = Contention()
     gflops = measure_peak_gflops(precision, device)
     wall = time.perf_counter() - contention.t0
@@ -241,7 +241,7 @@ def peak_gflops(precision: str, device: str = "cpu", remeasure: bool = False) ->
     if other is not None and other > CONTENDED_CORES:
         import warnings
 
-        _CONTENDED_PEAKS[digest] = gflops
+        _CONTENDED_PEAKS[str(path)] = gflops
         warnings.warn(
             f"the {precision} matmul peak ({gflops:.0f} GFLOP/s) was measured while other "
             f"processes kept {other:.1f} cores busy: used by this process only, not cached",
@@ -348,13 +348,67 @@ def contended(perf: dict) -> bool:
     return other is not None and other > CONTENDED_CORES
 
 
+class PeakMemory:
+    """The most memory one stage held: on CPU the process's peak resident set (Linux's VmHWM,
+    whose count this resets at construction by writing 5 to /proc/self/clear_refs), on a GPU
+    torch's peak allocation on the current device since construction. A stage's weights, loaded
+    before its tally starts, stay resident and so count; the transient copies of loading do not.
+    `gb()` is None where the system does not say (no /proc, or a kernel that refuses the reset)."""
+
+    def __init__(self):
+        self.cpu_ok = _reset_hwm()
+        self.cuda = False
+        try:
+            import torch
+
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.reset_peak_memory_stats()
+                self.cuda = True
+        except Exception:  # noqa: BLE001 - no torch, or no CUDA context: CPU only
+            pass
+
+    def gb(self, device: str = "cpu") -> float | None:
+        if device != "cpu":
+            if not self.cuda:
+                return None
+            import torch
+
+            return round(torch.cuda.max_memory_allocated() / 1e9, 3)
+        if not self.cpu_ok:
+            return None
+        kb = _status_kb("VmHWM")
+        return None if kb is None else round(kb / 1e6, 3)
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    """Reset this process's peak resident set to its current one (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return _status_kb("VmHWM") is not None
+    except OSError:
+        return False
+
+
 class Tally:
     """Running totals of one stage's model work, batch by batch: model FLOPs, real and computed
     (padded) tokens, and the seconds of model work that the caller times with `clock`.
 
     `forward` and `train` take a batch's real lengths, its computed positions (batch x padded
     length) and the rows where the LM head runs; `record` turns the totals into `perf_record`,
-    with the cores other processes kept busy since the tally was made (`Contention`).
+    with the cores other processes kept busy since the tally was made (`Contention`) and the
+    stage's peak memory (`PeakMemory`, GB).
     """
 
     def __init__(self, shape: Shape):
@@ -364,6 +418,7 @@ class Tally:
         self.computed_tokens = 0
         self.seconds = 0.0
         self.contention = Contention()
+        self.memory = PeakMemory()
 
     def _tokens(self, lengths, computed: int) -> tuple[int, float]:
         real = int(sum(lengths))
@@ -404,7 +459,8 @@ class Tally:
         )
         # on a GPU the host's other work hardly bears on the rate (and other ranks are processes)
         other = self.contention.other_cores() if device == "cpu" else None
-        return {**perf, "shape": self.shape.to_dict(), "other_cores": other}
+        peak = self.memory.gb(device)
+        return {**perf, "shape": self.shape.to_dict(), "other_cores": other, "peak_memory_gb": peak}
 
 
 def _sync(device: str) -> None:

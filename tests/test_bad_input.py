@@ -368,9 +368,13 @@ def test_bad_values_fail_before_anything_loads(home, run_in, monkeypatch):
 
 def test_not_enough_memory(home):
     """(subprocess) the memory estimate of the largest stage exceeds this machine's: refused
-    before anything is loaded (model sizes are given through params_b, in billions)."""
+    before any model is loaded or trained (model sizes are given through params_b, in
+    billions), naming the stage."""
     msg = run_sub(["run", "--profile", "tiny", "--set", "params_b=[100000,50000]"], home)
-    assert re.search(r"needs about \d+ GB for its largest stage but this machine has", msg)
+    assert re.search(
+        r"the stage 'teacher' .* needs about \d+ GB at its peak but this machine has", msg
+    )
+    assert not list((home / "runs").glob("teacher-*/meta.json"))
 
 
 # ----------------------------------------------------------------------------- chapters

@@ -187,3 +187,23 @@ def test_an_evaluation_counts_the_bottom_states_it_built(tmp_path, monkeypatch):
     assert 0 < tally.flops < padded
     again = flops.Tally(shape)
     assert stages.count_prefix_builds(again, stages._prefix_entries()) == 0 and again.flops == 0
+
+
+def test_a_stage_records_its_own_peak_memory():
+    """`Tally.record` gives the stage's peak memory: what it held since the tally started (an
+    array of 400 MB made and freed inside it counts), not what the process held before (a
+    second tally started after the array was freed reports less)."""
+    import numpy as np
+
+    first = flops.Tally(flops.Shape(layers=1, hidden=8, intermediate=16, heads=2, kv_heads=2,
+                                    vocab=32))  # fmt: skip
+    block = np.ones(50_000_000)  # 400 MB, touched
+    block.sum()
+    del block
+    peak = first.record("fp32")["peak_memory_gb"]
+    if peak is None:
+        pytest.skip("this system does not report a process's peak memory")
+    second = flops.Tally(first.shape)
+    after = second.record("fp32")["peak_memory_gb"]
+    assert peak - after > 0.35, (peak, after)
+    assert after > 0

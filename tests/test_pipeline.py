@@ -119,6 +119,7 @@ def test_every_model_stage_records_its_model_work(tiny_run):
         assert 0 < perf["mfu"] < 1.5, d  # at most the peak, give or take timing noise
         assert perf["computed_tokens"] >= perf["real_tokens"] > 0, d
         assert 0 <= perf["pad_fraction"] < 0.5, d
+        assert perf["peak_memory_gb"] > 0.1, d  # the process's peak resident memory meanwhile
 
 
 def test_a_finished_run_exports_to_a_lab_file_of_its_records(tiny_run, tmp_path):
@@ -160,6 +161,8 @@ def test_tiny_run_is_cached(tiny_run):
     clock = json.loads((tiny_run["out"] / "clock.json").read_text())
     again = json.loads((tiny_run["out"] / "again" / "clock.json").read_text())
     assert {s["made"] for s in clock.values()} == {"before"}
+    # and each model stage's peak memory, from its model's shape and its largest batch
+    assert all(s["memory_gb"] > 0 for k, s in clock.items() if not k.startswith(("calib", "post")))
     assert {s["made"] for s in again.values()} <= {"after", "before"}
     assert time.perf_counter() - t0 < tiny_run["wall"]
 

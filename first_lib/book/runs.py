@@ -184,7 +184,9 @@ def stage_costs(results: Mapping[str, Any]) -> list[dict]:
     `clock.json` under `_clocks`): the time estimated before it ran, the time it took
     (`wall_seconds` in its meta.json), and its utilisation (`perf.mfu`, `perf.pad_fraction`)
     where the stage recorded them, with the cores other processes kept busy while it ran
-    (`perf.other_cores`: above `flops.CONTENDED_CORES` its mfu measured a shared machine)."""
+    (`perf.other_cores`: above `flops.CONTENDED_CORES` its mfu measured a shared machine), and
+    its peak memory, estimated before (`memory_gb` of clock.json) and measured
+    (`perf.peak_memory_gb`)."""
     from first_lib.pipeline import is_done, read_meta
 
     clocks = results.get("_clocks") or {None: results.get("_clock") or {}}
@@ -207,6 +209,9 @@ def stage_costs(results: Mapping[str, Any]) -> list[dict]:
                     "pad_fraction": perf.get("pad_fraction"),
                     # cores other processes kept busy meanwhile (None: not measured)
                     "other_cores": perf.get("other_cores"),
+                    # peak memory: estimated before, measured by the stage (GB; None: not)
+                    "memory_est_gb": est.get("memory_gb"),
+                    "memory_gb": perf.get("peak_memory_gb"),
                 }
             )
     return rows

@@ -13,9 +13,16 @@ from first_lib.config import Profile, cosmetic_fields, help_of
 from first_lib.errors import FirstError
 from first_lib.paths import first_home
 from first_lib.pipeline import clock
+from first_lib.pipeline import memory as stage_memory
 from first_lib.pipeline.data import test_tasks
 from first_lib.pipeline.graph import run_precision, stage_graph
-from first_lib.pipeline.runner import UNTIL, estimate_memory_gb, run, run_seeds
+from first_lib.pipeline.runner import (
+    UNTIL,
+    available_memory_gb,
+    estimate_memory_gb,
+    run,
+    run_seeds,
+)
 from first_lib.pipeline.stale import clean
 from first_lib.profiles import PROFILES, all_settings, for_setting, get_profile
 
@@ -34,7 +41,7 @@ def describe_plan(prof: Profile, setting: str) -> str:
     est = {r["stage"]: r for r in clock.estimate(prof, setting, precision)}
     lines.append(
         f"{'stage':<36} {'status':<8} {'memory':>8} {'time':>9}  artefact  (memory: total, "
-        "before sharding; time: estimated for this machine)"
+        "before sharding; peak memory and time: estimated for this machine)"
     )
     for node in stage_graph(prof, setting, precision):
         if node.kind == "tiny-models":
@@ -42,13 +49,27 @@ def describe_plan(prof: Profile, setting: str) -> str:
         problem = meta_problem(node.path, node.key)
         status = "done" if problem is None else "missing" if problem == "missing" else "corrupt"
         memory = ""
-        if node.kind in ("train", "extract"):
+        if node.name in est and est[node.name].get("memory_gb") is not None:
+            memory = f"{est[node.name]['memory_gb']:5.1f} GB"
+        elif node.kind in ("train", "extract"):
             gb = estimate_memory_gb(node.params_b, node.key.get("train"), precision)
             memory = f"{gb:5.1f} GB"
         time = f"{est[node.name]['seconds'] / 60:6.1f} min" if node.name in est else "        ?"
         where = node.path.name if node.kind != "evaluate" else ""
         lines.append(f"{node.name:<36} {status:<8} {memory:>8} {time}  {where}".rstrip())
     lines.append(clock.describe(list(est.values())))
+    need = {n: r["memory_gb"] for n, r in est.items() if r.get("memory_gb") and not r.get("done")}
+    have = available_memory_gb()
+    if need and max(need.values()) > have:
+        worst = max(need, key=need.get)
+        node = next(n for n in stage_graph(prof, setting, precision) if n.name == worst)
+        source = prof.teacher if node.role == "teacher" else prof.student
+        params_b = node.params_b or prof.params_b[node.role != "teacher"]
+        lines.append(
+            f"memory: {worst} needs about {need[worst]:.0f} GB at its peak, more than this "
+            f"machine's {have:.0f} GB, so the run would stop before its first stage; "
+            + stage_memory.advice(node, source, params_b, precision, need[worst], have)
+        )
     return "\n".join(lines)
 
 

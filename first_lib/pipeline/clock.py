@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from first_lib import flops
+from first_lib.pipeline import memory
 from first_lib.pipeline.data import load_questions, tokenize
 from first_lib.pipeline.graph import run_precision, stage_graph
 
@@ -60,6 +61,9 @@ class Work:
     gflop: float
     tokens: int
     overhead_s: float = 0.0
+    batch_tokens: int = 0  # positions of its largest micro-batch (the memory estimate's)
+    params_b: float = 0.0
+    train: dict | None = None
 
 
 def _mean(xs) -> float:
@@ -208,7 +212,13 @@ def stage_work(prof, setting: str, data=None, tok=None, nodes=None) -> list[Work
                 gflop += _bottom_gflop(shape, c, [n for n, _ in split_rows[split]])
                 paid.add((node.role, node.kind == "evaluate", split))
         load = overhead_s(shape)
-        work.append(Work(node.name, node.kind, source[node.role], gflop, counted, load))
+        size = {"train": node.train.batch_size if node.train else c.batch_size,
+                "extract": prof.extract_batch}.get(node.kind, prof.eval_batch)  # fmt: skip
+        biggest = size * max(tokens, default=0)  # length-bucketed: the longest padded together
+        work.append(
+            Work(node.name, node.kind, source[node.role], gflop, counted, load, biggest,
+                 node.params_b or prof.params_b[node.role != "teacher"], node.key.get("train"))
+        )  # fmt: skip
     return work
 
 
@@ -269,7 +279,21 @@ def rate(
 # ----------------------------------------------------------------------------- the estimate
 
 
-def estimate(prof, setting: str, precision: str | None = None, data=None) -> list[dict]:
+def memory_needs(prof, setting: str, precision: str, work: list[Work]) -> dict[str, float]:
+    """{stage: estimated peak GB} of the stages in `work` not done yet (`memory.stage_gb`)."""
+    nodes = {n.name: n for n in stage_graph(prof, setting, precision)}
+    return {
+        w.stage: memory.stage_gb(
+            flops.shape_of(w.source), w.params_b, w.kind, precision, w.batch_tokens, w.train
+        )
+        for w in work
+        if w.kind != "calibrate" and not nodes[w.stage].done()
+    }
+
+
+def estimate(
+    prof, setting: str, precision: str | None = None, data=None, work: list[Work] | None = None
+) -> list[dict]:
     """One row per stage (each evaluation its own): {stage, artefact, seconds, gflop, done,
     basis}. Empty when the data is not cached (a fresh machine: nothing can be counted without
     downloading it) or a model's architecture is unknown here."""
@@ -278,17 +302,22 @@ def estimate(prof, setting: str, precision: str | None = None, data=None) -> lis
     nodes = stage_graph(prof, setting, precision)
     node_of = {n.name: n for n in nodes}
     rows = []
-    for w in stage_work(prof, setting, data, _tokenizer_if_cached(prof), nodes):
+    if work is None:
+        work = stage_work(prof, setting, data, _tokenizer_if_cached(prof), nodes)
+    for w in work:
         node = node_of[w.stage]
         row = {"stage": w.stage, "artefact": node.path.name, "done": node.done()}
         if w.kind == "calibrate":
             rows.append({**row, "seconds": 1.0, "gflop": 0.0, "basis": ""})
             continue
-        gflops, basis = rate(w.kind, precision, dev, flops.shape_of(w.source))
+        shape = flops.shape_of(w.source)
+        gflops, basis = rate(w.kind, precision, dev, shape)
+        gb = memory.stage_gb(shape, w.params_b, w.kind, precision, w.batch_tokens, w.train)
         row.update(
             seconds=round(w.gflop / gflops + w.overhead_s, 1),
             gflop=round(w.gflop, 1),
             basis=f"{w.kind} at {basis}",
+            memory_gb=round(gb, 2),
         )
         rows.append(row)
     return rows
@@ -354,18 +383,21 @@ def write_clock(path: Path, rows: list[dict], previous: dict | None = None) -> d
             # stage was already done when this folder first saw it
             made = "after" if r["done"] else "before"
             clock[r["stage"]] = {"seconds": r["seconds"], "basis": r["basis"], "made": made}
+            if r.get("memory_gb") is not None:
+                clock[r["stage"]]["memory_gb"] = r["memory_gb"]
     fsio.atomic_write_json(path, clock, indent=2, sort_keys=True)
     return clock
 
 
-def start(prof, setting: str, precision: str, data: dict, out, log) -> dict:
+def start(prof, setting: str, precision: str, data: dict, out, log, work=None) -> dict:
     """At the start of a run: estimate every stage, say the total, and keep the estimates of the
     stages this run computes in `out/clock.json` (earlier runs' estimates of finished stages
-    stay), so the book can set estimate against actual."""
-    rows = estimate(prof, setting, precision, data=data)
+    stay), so the book can set estimate against actual. `work`: `stage_work`'s, when made."""
+    rows = estimate(prof, setting, precision, data=data, work=work)
     log(describe(rows))
+    mine = {r["stage"]: {k: r.get(k) for k in ("seconds", "basis", "memory_gb")} for r in rows}
     if out is None:
-        return {r["stage"]: {"seconds": r["seconds"], "basis": r["basis"]} for r in rows}
+        return mine
     path = Path(out) / "clock.json"
     previous = None
     if path.is_file():
@@ -374,4 +406,5 @@ def start(prof, setting: str, precision: str, data: dict, out, log) -> dict:
         except ValueError:
             previous = None  # a damaged record of estimates is not worth stopping a run for
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_clock(path, rows, previous)
+    write_clock(path, rows, previous)
+    return mine

@@ -15,7 +15,7 @@ from first_lib import device, fsio
 from first_lib.artefacts import UpstreamCorrupt, artefact_dir, read_meta, verify_upstream
 from first_lib.config import Profile
 from first_lib.errors import FirstError
-from first_lib.pipeline import clock, stages
+from first_lib.pipeline import clock, memory, stages
 from first_lib.pipeline.data import load_questions, test_tasks, tokenize
 from first_lib.pipeline.graph import (
     BASELINES,
@@ -34,15 +34,27 @@ UNTIL = ("teacher", "extract", "calibrate", "finetune", "distill")  # `first <st
 
 
 def estimate_memory_gb(params_b: float, train: dict | None, precision: str = "bf16") -> float:
-    """Rough peak memory of a stage: weights at the run's precision (2 bytes at bf16, 4 at fp32)
-    for inference and LoRA; fp32 weights, grads and AdamW moments (16 bytes a parameter) for full
-    fine-tuning; plus 25% for activations (50% when training LoRA)."""
-    weight_bytes = 2 if precision == "bf16" else 4
-    if not train:
-        return params_b * weight_bytes * 1.25
-    if train.get("lora_r", 0) > 0:
-        return params_b * weight_bytes * 1.5
-    return params_b * 16 * 1.25
+    """Peak memory of a stage where neither its model's shape nor its data is known here
+    (`memory.fallback_gb`); `clock.estimate` gives each stage's `memory_gb` from both."""
+    return memory.fallback_gb(params_b, train, precision)
+
+
+def check_memory(needed: float, what: str, acc=None, advice=None) -> None:
+    """One line, before anything is computed, when this machine cannot hold `needed` GB (the
+    peak of the stage `what`); `advice(needed, have)`: what to change, as text."""
+    if acc is not None and str(acc.distributed_type).split(".")[-1] in ("FSDP", "DEEPSPEED"):
+        needed /= acc.num_processes  # sharded weights, gradients and optimizer state
+    elif acc is not None and acc.device.type == "cpu":
+        needed *= acc.num_processes  # each process a replica, all in the host's memory
+    have = available_memory_gb()
+    if needed > have:
+        how = advice(needed, have) if advice is not None else (
+            "use --precision bf16 where the hardware has it, a smaller profile or a bigger machine"
+        )  # fmt: skip
+        raise FirstError(
+            f"{what} needs about {needed:.0f} GB at its peak but this machine has {have:.0f} GB; "
+            + how
+        )
 
 
 def available_memory_gb() -> float:
@@ -252,23 +264,31 @@ def _run(prof: Profile, setting: str, out: Path | None, until: str | None, log) 
         log = lambda msg: None  # noqa: E731
     log(f"precision {precision} on {acc.device} ({device.requested_precision(prof.precision)})")
     nodes = stage_graph(prof, setting, precision)
-    needed = max(
-        estimate_memory_gb(n.params_b, n.key.get("train"), precision)
-        for n in nodes
-        if n.kind in ("train", "extract")
-    )
-    if str(acc.distributed_type).split(".")[-1] in ("FSDP", "DEEPSPEED"):
-        needed /= acc.num_processes  # sharded weights, gradients and optimizer state
-    have = available_memory_gb()
-    if needed > have:
-        raise FirstError(
-            f"profile {prof.name} needs about {needed:.0f} GB for its largest stage but this machine "
-            f"has {have:.0f} GB; use a smaller profile or a bigger machine"
-        )
     state = _Run(prof, setting, precision, acc, log)
     state.data = state.timed("data", load_questions, prof, setting)
-    if acc.is_main_process:  # estimates go to out/clock.json, apart from the results
-        clock.start(prof, setting, precision, state.data, out, log)
+    # every process checks the memory of the stages still to compute, from the model shapes
+    # and the data's lengths, before the first; the main one prices their time (out/clock.json)
+    work = clock.stage_work(prof, setting, state.data, clock._tokenizer_if_cached(prof), nodes)
+    todo = clock.memory_needs(prof, setting, precision, work)
+    if todo:
+        name = max(todo, key=todo.get)
+        node = next(n for n in nodes if n.name == name)
+        w = next(w for w in work if w.stage == name)
+
+        def advice(need, have):
+            return memory.advice(node, w.source, w.params_b, precision, need, have)
+
+        check_memory(todo[name], f"the stage {name!r} of profile {prof.name} ({precision})", acc,
+                     advice)  # fmt: skip
+    elif not work:  # a model's shape is unknown here: the weights, and a share for the rest
+        pending = [
+            estimate_memory_gb(n.params_b, n.key.get("train"), precision)
+            for n in nodes
+            if n.kind in ("train", "extract") and not n.done()
+        ]
+        check_memory(max(pending, default=0.0), f"profile {prof.name} ({precision})", acc)
+    if acc.is_main_process:
+        clock.start(prof, setting, precision, state.data, out, log, work=work)
     last = None
     if until is not None:  # the last node of that stage (`distill`: of every distill stage)
         last = max(i for i, n in enumerate(nodes) if n.stage.split("-")[0] == until)
@@ -276,6 +296,7 @@ def _run(prof: Profile, setting: str, out: Path | None, until: str | None, log) 
     def walk() -> dict:
         for i, node in enumerate(nodes):
             state.made[node.name] = getattr(state, node.kind.replace("-", "_"))(node)
+            memory.release()  # what the stage freed, back to the system before the next
             if i == last:
                 return state.made["calibrate"] if until == "calibrate" else {}
         return _results(state, nodes, out)

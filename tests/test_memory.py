@@ -1,0 +1,104 @@
+"""The memory estimate (`first_lib/pipeline/memory.py`): it covers what LoRA training steps of
+the real models measured (`bench/stage-memory-cpu.json`, `scripts/memory_probe.py`), and a
+run refuses, in one line and before computing anything, a stage the machine cannot hold."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from first_lib import flops, pipeline
+from first_lib.errors import FirstError
+from first_lib.pipeline import clock, memory, runner
+from first_lib.profiles import for_setting, get_profile
+
+REPO = Path(__file__).resolve().parents[1]
+PROBES = REPO / "bench" / "stage-memory-cpu.json"
+
+
+def _measured():
+    data = json.loads(PROBES.read_text())
+    return [p for p in data["probes"] if p.get("peak_memory_gb")]
+
+
+def test_the_estimate_covers_every_measured_training_step():
+    """For every probe of the committed file (real models, LoRA, 8 examples a batch): the
+    estimate from today's constants is at least the measured peak and at most 30% above it
+    (a looser estimate refuses machines that could run the stage)."""
+    probes = _measured()
+    assert len(probes) >= 4 and {p["model"] for p in probes} >= {
+        "qwen2.5-coder-0.5b-instruct",
+        "qwen2.5-coder-1.5b-instruct",
+    }
+    for p in probes:
+        shape = flops.Shape(**p["shape"])
+        est = memory.stage_gb(shape, p["params_b"], "train", p["precision"], p["batch_tokens"],
+                              {"lora_r": 16, "lora_layers": p["layers"]})  # fmt: skip
+        assert p["peak_memory_gb"] <= est <= 1.3 * p["peak_memory_gb"], (p, est)
+
+
+def test_activations_grow_with_the_batch_and_the_trained_layers():
+    shape = flops.shape_of("qwen2.5-coder-1.5b-instruct")
+    lora = {"lora_r": 16, "lora_layers": 0}
+    one = memory.stage_gb(shape, 1.78, "train", "fp32", 976, lora)
+    two = memory.stage_gb(shape, 1.78, "train", "fp32", 2 * 976, lora)
+    top8 = memory.stage_gb(shape, 1.78, "train", "fp32", 976, {**lora, "lora_layers": 8})
+    half = memory.stage_gb(shape, 1.78, "train", "bf16", 976, lora)
+    assert two - one == pytest.approx(one - memory.BASE_GB - 1.78 * 4)
+    assert top8 < one and half < one
+    assert memory.stage_gb(shape, 1.78, "evaluate", "fp32", 976) < one
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    from tests.conftest import isolated_home
+
+    home = isolated_home(tmp_path)
+    monkeypatch.setenv("FIRST_HOME", str(home))
+    return home
+
+
+def test_a_stage_the_machine_cannot_hold_is_refused_in_one_line(home, monkeypatch):
+    """The tiny profile with a machine of 0.5 GB: the run stops before its first stage, naming
+    the stage, its estimate and what to change."""
+    monkeypatch.setattr(runner, "available_memory_gb", lambda: 0.5)
+    with pytest.raises(FirstError, match=r"the stage '.*' of profile tiny .* needs about") as err:
+        pipeline.run("tiny", "csqa", log=lambda m: None)
+    # what the process holds anyway is more than 0.5 GB: no smaller micro-batch helps
+    assert "\n" not in str(err.value) and "bigger machine" in str(err.value)
+    assert "batch_size" not in str(err.value)
+    assert not list((home / "runs").glob("teacher-*/meta.json"))
+
+
+def test_the_plan_prices_every_model_stage_in_gb(home):
+    """`--dry-run` prints each stage's estimated peak, evaluations included: at fp32 the cpu
+    profile's BoolQ teacher (8 passages of up to 320 tokens a batch, all 28 layers) needs more
+    than a 24 GB machine holds, its OpenBookQA teacher does not."""
+    prof = for_setting(get_profile("cpu"), "boolq")
+    work = clock.stage_work(prof, "boolq")
+    need = clock.memory_needs(prof, "boolq", "fp32", work)
+    assert need["teacher"] > 24 > need["finetune"]
+    assert all(v > memory.BASE_GB for v in need.values())
+    obqa = for_setting(get_profile("cpu"), "obqa")
+    assert clock.memory_needs(obqa, "obqa", "fp32", clock.stage_work(obqa, "obqa"))["teacher"] < 24
+
+
+def test_the_advice_is_a_micro_batch_that_fits_with_the_same_optimizer_steps(home):
+    """Over the machine's memory, a training stage is told the largest micro-batch that fits
+    (batch size over a power of two, grad_accum times it: the same examples a step), and the
+    estimate of the run so changed does fit."""
+    assert memory.smaller_batches(30.0, 6.0, 20.0, 8, 1) == (4, 2)  # 6 + 24 / 2 = 18
+    assert memory.smaller_batches(30.0, 6.0, 12.0, 8, 2) == (2, 8)  # 6 + 24 / 4 = 12
+    assert memory.smaller_batches(30.0, 6.0, 8.0, 8, 1) is None  # 6 + 24 / 8 = 9 > 8
+    prof = for_setting(get_profile("cpu"), "boolq")
+    work = clock.stage_work(prof, "boolq")
+    need = clock.memory_needs(prof, "boolq", "fp32", work)["teacher"]
+    node = next(n for n in pipeline.stage_graph(prof, "boolq", "fp32") if n.name == "teacher")
+    text = memory.advice(node, prof.teacher, prof.params_b[0], "fp32", need, 24.0)
+    assert "--set teacher_train.batch_size=4 --set teacher_train.grad_accum=2" in text
+    smaller = for_setting(get_profile("cpu", **{"teacher_train.batch_size": 4,
+                                                "teacher_train.grad_accum": 2}), "boolq")  # fmt: skip
+    again = clock.memory_needs(smaller, "boolq", "fp32", clock.stage_work(smaller, "boolq"))
+    assert again["teacher"] <= 24.0 < need
