@@ -7,8 +7,10 @@ exit with status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
+import warnings
 
 # Each command, the modules that define it (imported only when that command runs, so `first
 # --help` answers without importing torch) and its one-line help. `models` adds `assets peek`.
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with _warnings_as_lines():
+            return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, MemoryError, OSError) as err:
         print(f"first: error: {_one_line(err)}", file=sys.stderr)
         return 2
@@ -97,6 +100,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("first: interrupted; finished work is kept and the next run resumes", file=sys.stderr)
         return 130
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one `[first] warning:` line, where a command's output is read (a long run's
+    log, the one-line error of a failed command), instead of Python's two lines with the source
+    file and line of whichever library raised it."""
+    stream = file if file is not None else sys.stderr
+    try:
+        stream.write(f"[first] warning: {_one_line(Warning(str(message)))}\n")
+    except OSError:  # a closed stream: a warning is not worth failing over
+        pass
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """`_warning_line` for the duration of one command (restored after: tests call `main`)."""
+    shown = warnings.showwarning
+    warnings.showwarning = _warning_line
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -219,6 +219,12 @@ class Profile:
     )
     note: str = opt("", "a line that describes the profile", cosmetic=True)
     per_setting: dict = opt({}, "setting -> overrides of other fields for that setting")
+    per_precision: dict = opt(
+        {},
+        "precision (fp32 | bf16) -> setting -> overrides applied after per_setting at that "
+        "precision (the cpu profile: smaller training micro-batches where fp32 would not fit "
+        "in 24 GB)",
+    )
 
     def __post_init__(self) -> None:
         check_profile(self)
@@ -257,6 +263,8 @@ def check_profile(prof: Profile) -> Profile:
         raise FirstError(f"n_boot = {prof.n_boot} must be >= 1")
     if prof.precision is not None:
         check_precision(prof.precision)
+    for precision in prof.per_precision:
+        check_precision(precision, where="a per_precision key")
     if prof.threads < 0:
         raise FirstError(f"threads = {prof.threads} must be >= 0 (0: torch's default)")
     if len(prof.params_b) != 2 or min(prof.params_b) <= 0:
@@ -316,5 +324,13 @@ def profile_from_dict(data: dict) -> Profile:
         values["per_setting"] = {
             setting: {k: _field_from_json(k, v, tuples) for k, v in over.items()}
             for setting, over in values["per_setting"].items()
+        }
+    if isinstance(values.get("per_precision"), dict):
+        values["per_precision"] = {
+            precision: {
+                setting: {k: _field_from_json(k, v, tuples) for k, v in over.items()}
+                for setting, over in table.items()
+            }
+            for precision, table in values["per_precision"].items()
         }
     return Profile(**values)

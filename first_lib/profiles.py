@@ -20,6 +20,7 @@ from first_lib.config import (
     check_profile,
     with_training_seed,
 )
+from first_lib.device import resolve_precision
 from first_lib.errors import FirstError
 
 _PAPER_TRAIN = dict(lr=2e-5, epochs=3, batch_size=32, warmup_ratio=0.03, adam_eps=1e-6)
@@ -38,6 +39,9 @@ def _full_data() -> dict:
         eval_batch=32,
     )
 
+
+# The cpu profile's teacher recipe, but for its micro-batch (see the profile's per_precision).
+_TEACHER = dict(lr=1e-4, epochs=2, lora_r=16, lora_layers=0, save_every=10)
 
 # BoolQ's student recipe at the cpu profile (see its per_setting below): LoRA r=16 on the top 8
 # decoder layers at lr 3e-4, 2 epochs.
@@ -79,9 +83,7 @@ PROFILES: dict[str, Profile] = {
         # +2.5 points [-3.0, +8.5] on 200 CSQA validation questions, ECE 0.11 -> 0.23; the top 8
         # layers at 3e-4 lost 1.5 points and at 1e-4 moved nothing. No candidate's interval lay
         # above 0 there; the test set's training check decides whether it learned.
-        teacher_train=TrainConfig(
-            lr=1e-4, epochs=2, batch_size=8, lora_r=16, lora_layers=0, save_every=10
-        ),
+        teacher_train=TrainConfig(**_TEACHER, batch_size=8),
         # The student: LoRA on all 24 layers at lr 1e-4, the only recipe of the validation
         # search that gained CSQA accuracy with an interval above 0 (bench/student-search-*.json;
         # the top 8 layers at 3e-4 lost accuracy there).
@@ -126,6 +128,21 @@ PROFILES: dict[str, Profile] = {
             "obqa": {"seeds": (0,)},
             "arc_challenge": {"seeds": (0,)},
             "hellaswag": {"n_test": 1000},
+        },
+        # At fp32 (CPUs without AVX512-BF16 or AMX) the teacher's LoRA training keeps twice the
+        # bytes of bf16 per activation: on the longer prompts of three settings 8 questions a
+        # micro-batch would not fit in 24 GB (`first run --dry-run` at fp32, pipeline.memory:
+        # BoolQ 36 GB, out-of-domain 42, ARC-Challenge 25). There the teacher takes the same 8
+        # questions an optimizer step in micro-batches of 4 (2 for the out-of-domain run), which
+        # the same estimate puts at 22, 16 and 17 GB; the bf16 runs are unchanged.
+        per_precision={
+            "fp32": {
+                "boolq": {"teacher_train": TrainConfig(**_TEACHER, batch_size=4, grad_accum=2)},
+                "arc_challenge": {
+                    "teacher_train": TrainConfig(**_TEACHER, batch_size=4, grad_accum=2)
+                },
+                "ood": {"teacher_train": TrainConfig(**_TEACHER, batch_size=2, grad_accum=4)},
+            }
         },
     ),
     # the full data with the paper's hyper-parameters (sec. 5.1), on GPUs
@@ -253,6 +270,8 @@ def get_profile(name: str | None, **overrides) -> Profile:
             raise FirstError(f"{head}: {err}") from None
     if flat and "per_setting" not in flat:
         flat["per_setting"] = _overridden_per_setting(prof.per_setting, flat, nested)
+    if flat and "per_precision" not in flat:  # the caller's values win at every precision too
+        flat["per_precision"] = _overridden_per_precision(prof.per_precision, flat, nested)
     return with_training_seed(check_profile(replace(prof, **flat)) if flat else prof)
 
 
@@ -272,6 +291,22 @@ def _overridden_per_setting(per_setting: dict, flat: dict, nested: dict) -> dict
     return out
 
 
+def _overridden_per_precision(per_precision: dict, flat: dict, nested: dict) -> dict:
+    """A profile's `per_precision` once the caller has overridden fields, as `per_setting` is
+    (`_overridden_per_setting`), but a training config there that a caller's `batch_size` or
+    `grad_accum` touches is dropped whole: a micro-batch is the two together (the tables only
+    split the profile's batch), so `--set teacher_train.batch_size=8` at fp32 means what it
+    means at bf16, not 8 questions a micro-batch times the table's accumulation."""
+    out = {}
+    for precision, table in per_precision.items():
+        out[precision] = _overridden_per_setting(table, flat, nested)
+        for setting, extra in out[precision].items():
+            for head, fields in nested.items():
+                if head in extra and {"batch_size", "grad_accum"} & set(fields):
+                    del extra[head]
+    return out
+
+
 def for_setting(prof: Profile, setting: str) -> Profile:
     """`prof` as a run of `setting` uses it: with its `per_setting` overrides for that setting."""
     if setting not in all_settings():
@@ -280,4 +315,16 @@ def for_setting(prof: Profile, setting: str) -> Profile:
     unknown = sorted(set(extra) - set(Profile.__dataclass_fields__))
     if unknown:
         raise FirstError(f"unknown profile key {unknown[0]!r} in per_setting[{setting!r}]")
-    return with_training_seed(check_profile(replace(prof, **extra)) if extra else prof)
+    if extra:
+        prof = check_profile(replace(prof, **extra))
+    # then the precision's own values for this setting: the precision is the one this machine
+    # resolves for the profile (its field, else $FIRST_PRECISION, else auto), as every key has it
+    extra = {}
+    if prof.per_precision:
+        extra = prof.per_precision.get(resolve_precision(prof.precision), {}).get(setting, {})
+    unknown = sorted(set(extra) - set(Profile.__dataclass_fields__))
+    if unknown:
+        raise FirstError(f"unknown profile key {unknown[0]!r} in per_precision for {setting!r}")
+    if extra:
+        prof = check_profile(replace(prof, **extra))
+    return with_training_seed(prof)

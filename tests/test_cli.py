@@ -62,3 +62,28 @@ def test_dry_run_seeds_say_not_estimated_rather_than_zero(monkeypatch):
     text = pcli.describe_seeds("tiny", "csqa", "0,1", {})
     assert "seed 0: 3.0 min" in text and "seed 1: 3.0 min" in text
     assert "all seeds: 5.0 min" in text
+
+
+def test_a_warning_is_one_first_line_and_the_hook_is_restored(monkeypatch, capsys):
+    """A warning raised by a command (a library's, on two lines with its source, by default) is
+    printed as one `[first] warning:` line; Python's own hook is back after the command."""
+    import argparse
+    import warnings
+
+    def command(args):
+        warnings.warn("10 prompts cut\nto 320 tokens", UserWarning, stacklevel=1)
+        return 0
+
+    def parser(command_name=None):
+        p = argparse.ArgumentParser(prog="first")
+        p.set_defaults(func=command)
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", parser)
+    before = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert cli.main([]) == 0
+        assert warnings.showwarning is before
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["[first] warning: 10 prompts cut to 320 tokens"], err

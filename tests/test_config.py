@@ -36,6 +36,8 @@ PROFILE_VALUES = {
     "ood_tests": ("arc_easy", "piqa"),
     "note": "another note",
     "per_setting": {"csqa": {"n_test": 11}},
+    # at either precision, so that it changes a key on every machine
+    "per_precision": {"fp32": {"csqa": {"n_test": 12}}, "bf16": {"csqa": {"n_test": 12}}},
 }
 TRAIN_VALUES = {
     "loss": "ce",  # a fine-tuning config must train with CE: changed through the distill stages
@@ -195,3 +197,16 @@ def test_a_float_field_given_an_int_is_one_key_with_the_float():
 
     assert isinstance(a.epochs, float) and isinstance(a.lr, float)
     assert config_hash(config.key_dict(a)) == config_hash(config.key_dict(b))
+
+
+def test_a_recorded_cpu_config_reads_back_with_its_precision_table():
+    """results.json holds the whole profile as JSON: the cpu profile's `per_precision` training
+    configs come back as `TrainConfig`s (so a recorded run's profile equals the built-in one)."""
+    import json
+
+    prof = get_profile("cpu")
+    assert prof.per_precision["fp32"]["boolq"]["teacher_train"].grad_accum == 2
+    assert config.profile_from_dict(json.loads(json.dumps(prof.to_dict()))) == prof
+    with pytest.raises(FirstError, match="unknown profile key 'n_trian' in per_precision"):
+        for_setting(get_profile("tiny", precision="fp32",
+                                per_precision={"fp32": {"csqa": {"n_trian": 3}}}), "csqa")  # fmt: skip

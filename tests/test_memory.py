@@ -72,16 +72,21 @@ def test_a_stage_the_machine_cannot_hold_is_refused_in_one_line(home, monkeypatc
     assert not list((home / "runs").glob("teacher-*/meta.json"))
 
 
+def _cpu_without_tables(setting: str):
+    """The cpu profile for `setting` without its per-precision micro-batches, at fp32."""
+    return for_setting(get_profile("cpu", precision="fp32", per_precision={}), setting)
+
+
 def test_the_plan_prices_every_model_stage_in_gb(home):
     """`--dry-run` prints each stage's estimated peak, evaluations included: at fp32 the cpu
-    profile's BoolQ teacher (8 passages of up to 320 tokens a batch, all 28 layers) needs more
-    than a 24 GB machine holds, its OpenBookQA teacher does not."""
-    prof = for_setting(get_profile("cpu"), "boolq")
+    profile's BoolQ teacher with 8 questions a micro-batch (passages of up to 320 tokens, all 28
+    layers) needs more than a 24 GB machine holds, its OpenBookQA teacher does not."""
+    prof = _cpu_without_tables("boolq")
     work = clock.stage_work(prof, "boolq")
     need = clock.memory_needs(prof, "boolq", "fp32", work)
     assert need["teacher"] > 24 > need["finetune"]
     assert all(v > memory.BASE_GB for v in need.values())
-    obqa = for_setting(get_profile("cpu"), "obqa")
+    obqa = _cpu_without_tables("obqa")
     assert clock.memory_needs(obqa, "obqa", "fp32", clock.stage_work(obqa, "obqa"))["teacher"] < 24
 
 
@@ -92,13 +97,51 @@ def test_the_advice_is_a_micro_batch_that_fits_with_the_same_optimizer_steps(hom
     assert memory.smaller_batches(30.0, 6.0, 20.0, 8, 1) == (4, 2)  # 6 + 24 / 2 = 18
     assert memory.smaller_batches(30.0, 6.0, 12.0, 8, 2) == (2, 8)  # 6 + 24 / 4 = 12
     assert memory.smaller_batches(30.0, 6.0, 8.0, 8, 1) is None  # 6 + 24 / 8 = 9 > 8
-    prof = for_setting(get_profile("cpu"), "boolq")
+    prof = _cpu_without_tables("boolq")
     work = clock.stage_work(prof, "boolq")
     need = clock.memory_needs(prof, "boolq", "fp32", work)["teacher"]
     node = next(n for n in pipeline.stage_graph(prof, "boolq", "fp32") if n.name == "teacher")
     text = memory.advice(node, prof.teacher, prof.params_b[0], "fp32", need, 24.0)
     assert "--set teacher_train.batch_size=4 --set teacher_train.grad_accum=2" in text
-    smaller = for_setting(get_profile("cpu", **{"teacher_train.batch_size": 4,
-                                                "teacher_train.grad_accum": 2}), "boolq")  # fmt: skip
+    smaller = for_setting(get_profile("cpu", precision="fp32", per_precision={},
+                                      **{"teacher_train.batch_size": 4,
+                                         "teacher_train.grad_accum": 2}), "boolq")  # fmt: skip
     again = clock.memory_needs(smaller, "boolq", "fp32", clock.stage_work(smaller, "boolq"))
     assert again["teacher"] <= 24.0 < need
+
+
+@pytest.mark.parametrize("setting", ["csqa", "boolq", "ood", "obqa", "arc_challenge"])
+def test_the_cpu_profile_fits_24_gb_at_either_precision(home, setting):
+    """Every stage of the cpu profile, in every setting the book and its appendix run, is
+    estimated within 24 GB at fp32 (the profile's `per_precision` table splits the teacher's
+    batch where 8 questions would not fit) and at bf16; the table changes nothing at bf16 (the
+    keys of the committed bf16 runs stay), and at fp32 only the micro-batch: the same questions
+    an optimizer step, the same recipe otherwise."""
+    for precision in ("fp32", "bf16"):
+        prof = for_setting(get_profile("cpu", precision=precision), setting)
+        need = clock.memory_needs(prof, setting, precision, clock.stage_work(prof, setting))
+        assert need and max(need.values()) <= 24.0, (precision, need)
+    plain = for_setting(get_profile("cpu", precision="bf16", per_precision={}), setting)
+    bf16 = for_setting(get_profile("cpu", precision="bf16"), setting)
+    assert [n.key for n in pipeline.stage_graph(bf16, setting, "bf16")] == [
+        n.key for n in pipeline.stage_graph(plain, setting, "bf16")
+    ]
+    split, whole = (
+        for_setting(get_profile("cpu", precision="fp32", per_precision=p), setting).teacher_train
+        for p in (get_profile("cpu").per_precision, {})
+    )
+    assert split.batch_size * split.grad_accum == whole.batch_size * whole.grad_accum
+    assert {**split.key(), "batch_size": 0, "grad_accum": 0} == {
+        **whole.key(), "batch_size": 0, "grad_accum": 0
+    }
+
+
+def test_a_caller_s_batch_size_replaces_the_precision_table_s_micro_batch():
+    """`--set teacher_train.batch_size=8` at fp32 means 8 questions a step as at bf16 (the
+    table's accumulation does not multiply it); another training field keeps the table's split."""
+    given = for_setting(get_profile("cpu", precision="fp32", **{"teacher_train.batch_size": 8}),
+                        "boolq").teacher_train  # fmt: skip
+    assert (given.batch_size, given.grad_accum) == (8, 1)
+    lr = for_setting(get_profile("cpu", precision="fp32", **{"teacher_train.lr": 2e-4}),
+                     "boolq").teacher_train  # fmt: skip
+    assert (lr.batch_size, lr.grad_accum, lr.lr) == (4, 2, 2e-4)

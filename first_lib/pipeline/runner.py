@@ -148,10 +148,11 @@ def config_differences(a: dict, b: dict) -> list[str]:
 def _seedless(config: dict) -> dict:
     """A run's recorded config without the training seed (top level and in its training
     configs): what the seeds of one `--seeds` run share. The list of `seeds` (runs of seeds 0
-    and of 1, 2 are one design), the profile's `per_setting` table and its `note` are left out
+    and of 1, 2 are one design), the profile's `per_setting` and `per_precision` tables and its
+    `note` are left out
     too: the top level already holds the run's own setting's values, and an edit of another
     setting's entry (or of the prose) does not change this run."""
-    drop = ("seed", "seeds", "per_setting", "note")
+    drop = ("seed", "seeds", "per_setting", "per_precision", "note")
     out = {k: v for k, v in config.items() if k not in drop}
     for name in ("teacher_train", "student_train"):
         if isinstance(out.get(name), dict):
