@@ -300,7 +300,7 @@ def _overridden_per_precision(per_precision: dict, flat: dict, nested: dict) -> 
     out = {}
     for precision, table in per_precision.items():
         out[precision] = _overridden_per_setting(table, flat, nested)
-        for setting, extra in out[precision].items():
+        for extra in out[precision].values():
             for head, fields in nested.items():
                 if head in extra and {"batch_size", "grad_accum"} & set(fields):
                     del extra[head]
