@@ -132,7 +132,9 @@ def test_the_cpu_profile_fits_24_gb_at_either_precision(home, setting):
     )
     assert split.batch_size * split.grad_accum == whole.batch_size * whole.grad_accum
     assert {**split.key(), "batch_size": 0, "grad_accum": 0} == {
-        **whole.key(), "batch_size": 0, "grad_accum": 0
+        **whole.key(),
+        "batch_size": 0,
+        "grad_accum": 0,
     }
 
 
