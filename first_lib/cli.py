@@ -39,7 +39,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
         "this machine: CPU features or GPU, the precision auto picks, versions",
     ),
     "export-records": (
-        ("first_lib.lab",),
+        ("first_lib.lab_export",),
         "pack a finished run's per-question records of one test set into one small file",
     ),
     "export-knowledge": (

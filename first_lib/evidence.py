@@ -2,7 +2,7 @@
 shows for its tasks, and what `first evidence FILE...` prints from lab records files.
 
 A run at the `cpu` profile takes hours and its cache lives on one machine; its lab file
-(`first export-records`, `first_lib.lab`) is a few hundred kB in the repository and holds every
+(`first export-records`, `first_lib.lab_export`; read by `first_lib.lab`) is a few hundred kB in the repository and holds every
 per-question answer the verdicts need. So the decision can be made, and remade by anyone, from
 the files alone: `first evidence lab/records-cpu-csqa.json.gz lab/records-cpu-boolq.json.gz`
 checks that each tuned model learned (`verdicts.training_checks`), forms the primary family of

@@ -204,7 +204,7 @@ def export_knowledge(
 ) -> Path:
     """Write the knowledge file of the cached run of `profile` x `setting` (default out:
     `default_file(profile, setting)`)."""
-    from first_lib.lab import _git_commit, _iso
+    from first_lib.lab_export import _git_commit, _iso
 
     body = compute(profile, setting, **overrides)
     _, _, teacher, _ = cached_artefacts(profile, setting, **overrides)

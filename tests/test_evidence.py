@@ -8,7 +8,7 @@ import math
 import pytest
 
 from first_lib import claims as paper_claims
-from first_lib import cli, evidence, lab, stats, verdicts
+from first_lib import cli, evidence, lab, lab_export, stats, verdicts
 from first_lib.errors import FirstError
 from tests.lab_fake import fake_run
 
@@ -20,7 +20,7 @@ def files(tmp_path_factory):
     out = {}
     for test, seeds in (("csqa", (0, 1, 2)), ("boolq", (0,))):
         run = fake_run(tmp / test, n=200, seeds=seeds, test=test, seed=len(seeds))
-        out[test] = lab.export_records(run, test, tmp / f"records-fake-{test}.json.gz")
+        out[test] = lab_export.export_records(run, test, tmp / f"records-fake-{test}.json.gz")
     return out
 
 
@@ -119,7 +119,7 @@ def ood_files(tmp_path_factory):
     out = {}
     for test in ("csqa", "obqa"):
         run = fake_run(tmp / test, n=200, seeds=(0,), test=test, seed=11, setting="ood")
-        out[test] = lab.export_records(run, test, tmp / f"records-fake-ood-{test}.json.gz")
+        out[test] = lab_export.export_records(run, test, tmp / f"records-fake-ood-{test}.json.gz")
     return out
 
 
@@ -201,7 +201,7 @@ def test_another_tasks_file_is_a_family_of_its_own(files, tmp_path, capsys):
     leaves the book's primary family as it was and is Holm-corrected apart; given alone it is
     the family."""
     run = fake_run(tmp_path / "obqa", n=150, seeds=(0,), test="obqa", seed=5)
-    obqa = lab.export_records(run, "obqa", tmp_path / "records-fake-obqa.json.gz")
+    obqa = lab_export.export_records(run, "obqa", tmp_path / "records-fake-obqa.json.gz")
     base = evidence.from_files([files["csqa"], files["boolq"]], n_boot=200)
     got = evidence.from_files([files["csqa"], files["boolq"], obqa], n_boot=200)
     assert base["more_tasks"] is None

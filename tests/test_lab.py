@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from first_lib import book, cli, lab, stats
+from first_lib import book, cli, lab, lab_export, stats
 from first_lib.errors import FirstError
 from tests.lab_fake import fake_run
 
@@ -23,7 +23,7 @@ def exported(tmp_path_factory):
     """A fake run of three seeds on 60 questions, exported and loaded back."""
     tmp = tmp_path_factory.mktemp("lab")
     run = fake_run(tmp, n=60, seeds=(0, 1, 2))
-    path = lab.export_records(run, "csqa", tmp / "records.json.gz")
+    path = lab_export.export_records(run, "csqa", tmp / "records.json.gz")
     results = json.loads((run / "results.json").read_text())
     return run, path, results, lab.load_lab_records(path)
 
@@ -97,13 +97,13 @@ def test_export_refuses_records_it_could_not_give_back(tmp_path):
     rows[3]["raw_probs"] = [2 * p for p in rows[3]["raw_probs"]]  # not the model's any more
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(FirstError, match=r"raw_probs recomputed from the file differ") as err:
-        lab.export_records(run, "csqa", tmp_path / "x.json.gz")
+        lab_export.export_records(run, "csqa", tmp_path / "x.json.gz")
     one_line(err)
     assert not (tmp_path / "x.json.gz").exists()
     with pytest.raises(FirstError, match="no test set 'boolq'"):
-        lab.export_records(run, "boolq", tmp_path / "x.json.gz")
+        lab_export.export_records(run, "boolq", tmp_path / "x.json.gz")
     with pytest.raises(FirstError, match="no results.json"):
-        lab.export_records(tmp_path / "nowhere", "csqa", tmp_path / "x.json.gz")
+        lab_export.export_records(tmp_path / "nowhere", "csqa", tmp_path / "x.json.gz")
 
 
 def test_a_seeds_run_not_finished_exports_its_finished_seeds(exported, tmp_path):
@@ -117,26 +117,26 @@ def test_a_seeds_run_not_finished_exports_its_finished_seeds(exported, tmp_path)
         (partial / f"seed-{seed}").mkdir(parents=True)
         (partial / f"seed-{seed}" / "results.json").write_text(json.dumps(one))
     (partial / "seed-2").mkdir()  # started, not finished
-    got = lab.load_lab_records(lab.export_records(partial, "csqa", tmp_path / "p.json.gz"))
+    got = lab.load_lab_records(lab_export.export_records(partial, "csqa", tmp_path / "p.json.gz"))
     assert got.records["finetune"].keys() == {0, 1}
     for seed in (0, 1):
         assert got.records["finetune"][seed] == data.records["finetune"][seed]
     assert got.records["student_base"].keys() == {0}
     with pytest.raises(FirstError, match="no results.json"):
-        lab.export_records(partial / "seed-2", "csqa", tmp_path / "x.json.gz")
+        lab_export.export_records(partial / "seed-2", "csqa", tmp_path / "x.json.gz")
     # another setting's entry of the profile's table, or its prose, changed between the seeds:
     # the same run
     older = json.loads((partial / "seed-1" / "results.json").read_text())
     edited = {**older["config"], "note": "reworded", "per_setting": {"obqa": {"seeds": [0]}}}
     (partial / "seed-1" / "results.json").write_text(json.dumps({**older, "config": edited}))
     assert lab.load_lab_records(
-        lab.export_records(partial, "csqa", tmp_path / "e.json.gz")
+        lab_export.export_records(partial, "csqa", tmp_path / "e.json.gz")
     ).records["finetune"].keys() == {0, 1}
     # a seed folder left from a run of another configuration is not mixed in
     older["config"] = {**older["config"], "seed": 1, "n_train": 7}
     (partial / "seed-1" / "results.json").write_text(json.dumps(older))
     with pytest.raises(FirstError, match="seed-1 was made with another configuration.*n_train"):
-        lab.export_records(partial, "csqa", tmp_path / "q.json.gz")
+        lab_export.export_records(partial, "csqa", tmp_path / "q.json.gz")
 
 
 def _rewrite(path: Path, target: Path, change) -> Path:
@@ -182,7 +182,7 @@ def test_a_record_is_a_few_dozen_bytes(tmp_path):
     real run's file: the cpu profile's CSQA test set (1221 questions) x 23 evaluations (seven
     variants at three seeds, two untuned baselines) must stay under 2 MB."""
     run = fake_run(tmp_path, n=200, seeds=(0, 1, 2))
-    data = lab.load_lab_records(lab.export_records(run, "csqa", tmp_path / "r.json.gz"))
+    data = lab.load_lab_records(lab_export.export_records(run, "csqa", tmp_path / "r.json.gz"))
     n_evals = sum(len(by_seed) for by_seed in data.records.values())
     assert n_evals == 23
     per_record = data.size / (data.n_test * n_evals)
@@ -313,9 +313,9 @@ def test_seeds_run_in_two_sessions_merge_into_the_file_of_one_run(exported, tmp_
     three; the untuned baselines once, with how well the second evaluation agreed."""
     _, _, results, whole = exported
     first, rest = _seed_runs(results, tmp_path, [(0,), (1, 2)])
-    path = lab.export_records(first, "csqa", tmp_path / "m.json.gz")
+    path = lab_export.export_records(first, "csqa", tmp_path / "m.json.gz")
     assert lab.load_lab_records(path).seeds == [0]
-    assert lab.export_records(rest, "csqa", add_to=path) == path
+    assert lab_export.export_records(rest, "csqa", add_to=path) == path
     got = lab.load_lab_records(path)
     assert got.seeds == [0, 1, 2]
     assert got.records == whole.records
@@ -328,7 +328,7 @@ def test_seeds_run_in_two_sessions_merge_into_the_file_of_one_run(exported, tmp_
     assert agreement["student_base"] == {"same_prediction": 1.0, "max_prob_difference": 0.0}
     # the same seed twice, or seeds of another design or code, are refused in one line
     with pytest.raises(FirstError, match="both hold seed 1, 2") as err:
-        lab.export_records(rest, "csqa", tmp_path / "x.json.gz", add_to=path)
+        lab_export.export_records(rest, "csqa", tmp_path / "x.json.gz", add_to=path)
     one_line(err)
     other = tmp_path / "other.json.gz"
     for change, why in (
@@ -337,9 +337,9 @@ def test_seeds_run_in_two_sessions_merge_into_the_file_of_one_run(exported, tmp_
         (lambda d: d.update(precision="bf16"), "precision"),
         (lambda d: d["gold"].reverse(), "other questions"),
     ):
-        _rewrite(lab.export_records(first, "csqa", tmp_path / "s0.json.gz"), other, change)
+        _rewrite(lab_export.export_records(first, "csqa", tmp_path / "s0.json.gz"), other, change)
         with pytest.raises(FirstError, match=why):
-            lab.export_records(rest, "csqa", tmp_path / "x.json.gz", add_to=other)
+            lab_export.export_records(rest, "csqa", tmp_path / "x.json.gz", add_to=other)
 
 
 def test_cli_adds_seeds_to_a_file(exported, tmp_path, capsys):
@@ -363,13 +363,13 @@ def test_a_run_without_baselines_adds_its_seeds_to_a_file_that_has_them(exported
     def read(path):
         return json.loads(gzip.decompress(Path(path).read_bytes()))
 
-    earlier = read(lab.export_records(first, "csqa", tmp_path / "a.json.gz"))
+    earlier = read(lab_export.export_records(first, "csqa", tmp_path / "a.json.gz"))
     earlier["config"]["baselines"] = True
-    new = read(lab.export_records(rest, "csqa", tmp_path / "b.json.gz"))
+    new = read(lab_export.export_records(rest, "csqa", tmp_path / "b.json.gz"))
     new["config"]["baselines"] = False
     for v in ("teacher_base", "student_base"):
         del new["records"][v], new["run_metrics"][v]
-    merged = lab.merge_lab_data(earlier, new, "a.json.gz")
+    merged = lab_export.merge_lab_data(earlier, new, "a.json.gz")
     out = tmp_path / "m.json.gz"
     out.write_bytes(gzip.compress(json.dumps(merged).encode()))
     got = lab.load_lab_records(out)
@@ -377,4 +377,4 @@ def test_a_run_without_baselines_adds_its_seeds_to_a_file_that_has_them(exported
     assert merged["baseline_agreement"] == [{}]
     new["config"]["n_train"] = 7
     with pytest.raises(FirstError, match="differs in baselines, n_train"):
-        lab.merge_lab_data(earlier, new, "a.json.gz")
+        lab_export.merge_lab_data(earlier, new, "a.json.gz")

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from first_lib import book, cli, evidence, lab, lab_knowledge, pipeline, verdicts
+from first_lib import book, cli, evidence, lab, lab_export, lab_knowledge, pipeline, verdicts
 from first_lib import claims as paper_claims
 from first_lib.errors import FirstError
 from tests.lab_fake import fake_run
@@ -57,7 +57,7 @@ def files(tmp_path_factory):
         task = test.removeprefix("ood_")
         run = fake_run(tmp / test, n=200, seeds=seeds, test=task, seed=len(seeds) + 3,
                        **({"setting": setting} if setting else {}))  # fmt: skip
-        out[test] = lab.export_records(run, task, tmp / f"records-fake-{test}.json.gz")
+        out[test] = lab_export.export_records(run, task, tmp / f"records-fake-{test}.json.gz")
     out["knowledge"] = fake_knowledge(tmp / "knowledge-fake-csqa.json.gz")
     return out
 
