@@ -32,8 +32,7 @@ def live_artefacts() -> set[str]:
     names = set()
     combos = itertools.product(PROFILES.values(), all_settings(), ("fp32", "bf16"))
     for base, setting, precision in combos:
-        # at that precision: a profile's `per_precision` table is read at the one it resolves
-        for prof in _as_run(replace(base, precision=precision), setting):
+        for prof in _as_run(base, setting):
             for seed in base.seeds:  # every training seed of the profile (`first run --seeds`),
                 # which a run writes into both training configs too (`with_training_seed`)
                 seeded = with_training_seed(replace(prof, seed=seed))
