@@ -32,7 +32,8 @@ def live_artefacts() -> set[str]:
     names = set()
     combos = itertools.product(PROFILES.values(), all_settings(), ("fp32", "bf16"))
     for base, setting, precision in combos:
-        for prof in _as_run(base, setting):
+        # at that precision: a profile's `per_precision` table is read at the one it resolves
+        for prof in _as_run(replace(base, precision=precision), setting):
             for seed in base.seeds:  # every training seed of the profile (`first run --seeds`),
                 # which a run writes into both training configs too (`with_training_seed`)
                 seeded = with_training_seed(replace(prof, seed=seed))
