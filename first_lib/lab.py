@@ -49,6 +49,7 @@ DIGITS = 4  # decimals of log(sum(raw_probs))
 TOLERANCE = {"probs": 0.0, "raw_probs": 1e-4}
 REPO = Path(__file__).resolve().parents[1]
 LAB_DIR = "lab"
+KNOWLEDGE_PREFIX = "knowledge-"  # lab/knowledge-<profile>-<setting>.json.gz
 ROUNDING = (
     "probs: each record's probs exactly (dtype float32: the shortest decimals that give back the "
     "float32, to be read as float32; float64: as they are); "
@@ -66,6 +67,12 @@ def default_file(profile: str, test: str = "csqa", setting: str | None = None) -
     if setting and setting != test:
         return f"{LAB_DIR}/records-{profile}-{setting}-{test}.json.gz"
     return f"{LAB_DIR}/records-{profile}-{test}.json.gz"
+
+
+def knowledge_file(profile: str, setting: str = "csqa") -> str:
+    """Where the knowledge file of `profile`'s teacher on `setting` lives in the repository
+    (`first export-knowledge`, first_lib.lab_knowledge)."""
+    return f"{LAB_DIR}/{KNOWLEDGE_PREFIX}{profile}-{setting}.json.gz"
 
 
 def export_command(run: str, test: str, out: str, add_to: str | None = None) -> str:
@@ -132,9 +139,8 @@ def profile_files(
     """The repository's in-domain lab files of `profile` (`lab/records-<profile>-<task>.json.gz`,
     one a task), and with `ood` the out-of-domain setting's after them
     (records-<profile>-ood-<test>), and with `knowledge` the teacher's knowledge file last
-    (`lab_knowledge.default_file`) where the repository has one; `path` (a file read from
+    (`knowledge_file`) where the repository has one; `path` (a file read from
     elsewhere) takes the place of the one of its own test set."""
-    from first_lib import lab_knowledge
     from first_lib.profiles import all_settings, book_settings
 
     files, other = {}, {}
@@ -148,7 +154,7 @@ def profile_files(
         path = Path(path)
         files[_read_json_gz(path)["test"]] = path
     order = [*book_settings(), *sorted(files)]  # the book's order: CSQA, BoolQ, ...
-    known = REPO / lab_knowledge.default_file(profile)
+    known = REPO / knowledge_file(profile)
     extra = [known] if knowledge and known.is_file() else []
     return (
         [files[t] for t in sorted(files, key=order.index)]
@@ -165,27 +171,6 @@ def profile_of(profile: str | None, records_file: str | os.PathLike | None) -> s
     if records_file is not None:
         return _read_json_gz(_locate(records_file))["profile"]
     return "cpu" if _locate(default_file("cpu")).is_file() else "tiny"
-
-
-def records_for(
-    profile: str | None,
-    records_file: str | os.PathLike | None,
-    out_dir: str | os.PathLike,
-    allow_compute: bool | None = None,
-) -> Path:
-    """The file the lab chapter reads: `resolve`'s; or, when a profile was given and the
-    repository has no file for it, an export of the profile's own CSQA run (`book.run_setting`,
-    so cached runs are reused and missing ones are computed only as that function allows) into
-    `out_dir`, so that the book builds at every profile."""
-    path = resolve(records_file, profile)
-    if path.is_file() or records_file is not None or profile is None:
-        return path
-    from first_lib import book
-    from first_lib.lab_export import export_records
-
-    book.run_setting(profile, "csqa", out_dir, allow_compute)
-    out = Path(out_dir) / Path(default_file(profile)).name
-    return export_records(Path(out_dir) / "runs" / "csqa", "csqa", out)
 
 
 def _locate(path: str | os.PathLike) -> Path:

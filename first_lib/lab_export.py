@@ -9,7 +9,6 @@ import datetime as dt
 import gzip
 import json
 import os
-import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ from first_lib.errors import FirstError
 from first_lib.lab import (
     DIGITS,
     FORMAT,
-    REPO,
     ROUNDING,
     TOLERANCE,
     VERSION,
@@ -31,8 +29,10 @@ from first_lib.lab import (
     default_file,
     export_command,
     load_lab_records,
+    resolve,
 )
 from first_lib.pipeline.graph import BASELINES, POSTHOC
+from first_lib.provenance import git_commit, iso
 
 # ----------------------------------------------------------------------------- exporting
 
@@ -104,21 +104,6 @@ def _check(written: Sequence[dict], back: Sequence[dict], where: str) -> None:
             raise FirstError(f"{where}, question {r['id']}: prediction not kept")
 
 
-def _git_commit() -> dict:
-    """The repository's commit, and whether first_lib/ had uncommitted changes (None outside a
-    git checkout)."""
-
-    def git(*args):
-        proc = subprocess.run(
-            ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False
-        )
-        return proc.stdout.strip() if proc.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--", "first_lib")
-    return {"commit": commit, "first_lib_changed": bool(dirty) if commit else None}
-
-
 def _machine(results: Mapping[str, Any]) -> dict:
     """Where the run computed, as its teacher's training recorded it (`perf` in meta.json)."""
     meta = _meta(Path(results["artefacts"]["teacher"]))
@@ -129,10 +114,6 @@ def _machine(results: Mapping[str, Any]) -> dict:
         "processes": meta.get("num_processes"),
         "precision": results.get("precision"),
     }
-
-
-def _iso(seconds: float) -> str:
-    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _evaluations(results: Mapping[str, Any], test: str):
@@ -170,8 +151,8 @@ def _provenance(results: Mapping[str, Any], stage_code: dict, finished: float) -
         },
         "config": results["config"],
         "machine": _machine(results),
-        "code": {**_git_commit(), "stage_versions": dict(sorted(stage_code.items()))},
-        "run_finished": _iso(finished) if finished else None,
+        "code": {**git_commit(), "stage_versions": dict(sorted(stage_code.items()))},
+        "run_finished": iso(finished) if finished else None,
     }
 
 
@@ -222,7 +203,7 @@ def export_records(
         "rounding": ROUNDING,
         "test": test,
         **_provenance(results, stage_code, finished),
-        "exported": _iso(dt.datetime.now(dt.UTC).timestamp()),
+        "exported": iso(dt.datetime.now(dt.UTC).timestamp()),
         "command": export_command(str(run), test, str(out), add_to and str(add_to)),
         "posthoc_temperatures": temperatures,
         "run_metrics": run_metrics,
@@ -332,6 +313,26 @@ def merge_lab_data(earlier: Mapping[str, Any], new: Mapping[str, Any], where: st
 
 
 # ----------------------------------------------------------------------------- the command
+
+
+def records_for(
+    profile: str | None,
+    records_file: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    allow_compute: bool | None = None,
+) -> Path:
+    """The file the lab chapter reads: `resolve`'s; or, when a profile was given and the
+    repository has no file for it, an export of the profile's own CSQA run (`book.run_setting`,
+    so cached runs are reused and missing ones are computed only as that function allows) into
+    `out_dir`, so that the book builds at every profile."""
+    path = resolve(records_file, profile)
+    if path.is_file() or records_file is not None or profile is None:
+        return path
+    from first_lib import book
+
+    book.run_setting(profile, "csqa", out_dir, allow_compute)
+    out = Path(out_dir) / Path(default_file(profile)).name
+    return export_records(Path(out_dir) / "runs" / "csqa", "csqa", out)
 
 
 def _cmd_export(args) -> int:

@@ -35,12 +35,12 @@ from typing import Any
 
 import numpy as np
 
-from first_lib import fsio
+from first_lib import fsio, lab
 from first_lib.errors import FirstError
+from first_lib.lab import KNOWLEDGE_PREFIX as PREFIX
 
 FORMAT = "first-lab-knowledge"
 VERSION = 1
-PREFIX = "knowledge-"
 # paper_vs_reproduction's defaults: the same inputs as the chapter's Fig. 2 and 3 claims
 N_PASSAGES, TOKENS_PER_PASSAGE, N_TASK_EXAMPLES, K_MAX = 8, 256, 24, 100
 # The setting whose teacher the paper's Fig. 2 and 3 claims are about (claims.token_claims).
@@ -48,9 +48,7 @@ SETTING = "csqa"
 
 
 def default_file(profile: str, setting: str = SETTING) -> str:
-    from first_lib.lab import LAB_DIR
-
-    return f"{LAB_DIR}/{PREFIX}{profile}-{setting}.json.gz"
+    return lab.knowledge_file(profile, setting)
 
 
 def is_knowledge_file(path: str | os.PathLike) -> bool:
@@ -204,7 +202,7 @@ def export_knowledge(
 ) -> Path:
     """Write the knowledge file of the cached run of `profile` x `setting` (default out:
     `default_file(profile, setting)`)."""
-    from first_lib.lab_export import _git_commit, _iso
+    from first_lib.provenance import git_commit, iso
 
     body = compute(profile, setting, **overrides)
     _, _, teacher, _ = cached_artefacts(profile, setting, **overrides)
@@ -215,8 +213,8 @@ def export_knowledge(
         "version": VERSION,
         **body,
         "machine": _machine(teacher.path),
-        "code": _git_commit(),
-        "exported": _iso(dt.datetime.now(dt.UTC).timestamp()),
+        "code": git_commit(),
+        "exported": iso(dt.datetime.now(dt.UTC).timestamp()),
         "command": f"first export-knowledge --profile {profile} --setting {setting}{sets} "
         f"--out {out}",
     }
@@ -230,9 +228,7 @@ def export_knowledge(
 
 def load_knowledge(path: str | os.PathLike) -> Knowledge:
     """A knowledge file, or one line saying what is wrong with it."""
-    from first_lib.lab import _locate
-
-    path = _locate(path)
+    path = lab._locate(path)
     if not path.is_file():
         raise FirstError(
             f"no knowledge file at {path}; make one from a run's cached teacher and store with: "

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         print(json.dumps(probe(model, int(tokens), int(layers), args.precision)))
         return 0
     from first_lib import device, fsio
-    from first_lib.lab_export import _git_commit
+    from first_lib.provenance import git_commit
 
     out = Path(args.out) if args.out else None
     done = json.loads(out.read_text()) if out and out.is_file() else {"probes": []}
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         done["probes"].append(line)
     done.update(
         machine=device.cpu_model(),
-        code=_git_commit(),
+        code=git_commit(),
         method=__doc__.split("\n\n")[1].replace("\n", " "),
     )
     if out:

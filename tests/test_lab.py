@@ -221,12 +221,14 @@ def test_a_profile_without_a_file_reads_its_own_run(tmp_path, monkeypatch):
         fake_run(tmp_path, n=12, seeds=(0,), out=Path(out_dir) / "runs" / setting)
 
     monkeypatch.setattr(book, "run_setting", run_setting)
-    path = lab.records_for("gpu", None, tmp_path / "results", allow_compute=False)
+    path = lab_export.records_for("gpu", None, tmp_path / "results", allow_compute=False)
     assert path == tmp_path / "results" / "records-gpu-csqa.json.gz"
     assert asked == [("gpu", "csqa", False)] and lab.load_lab_records(path).n_test == 12
-    assert lab.records_for("tiny", None, tmp_path / "results").resolve() == TINY_FILE  # in lab/
+    assert (
+        lab_export.records_for("tiny", None, tmp_path / "results").resolve() == TINY_FILE
+    )  # in lab/
     with pytest.raises(FirstError, match="no lab records file"):  # a file named: never a run
-        lab.load_lab_records(lab.records_for("gpu", "mine.json.gz", tmp_path / "results"))
+        lab.load_lab_records(lab_export.records_for("gpu", "mine.json.gz", tmp_path / "results"))
     assert len(asked) == 1
 
 
