@@ -57,9 +57,11 @@ def primary_family(
     {seed: records}}}), Holm-corrected together. checks: {test: `verdicts.training_checks`}.
     claims: {name: {"task", "subject", "paper" (points or None), "paper_from", "estimate",
     "models", "a", "b", "metric", "claim" (`stats.Claim`), "testable", "note", "verdict", "p",
-    "p_holm", "spread", "beyond_seed_spread"}}: for a test with one training seed, "spread" is
-    `verdicts.seed_spread` of the same difference in `yardstick` (records of a run with several
-    seeds), and "beyond_seed_spread" whether |difference| exceeds it; else both None."""
+    "p_holm", "spread", "beyond_seed_spread", "by_seed"}}: for a test with one training seed,
+    "spread" is `verdicts.seed_spread` of the same difference in `yardstick` (records of a run
+    with several seeds), and "beyond_seed_spread" whether |difference| exceeds it; else both
+    None. For a test with several seeds, "by_seed" is the difference on each seed's questions
+    alone (`verdicts.seed_differences`, plug-in metrics), else None."""
     names = names or {}
     checks = {
         t: verdicts.training_checks(r, n_boot=n_boot, seed=seed) for t, r in recs_by_test.items()
@@ -84,9 +86,11 @@ def primary_family(
                 primary=True,
             )
             ok, why = verdicts.testability(c["models"], checks[t])
-            spread = None
+            spread, by_seed = None, None
             if n_seeds == 1 and yardstick is not None:
                 spread = verdicts.seed_spread(yardstick, a, b, metric)
+            elif n_seeds > 1:
+                by_seed = verdicts.seed_differences(recs, a, b, metric)
             claims[name] = {
                 "task": t,
                 "subject": subject,
@@ -96,6 +100,7 @@ def primary_family(
                 "testable": ok,
                 "note": why,
                 "spread": spread,
+                "by_seed": by_seed,
                 **c,
             }
     decided = verdicts.decide(
@@ -120,7 +125,8 @@ def claim_rows(
 ) -> list[dict[str, str]]:
     """One row of text a claim, for a table: task, claim, difference with its 95% interval,
     MDE, the paper's difference (and the test it is from where that is another), Holm's p,
-    verdict (with why a claim is not testable), and the seed spread where one was computed."""
+    verdict (with why a claim is not testable), the seed spread where one was computed, and
+    each seed's difference where the test has several."""
     names = names or {}
     rows = []
     for c in claims.values():
@@ -145,8 +151,53 @@ def claim_rows(
                 if c["spread"] is None
                 else f"{100 * c['spread']:.1f} ({'beyond' if c['beyond_seed_spread'] else 'within'})"
             )
+        if any(x.get("by_seed") for x in claims.values()):
+            row["by seed"] = (
+                " / ".join(f"{100 * d:+.1f}" for d in c["by_seed"].values())
+                if c.get("by_seed")
+                else "—"
+            )
         rows.append(row)
     return rows
+
+
+def seeds_disagree(claims: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Names of the claims whose training seeds, taken one at a time, fall on both sides of 0
+    (a per-seed difference above 0 and another below)."""
+    return [
+        n
+        for n, c in claims.items()
+        if c.get("by_seed") and max(c["by_seed"].values()) > 0 > min(c["by_seed"].values())
+    ]
+
+
+def seeds_sentence(claims: Mapping[str, Mapping[str, Any]]) -> str:
+    """Sentences from the per-seed differences: the claims whose seeds fall on both sides of 0,
+    and the claim whose difference moved most between seeds; empty where no test has several
+    seeds."""
+    ranged = {n: c["by_seed"] for n, c in claims.items() if c.get("by_seed")}
+    if not ranged:
+        return ""
+
+    def seeds(n):
+        return ", ".join(f"seed {s} {100 * d:+.1f}" for s, d in ranged[n].items())
+
+    split = seeds_disagree(claims)
+    first = (
+        f"In {len(split)} of the {len(ranged)} claims with several training seeds the seeds, "
+        "taken one at a time, fall on both sides of 0: "
+        + "; ".join(f"{claims[n]['subject']} ({seeds(n)})" for n in split)
+        + "."
+        if split
+        else f"In every one of the {len(ranged)} claims with several training seeds, each seed "
+        "taken alone falls on the same side of 0."
+    )
+    widest = max(ranged, key=lambda n: max(ranged[n].values()) - min(ranged[n].values()))
+    span = 100 * (max(ranged[widest].values()) - min(ranged[widest].values()))
+    return (
+        f"{first} The difference that moved most between seeds: {claims[widest]['subject']}, "
+        f"{span:.1f} points ({seeds(widest)})."
+    )
 
 
 def check_rows(
@@ -427,6 +478,12 @@ def _cmd_evidence(args) -> int:
         "MDE: smallest difference detected with 80% power)"
     )
     _print_table(claim_rows(out["claims"], names))
+    if any(c.get("by_seed") for c in out["claims"].values()):
+        print(
+            "by seed: the difference on each training seed's models alone (plug-in metrics; "
+            "the interval pools them)"
+        )
+        print(seeds_sentence(out["claims"]))
     if out["yardstick"]:
         print(
             f"seed spread: how far the same difference moved between the training seeds of "

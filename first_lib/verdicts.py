@@ -241,9 +241,21 @@ def primary_estimates(
 
 def seed_spread(records: Mapping[str, Any], a: str, b: str, metric: str) -> float | None:
     """How far metric(a) - metric(b) moves between the training seeds of one run: max - min
-    over the seeds of the per-seed difference (a model with one evaluation, an untuned
-    baseline, enters every seed with it); None with fewer than two seeds. A yardstick for a
-    comparison made with one training seed, whose interval covers the questions only."""
+    over the seeds of the per-seed difference (`seed_differences`); None with fewer than two
+    seeds. A yardstick for a comparison made with one training seed, whose interval covers the
+    questions only."""
+    diffs = seed_differences(records, a, b, metric)
+    if diffs is None:
+        return None
+    return float(max(diffs.values()) - min(diffs.values()))
+
+
+def seed_differences(
+    records: Mapping[str, Any], a: str, b: str, metric: str
+) -> dict[int, float] | None:
+    """{training seed: metric(a) - metric(b) on that seed's test records}, a model with one
+    evaluation (an untuned baseline) entering every seed with it; None with fewer than two
+    seeds."""
     from first_lib.book import conf_correct, metric_value
 
     def by_seed(m):
@@ -257,8 +269,7 @@ def seed_spread(records: Mapping[str, Any], a: str, b: str, metric: str) -> floa
         runs = by_seed(m)
         return metric_value(metric, *conf_correct(runs.get(s, next(iter(runs.values())))))
 
-    diffs = [value(a, s) - value(b, s) for s in seeds]
-    return float(max(diffs) - min(diffs))
+    return {s: float(value(a, s) - value(b, s)) for s in seeds}
 
 
 # --------------------------------------------------------------------------- deciding

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from first_lib import claims as paper_claims
@@ -22,6 +23,23 @@ def files(tmp_path_factory):
         run = fake_run(tmp / test, n=200, seeds=seeds, test=test, seed=len(seeds))
         out[test] = lab_export.export_records(run, test, tmp / f"records-fake-{test}.json.gz")
     return out
+
+
+def _value(by_seed, seed, metric):
+    """A model's accuracy or 10-bin ECE on one seed's records (an untuned baseline has one),
+    computed here from confidences and correctness."""
+    recs = by_seed.get(seed, next(iter(by_seed.values())))
+    conf = np.array([r["confidence"] for r in recs])
+    right = np.array([bool(r["correct"]) for r in recs], dtype=float)
+    if metric == "acc":
+        return right.mean()
+    assert metric == "ece"
+    bins = np.minimum((conf * 10).astype(int), 9)  # [0, 0.1), ..., [0.9, 1.0]
+    return sum(
+        abs(right[bins == b].mean() - conf[bins == b].mean()) * (bins == b).mean()
+        for b in range(10)
+        if (bins == b).any()
+    )
 
 
 def test_the_family_is_the_primary_family_decided_with_holm(files):
@@ -53,8 +71,38 @@ def test_the_family_is_the_primary_family_decided_with_holm(files):
             )
         else:
             assert c["spread"] is None
+        # several seeds: each seed's difference alone, on that seed's records; one seed: none
+        if c["task"] == "csqa":
+            recs = lab.load_lab_records(files["csqa"]).records
+            assert list(c["by_seed"]) == [0, 1, 2]
+            for s, d in c["by_seed"].items():
+                assert math.isclose(
+                    d, _value(recs[c["a"]], s, c["metric"]) - _value(recs[c["b"]], s, c["metric"])
+                )
+        else:
+            assert c["by_seed"] is None
     assert got["yardstick"] == "csqa"
     assert sum(got["counts"].values()) == len(claims)
+
+
+def test_the_seeds_sentence_names_the_claims_whose_seeds_split():
+    """Generated from the per-seed differences: the claims with seeds on both sides of 0 and the
+    one that moved most; nothing when no test has several seeds."""
+    claims = {
+        "a": {"subject": "claim A", "by_seed": {0: 0.05, 1: 0.06, 2: 0.04}},
+        "b": {"subject": "claim B", "by_seed": {0: 0.001, 1: -0.123, 2: -0.153}},
+        "c": {"subject": "claim C", "by_seed": None},
+    }
+    assert evidence.seeds_disagree(claims) == ["b"]
+    text = evidence.seeds_sentence(claims)
+    assert (
+        "In 1 of the 2 claims" in text
+        and "claim B (seed 0 +0.1, seed 1 -12.3, seed 2 -15.3)" in text
+    )
+    assert "moved most between seeds: claim B, 15.4 points" in text and "claim A" not in text
+    claims["b"]["by_seed"] = {0: -0.01, 1: -0.02}
+    assert "same side of 0" in evidence.seeds_sentence(claims)
+    assert evidence.seeds_sentence({"c": claims["c"]}) == ""
 
 
 def test_a_model_that_did_not_learn_withholds_its_claims(files, tmp_path):
