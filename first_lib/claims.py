@@ -260,6 +260,31 @@ def first_gain(r: Mapping, other: str, metric: str, n_boot: int = 1000, seed: in
     return stats.compare(r["first_ts"], r[other], metric, n_boot=n_boot, seed=seed)
 
 
+def same_model(r: Mapping, a: str, b: str) -> bool:
+    """Whether variants `a` and `b` gave the same probabilities to every question of every seed:
+    one model under two names (Distill w/ LS where the validation search chose no smoothing,
+    delta* = 0, trains exactly as Distill)."""
+
+    def by_seed(v):
+        return r[v] if isinstance(r[v], Mapping) else {0: r[v]}
+
+    ra, rb = by_seed(a), by_seed(b)
+    return set(ra) == set(rb) and all(
+        len(ra[s]) == len(rb[s])
+        and all(
+            x["id"] == y["id"] and list(x["probs"]) == list(y["probs"])
+            for x, y in zip(ra[s], rb[s], strict=True)
+        )
+        for s in ra
+    )
+
+
+SAME_AS_DISTILL = (
+    "Distill w/ LS is Distill here (the validation search chose delta* = 0: the same "
+    "probabilities on every question), so this is the comparison with Distill again; not counted"
+)
+
+
 def distill_names(test: str, variants: Sequence[str]) -> list[str]:
     """The counted claims `distill_claims` forms on ``test`` for a run with ``variants``."""
     names = [
@@ -301,13 +326,16 @@ def distill_claims(claims: dict, recs: Mapping, checks: Mapping, n_boot: int = 1
                 name = verdicts.first_vs_name(other, metric, test)
                 same = verdicts.is_identity(other, metric)
                 base = verdicts.POSTHOC_OF.get(other)
+                note = (f"identity: post-hoc TS keeps every answer, so this is the gap to "
+                        f"{LABEL[base]}; not counted" if same else "")  # fmt: skip
+                if other == "distill_ls" and "distill" in r and same_model(r, other, "distill"):
+                    same, note = True, SAME_AS_DISTILL
                 add(claims, name, "distill", text,
                     "Table 1" if pg is not None else "not in the paper (the cheap competitor)",
                     f"{pg:+.1f}" if pg is not None else "—",
                     first_gain(r, other, metric, n_boot, seed), ["first_ts", other], c,
                     claim=paper_claim(pg, verdicts.is_primary(name)), test=test, counted=not same,
-                    note=f"identity: post-hoc TS keeps every answer, so this is the gap to "
-                    f"{LABEL[base]}; not counted" if same else "")  # fmt: skip
+                    note=note)  # fmt: skip
         parts = ("finetune", "distill", "distill_ls")
         if all(p in r for p in parts):
             for metric, word in (("ece", "the lowest ECE"), ("trust", "the highest Trust")):
@@ -336,11 +364,15 @@ def ls_claim(claims: dict, recs: Mapping, checks: Mapping, n_boot: int = 1000, s
         return
     _, lsp = _paper()
     pg = lsp["distill_ls"]["ece"] - lsp["distill"]["ece"]
+    unsmoothed = same_model(r, "distill_ls", "distill")  # delta* = 0: no smoothing to judge
     add(claims, "ls_can_hurt_boolq", "ls",
         "Label smoothing can make calibration much worse (ECE of Distill w/ LS - Distill, BoolQ)",
         "Table 1 (Llama-1), sec. 5.2", f"{pg:+.1f}",
         stats.compare(r["distill_ls"], r["distill"], "ece", n_boot=n_boot, seed=seed),
-        ["distill_ls", "distill"], checks["boolq"], claim=paper_claim(pg, False))  # fmt: skip
+        ["distill_ls", "distill"], checks["boolq"], claim=paper_claim(pg, False),
+        counted=not unsmoothed, note=SAME_AS_DISTILL.replace(
+            "so this is the comparison with Distill again", "so no smoothing was applied"
+        ) if unsmoothed else "")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- all together

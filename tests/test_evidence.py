@@ -267,3 +267,21 @@ def test_another_tasks_file_is_a_family_of_its_own(files, tmp_path, capsys):
     assert set(alone["claims"]) == set(more["claims"]) and alone["more_tasks"] is None
     assert cli.main(["evidence", str(files["csqa"]), str(obqa), "--n-boot", "100"]) == 0
     assert "a family of their own" in capsys.readouterr().out
+
+
+def test_ls_that_is_distill_is_not_counted_twice(files):
+    """Where the validation search chose delta* = 0, Distill w/ LS is Distill (the same
+    probabilities on every question): "TS beats LS" is then "FIRST vs Distill" again, shown
+    and not counted; with a different LS model it counts."""
+    recs = dict(lab.load_lab_records(files["csqa"]).records)
+    checks = {"csqa": verdicts.training_checks(recs, n_boot=50)}
+    name = verdicts.first_vs_name("distill_ls", "ece", "csqa")
+    apart = paper_claims.build({"csqa": recs}, checks, n_boot=50)
+    assert apart[name]["counted"] and not paper_claims.same_model(recs, "distill_ls", "distill")
+    recs["distill_ls"] = {s: [dict(x) for x in rs] for s, rs in recs["distill"].items()}
+    same = paper_claims.build({"csqa": recs}, checks, n_boot=50)
+    assert paper_claims.same_model(recs, "distill_ls", "distill")
+    assert not same[name]["counted"] and "delta* = 0" in same[name]["note"]
+    other = verdicts.first_vs_name("distill", "ece", "csqa")
+    assert same[other]["counted"] and same[name]["estimate"].point == same[other]["estimate"].point
+    assert sum(c["counted"] for c in same.values()) == sum(c["counted"] for c in apart.values()) - 1
