@@ -147,3 +147,30 @@ def test_a_caller_s_batch_size_replaces_the_precision_table_s_micro_batch():
     lr = for_setting(get_profile("cpu", precision="fp32", **{"teacher_train.lr": 2e-4}),
                      "boolq").teacher_train  # fmt: skip
     assert (lr.batch_size, lr.grad_accum, lr.lr) == (4, 2, 2e-4)
+
+
+def test_a_finished_stage_leaves_no_model_in_the_run_s_accelerator():
+    """A run hands one `Accelerator` to every stage, and `prepare` keeps a reference to each
+    model and optimizer: the runner's `memory.release(acc)` drops them, so a trained model (and
+    its optimizer state) is freed when the stage is over, not at the end of the run."""
+    import gc
+    import weakref
+
+    from first_lib import device, models, train
+
+    cfg = train.TrainConfig(lr=1e-3, epochs=1, batch_size=4, lora_r=2, lora_targets=("q_proj",))
+    examples = [
+        {"id": f"x{i}", "input_ids": [2 + (i + t) % 50 for t in range(8)], "target_mask": [1] * 8}
+        for i in range(8)
+    ]
+    acc = device.accelerator("fp32")
+    alive = {}
+    for release in (False, True):
+        model = models.make_tiny_model(64, "student")
+        trained, _ = train.train(model, examples, cfg, pad_id=0, accelerator=acc, progress=False)
+        ref = weakref.ref(trained)
+        del model, trained
+        memory.release(acc) if release else gc.collect()
+        alive[release] = ref() is not None
+    assert alive == {False: True, True: False}  # kept by the accelerator until released
+    assert acc._models == [] and acc._optimizers == []

@@ -297,7 +297,7 @@ def _run(prof: Profile, setting: str, out: Path | None, until: str | None, log) 
     def walk() -> dict:
         for i, node in enumerate(nodes):
             state.made[node.name] = getattr(state, node.kind.replace("-", "_"))(node)
-            memory.release()  # what the stage freed, back to the system before the next
+            memory.release(acc)  # what the stage freed, back to the system before the next
             if i == last:
                 return state.made["calibrate"] if until == "calibrate" else {}
         return _results(state, nodes, out)
