@@ -264,11 +264,7 @@ def same_model(r: Mapping, a: str, b: str) -> bool:
     """Whether variants `a` and `b` gave the same probabilities to every question of every seed:
     one model under two names (Distill w/ LS where the validation search chose no smoothing,
     delta* = 0, trains exactly as Distill)."""
-
-    def by_seed(v):
-        return r[v] if isinstance(r[v], Mapping) else {0: r[v]}
-
-    ra, rb = by_seed(a), by_seed(b)
+    ra, rb = verdicts.by_seed(r, a), verdicts.by_seed(r, b)
     return set(ra) == set(rb) and all(
         len(ra[s]) == len(rb[s])
         and all(
@@ -279,10 +275,12 @@ def same_model(r: Mapping, a: str, b: str) -> bool:
     )
 
 
-SAME_AS_DISTILL = (
+LS_IS_DISTILL = (
     "Distill w/ LS is Distill here (the validation search chose delta* = 0: the same "
-    "probabilities on every question), so this is the comparison with Distill again; not counted"
+    "probabilities on every question)"
 )
+SAME_AS_DISTILL = f"{LS_IS_DISTILL}, so this is the comparison with Distill again; not counted"
+NO_SMOOTHING = f"{LS_IS_DISTILL}, so no smoothing was applied; not counted"
 
 
 def distill_names(test: str, variants: Sequence[str]) -> list[str]:
@@ -370,9 +368,7 @@ def ls_claim(claims: dict, recs: Mapping, checks: Mapping, n_boot: int = 1000, s
         "Table 1 (Llama-1), sec. 5.2", f"{pg:+.1f}",
         stats.compare(r["distill_ls"], r["distill"], "ece", n_boot=n_boot, seed=seed),
         ["distill_ls", "distill"], checks["boolq"], claim=paper_claim(pg, False),
-        counted=not unsmoothed, note=SAME_AS_DISTILL.replace(
-            "so this is the comparison with Distill again", "so no smoothing was applied"
-        ) if unsmoothed else "")  # fmt: skip
+        counted=not unsmoothed, note=NO_SMOOTHING if unsmoothed else "")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- all together

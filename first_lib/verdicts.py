@@ -250,6 +250,12 @@ def seed_spread(records: Mapping[str, Any], a: str, b: str, metric: str) -> floa
     return float(max(diffs.values()) - min(diffs.values()))
 
 
+def by_seed(records: Mapping[str, Any], model: str) -> Mapping[int, Any]:
+    """{training seed: records} of `model`; records given without seeds count as seed 0."""
+    runs = records[model]
+    return runs if isinstance(runs, Mapping) else {0: runs}
+
+
 def seed_differences(
     records: Mapping[str, Any], a: str, b: str, metric: str
 ) -> dict[int, float] | None:
@@ -258,15 +264,12 @@ def seed_differences(
     seeds."""
     from first_lib.book import conf_correct, metric_value
 
-    def by_seed(m):
-        return records[m] if isinstance(records[m], Mapping) else {0: records[m]}
-
-    seeds = sorted(set(by_seed(a)) | set(by_seed(b)))
+    seeds = sorted(set(by_seed(records, a)) | set(by_seed(records, b)))
     if len(seeds) < 2:
         return None
 
     def value(m, s):
-        runs = by_seed(m)
+        runs = by_seed(records, m)
         return metric_value(metric, *conf_correct(runs.get(s, next(iter(runs.values())))))
 
     return {s: float(value(a, s) - value(b, s)) for s in seeds}
