@@ -86,16 +86,20 @@ def test_training_step_matches_plain_path(precision):
     n_bottom = prefix.n_frozen(model, TOP)
     assert n_bottom == N_LAYERS - TOP
     batch = train.collate(ex, IDX, None, pad_id=0)
+    # The bottom of this very batch: the same operations in the same order, bit for bit (with
+    # `sdpa` on both paths: the training attention takes another kernel with gradients on).
+    model.set_attn_implementation("sdpa")
     plain = _step(model, cfg, batch, bf16)
-
-    # The bottom of this very batch: the same operations in the same order, bit for bit.
     same = prefix.bottom_states(model, [ex[i]["input_ids"] for i in IDX], n_bottom, 4, bf16)
     exact = _step(model, cfg, batch, bf16, prefix.pad_states(same)[0])
     assert exact[0] == plain[0]
     for name, g in plain[1].items():
         torch.testing.assert_close(exact[1][name], g, rtol=0, atol=0, msg=name)
 
-    # The bottom of every example computed once, in other batches (as `train.train` does).
+    # The bottom of every example computed once, in other batches (as `train.train` does), the
+    # top with the training attention, against the plain path as training runs it.
+    model.set_attn_implementation(train.ATTENTION)
+    plain = _step(model, cfg, batch, bf16)
     every = prefix.bottom_states(model, [e["input_ids"] for e in ex], n_bottom, 5, bf16)
     assert every[0].dtype == (torch.bfloat16 if bf16 else torch.float32)
     loss, grads, probs = _step(
@@ -320,3 +324,80 @@ def test_two_processes_with_reuse_match_one(tmp_path):
         for key in ("ece", "acc"):
             one, two = results[1]["variants"][variant][key], results[2]["variants"][variant][key]
             assert two == pytest.approx(one, abs=0.02), (variant, key)
+
+
+# ----------------------------------------------------------------------------- fused LoRA forward
+
+# `train.fuse_lora` against PEFT's own forward, on the same adapters and batch. At fp32 both
+# compute W x + s B (A x) in fp32; only the order of the last sum and scaling differs. At bf16
+# PEFT rounds B (A x) to bf16, scales and rounds the sum again; the fused `addmm` accumulates in
+# fp32 and rounds once, so the two paths differ by bf16 roundings of the adapters' outputs.
+# Measured on a 2-core Xeon with AVX512-BF16 (relative loss, relative gradient in norm, largest
+# probability difference): fp32 0, 0, 0 (the scaling is a power of two, so both orders round
+# alike); bf16 1.8e-6, 2.0e-2, 1.0e-4. The bounds sit above those; a fused forward that drops
+# the scaling fails both.
+FUSED_TOLERANCE = {
+    "fp32": {"loss": 1e-6, "grads": 1e-5, "probs": 1e-6},
+    "bf16": {"loss": 1e-2, "grads": 0.05, "probs": 5e-3},
+}
+
+
+def test_fused_lora_matches_peft_forward(precision):
+    bf16 = precision == "bf16"
+    ex = _examples(12)
+    batch = train.collate(ex, IDX, None, pad_id=0)
+    fused, cfg = _lora_model(bf16)
+    n_lora = sum(1 for m in fused.modules() if hasattr(m, "lora_A"))
+    assert n_lora == TOP * len(cfg.lora_targets)
+    assert sum(1 for m in fused.modules() if "forward" in vars(m)) == n_lora  # all fused
+    peft_own, _ = _lora_model(bf16)
+    for m in peft_own.modules():
+        vars(m).pop("forward", None)  # back to PEFT's forward
+    peft_own.load_state_dict(fused.state_dict())
+    a = _step(fused, cfg, batch, bf16)
+    b = _step(peft_own, cfg, batch, bf16)
+    tol = FUSED_TOLERANCE[precision]
+    assert abs(a[0] - b[0]) <= tol["loss"] * abs(b[0])
+    assert _grad_error(b[1], a[1]) <= tol["grads"]
+    assert float((a[2] - b[2]).abs().max()) <= tol["probs"]
+    # without autocast, a bf16 base with fp32 adapters takes PEFT's path (it casts the input)
+    if bf16:
+        layer = next(m for m in fused.modules() if "forward" in vars(m))
+        x = torch.randn(3, layer.base_layer.in_features, dtype=torch.bfloat16)
+        with torch.no_grad():
+            assert torch.equal(layer(x), type(layer).forward(layer, x))
+
+
+# `train.use_training_attention` against transformers' `sdpa`, on a padded batch and on one
+# unpadded sequence (where no mask is passed). The short path is softmax(q k^T s + mask) v in
+# matrix products, the fused kernel computes the same blockwise with an online softmax: at fp32
+# they differ in the last bits, at bf16 by bf16 roundings of scores and probabilities.
+# Measured on a 2-core Xeon with AVX512-BF16 (relative loss, relative gradient in norm, largest
+# probability difference; padded batch, one sequence): fp32 0 / 0, 1.2e-6 / 9.2e-7, 7.5e-9 /
+# 7.5e-9; bf16 1.4e-5 / 2.5e-6, 1.9e-2 / 2.1e-2, 9.6e-5 / 9.2e-5 (the same spread as the fused
+# LoRA forward's above: the adapters' gradients are products of bf16-rounded activations).
+ATTENTION_TOLERANCE = {
+    "fp32": {"loss": 1e-6, "grads": 1e-5, "probs": 1e-6},
+    "bf16": {"loss": 1e-3, "grads": 0.05, "probs": 1e-3},
+}
+
+
+@pytest.mark.parametrize("idx", [IDX, [3]], ids=["padded", "one"])
+def test_training_attention_matches_sdpa(precision, idx, monkeypatch):
+    bf16 = precision == "bf16"
+    ex = _examples(12)
+    batch = train.collate(ex, idx, None, pad_id=0)
+    model, cfg = _lora_model(bf16)
+    assert model.config._attn_implementation == train.ATTENTION
+    ours = _step(model, cfg, batch, bf16)
+    monkeypatch.setattr(train, "SHORT_ATTENTION", -1)  # every length to sdpa: its very numbers
+    routed = _step(model, cfg, batch, bf16)
+    model.set_attn_implementation("sdpa")
+    fused = _step(model, cfg, batch, bf16)
+    assert routed[0] == fused[0] and _grad_error(fused[1], routed[1]) == 0
+    tol = ATTENTION_TOLERANCE[precision]
+    assert abs(ours[0] - fused[0]) <= tol["loss"] * abs(fused[0])
+    assert _grad_error(fused[1], ours[1]) <= tol["grads"]
+    assert float((ours[2] - fused[2]).abs().max()) <= tol["probs"]
+    # the saved model loads in a fresh process, where the training attention is not registered
+    assert train.finalize_model(_lora_model(bf16)[0]).config._attn_implementation == "sdpa"
