@@ -344,10 +344,15 @@ def sentence(subject: str, verdict: str) -> str:
     return _TEMPLATES[verdict].format(subject=subject)
 
 
+# The verdicts after a count of claims ("4 ruling out ...", not "4 rules out ...").
+COUNTED = {**{v: v for v in stats.VERDICTS}, stats.RULES_OUT: "ruling out the paper's effect size"}
+
+
 def counts_sentence(counts: Mapping[str, int], what: str = "claims") -> str:
-    """'Of the 12 claims: 3 reproduced, 1 contradicted, ...' (every verdict, zeros included)."""
+    """'Of the 12 claims: 3 reproduced, 1 contradicted, 4 ruling out the paper's effect size,
+    ...' (every verdict, zeros included)."""
     n = sum(int(counts.get(v, 0)) for v in stats.VERDICTS)
-    parts = ", ".join(f"{int(counts.get(v, 0))} {v}" for v in stats.VERDICTS)
+    parts = ", ".join(f"{int(counts.get(v, 0))} {COUNTED[v]}" for v in stats.VERDICTS)
     return f"Of the {n} {what}: {parts}."
 
 

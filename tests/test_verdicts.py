@@ -111,5 +111,7 @@ def test_mean_estimate_and_common_questions():
 
 
 def test_counts_sentence_names_every_verdict():
-    text = verdicts.counts_sentence({stats.REPRODUCED: 2, stats.TOO_NOISY: 1})
-    assert text.startswith("Of the 3 claims:") and all(v in text for v in stats.VERDICTS)
+    text = verdicts.counts_sentence({stats.REPRODUCED: 2, stats.TOO_NOISY: 1, stats.RULES_OUT: 4})
+    assert text.startswith("Of the 7 claims:")
+    assert all(verdicts.COUNTED[v] in text for v in stats.VERDICTS)
+    assert "4 ruling out the paper's effect size" in text and "rules out" not in text
