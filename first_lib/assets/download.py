@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -20,9 +20,21 @@ from first_lib.errors import FirstError
 from first_lib.paths import first_home
 
 
+def _has_pip() -> bool:
+    """Whether this interpreter has pip, from its installed metadata. Not
+    `importlib.util.find_spec("pip")`: setuptools' distutils shim answers that lookup by switching
+    itself off for the rest of the process, after which `import setuptools` (torch.compile's
+    C++ build does it) asserts, and the extraction's compiled normaliser falls back to eager."""
+    try:
+        importlib.metadata.distribution("pip")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def _pip_command() -> list[str]:
     """`python -m pip` of this interpreter, else a `pip` on PATH."""
-    if importlib.util.find_spec("pip") is not None:
+    if _has_pip():
         return [sys.executable, "-m", "pip"]
     pip = shutil.which("pip") or shutil.which("pip3")
     if pip is None:
