@@ -161,6 +161,189 @@ def claim_rows(
     return rows
 
 
+def what_decides(
+    claims: Mapping[str, Mapping[str, Any]],
+    recs_by_test: Mapping[str, Mapping[str, Any]],
+    split_of: Mapping[str, int] | None = None,
+    n_seeds: int = 5,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """For each claim of `claims` (a `primary_family`) that is too noisy to tell: what design
+    would decide it. The difference's variance is split into its question and seed parts
+    (`stats.variance_split`, same pairing as the claim's interval) and scaled as a design grows
+    (`stats.planned_mde`, `stats.design_for`): {name: {"mde" (now), "split" (the test split's
+    questions, `split_of` or the questions tested), "mde_split" (the whole split at `n_seeds`
+    seeds, or at the seeds there are where they are more), "floor" (the whole split with
+    unlimited seeds), "questions" (questions needed at today's seeds to detect the paper's size,
+    inf where the seeds' part alone is too large), "questions_unlimited" (the same with
+    unlimited seeds), "seeds" (seeds needed on the whole split, inf
+    where the split's questions alone are too noisy), "decidable" (the paper's size is above
+    the floor: the split can rule it out), "one_seed" (the seed part is unknown: a test with one
+    training seed shows no seed-to-seed spread, and its numbers count the questions only)}.
+    None of "questions", "seeds", "decidable" where the paper gives no size."""
+    split_of = split_of or {}
+    out: dict[str, dict[str, Any]] = {}
+    for name, c in claims.items():
+        if c["verdict"] != stats.TOO_NOISY:
+            continue
+        recs = recs_by_test[c["task"]]
+        split = stats.variance_split(
+            recs[c["a"]], recs[c["b"]], c["metric"], n_boot=n_boot, seed=seed
+        )
+        n_split = max(split_of.get(c["task"], 0), split["n_questions"])
+        s_now = split["n_seeds"]
+        size = None if c["paper"] is None else abs(c["paper"]) / 100
+        row: dict[str, Any] = {
+            "mde": c["estimate"].mde,
+            "n_questions": split["n_questions"],
+            "n_seeds": s_now,
+            "split": n_split,
+            "design_seeds": max(n_seeds, s_now),
+            "mde_split": stats.planned_mde(split, n_questions=n_split, n_seeds=max(n_seeds, s_now)),
+            "floor": stats.planned_mde({**split, "seeds": 0.0}, n_questions=n_split),
+            "paper_size": size,
+            "questions": None,
+            "questions_unlimited": None,
+            "seeds": None,
+            "decidable": None,
+            "one_seed": s_now == 1,
+        }
+        if size is not None:
+            row["questions_unlimited"] = stats.design_for(
+                {**split, "seeds": 0.0}, size, n_seeds=s_now
+            )
+            row["questions"] = stats.design_for(split, size, n_seeds=s_now)
+            row["seeds"] = stats.design_for(split, size, n_questions=n_split)
+            row["decidable"] = bool(row["floor"] <= size)
+        out[name] = row
+    return out
+
+
+def _count(x: float) -> str:
+    return "never" if x == float("inf") else f"{int(x):,}"
+
+
+def decides_rows(
+    decides: Mapping[str, Mapping[str, Any]],
+    claims: Mapping[str, Mapping[str, Any]],
+    names: Mapping[str, str] | None = None,
+) -> list[dict[str, str]]:
+    """One row of text a `what_decides` entry, for a table."""
+    names = names or {}
+    rows = []
+    for n, d in decides.items():
+        c = claims[n]
+        where = names.get(c["task"], c["task"])
+        size = d["paper_size"]
+        if size is None:
+            verdict = "no size in the paper to rule out"
+        elif d["decidable"] and d["one_seed"]:
+            verdict = "the whole split, if the seeds vary little (one seed: unknown)"
+        elif d["decidable"]:
+            verdict = f"decidable: the whole split and {_count(d['seeds'])} seeds"
+        else:
+            verdict = (
+                f"not on this test set: {_count(d['questions_unlimited'])} questions with "
+                f"unlimited seeds, {_count(d['questions'])} at {d['n_seeds']}"
+            )
+        rows.append(
+            {
+                "task": where,
+                "claim": c["subject"][0].upper() + c["subject"][1:].replace(f" on {where}", ""),
+                "paper": "—" if size is None else f"{100 * size:.1f}",
+                "MDE now": f"{100 * d['mde']:.1f} ({d['n_questions']:,} q x {d['n_seeds']} s)",
+                "MDE split": f"{100 * d['mde_split']:.1f} ({d['split']:,} q x "
+                f"{d['design_seeds']} s)",
+                "floor": f"{100 * d['floor']:.1f}"
+                + (" (one seed: questions only)" if d["one_seed"] else ""),
+                "to rule out the paper's size": verdict,
+            }
+        )
+    return rows
+
+
+def decides_sentence(
+    decides: Mapping[str, Mapping[str, Any]],
+    claims: Mapping[str, Mapping[str, Any]],
+    names: Mapping[str, str] | None = None,
+) -> str:
+    """A sentence from `what_decides`: which too-noisy claims no number of seeds decides on
+    their test set, which more seeds would, and which have no size to rule out."""
+    if not decides:
+        return "No claim of this family is too noisy to tell."
+    names = names or {}
+
+    def subj(n):
+        return claims[n]["subject"]
+
+    never = [n for n, d in decides.items() if d["decidable"] is False]
+    seeds = [n for n, d in decides.items() if d["decidable"] and not d["one_seed"]]
+    split = [n for n, d in decides.items() if d["decidable"] and d["one_seed"]]
+    nosize = [n for n, d in decides.items() if d["decidable"] is None]
+    parts = []
+    if never:
+        parts.append(
+            "No number of training seeds decides whether "
+            + "; or whether ".join(
+                f"{subj(n)} (paper {100 * decides[n]['paper_size']:.1f} points, below the "
+                f"{decides[n]['split']:,}-question split's floor of "
+                f"{100 * decides[n]['floor']:.1f}: ruling it out needs about "
+                f"{_count(decides[n]['questions_unlimited'])} questions)"
+                for n in never
+            )
+            + "."
+        )
+    if seeds:
+        parts.append(
+            "More seeds on the whole split would decide whether "
+            + "; or whether ".join(
+                f"{subj(n)} ({_count(decides[n]['seeds'])} seeds)" for n in seeds
+            )
+            + "."
+        )
+    if split:
+        parts.append(
+            "The whole test split could decide whether "
+            + "; or whether ".join(
+                f"{subj(n)} (its floor {100 * decides[n]['floor']:.1f} against the paper's "
+                f"{100 * decides[n]['paper_size']:.1f} points)"
+                for n in split
+            )
+            + ", if its training seeds differ little: one seed cannot show how much they do."
+        )
+    if nosize:
+        parts.append(
+            "The paper gives no size to the claim that "
+            + "; nor to the claim that ".join(
+                f"{subj(n)}, where even the whole split with unlimited seeds would only detect "
+                f"a difference of {100 * decides[n]['floor']:.1f} points or more"
+                for n in nosize
+            )
+            + "."
+        )
+    if any(decides[n]["one_seed"] for n in decides):
+        parts.append(
+            "A test with one training seed shows no seed-to-seed variance, so its floor counts "
+            "the questions only."
+        )
+    return " ".join(parts)
+
+
+def split_sizes(tests: Sequence[str]) -> dict[str, int]:
+    """The test split's questions of each test, from the data wheel; {} for a test whose data
+    this machine lacks (the tables then take the questions tested as the split)."""
+    from first_lib import tasks
+
+    out = {}
+    for t in tests:
+        try:
+            out[t] = len(tasks.load_task(t, "test"))
+        except (FirstError, OSError):
+            continue
+    return out
+
+
 def seeds_disagree(claims: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Names of the claims whose training seeds, taken one at a time, fall on both sides of 0
     (a per-seed difference above 0 and another below)."""
@@ -296,6 +479,8 @@ def from_files(paths: Sequence[str | Path], n_boot: int = 1000, seed: int = 0) -
         recs, names, yard.records if yard else None, n_boot=n_boot, seed=seed
     )
     counts = {v: sum(c["verdict"] == v for c in claims.values()) for v in stats.VERDICTS}
+    sizes = split_sizes([d.test for d in in_domain])
+    decides = what_decides(claims, recs, sizes, n_boot=n_boot, seed=seed)
     more_family = None
     if more:
         m_claims, m_checks = primary_family(
@@ -309,6 +494,9 @@ def from_files(paths: Sequence[str | Path], n_boot: int = 1000, seed: int = 0) -
             "counts": {
                 v: sum(c["verdict"] == v for c in m_claims.values()) for v in stats.VERDICTS
             },
+            "decides": what_decides(
+                m_claims, {d.test: d.records for d in more}, sizes, n_boot=n_boot, seed=seed
+            ),
             "sentences": {
                 n: verdicts.sentence(c["subject"], c["verdict"]) for n, c in m_claims.items()
             },
@@ -345,6 +533,8 @@ def from_files(paths: Sequence[str | Path], n_boot: int = 1000, seed: int = 0) -
         "claims": claims,
         "checks": checks,
         "counts": counts,
+        "decides": decides,
+        "split_sizes": sizes,
         "sentences": {n: verdicts.sentence(c["subject"], c["verdict"]) for n, c in claims.items()},
         "yardstick": yard.test if yard else None,
         "more_tasks": more_family,
@@ -455,6 +645,22 @@ def _print_table(rows: list[dict[str, str]]) -> None:
         print("  ".join(r.get(c, "").ljust(width[c]) for c in cols).rstrip())
 
 
+DECIDES_HEADER = (
+    "What would decide the claims too noisy to tell: the MDE now, on the whole test split with "
+    "more seeds, and its floor (the whole split, unlimited seeds), from the difference's "
+    "question and seed variances (stats.variance_split); to rule out the paper's size, the "
+    "seeds the whole split needs, or, where the split's own questions are too few, the "
+    "questions needed (normal approximation; 80% power at the 5% level)"
+)
+
+
+def _print_decides(decides, claims, names) -> None:
+    if decides:
+        print("\n" + DECIDES_HEADER)
+        _print_table(decides_rows(decides, claims, names))
+        print(decides_sentence(decides, claims, names))
+
+
 def _cmd_evidence(args) -> int:
     out = from_files(args.files, n_boot=args.n_boot, seed=args.seed)
     names = out["names"]
@@ -490,6 +696,7 @@ def _cmd_evidence(args) -> int:
             f"{names[out['yardstick']]} (max - min), for a test with one seed"
         )
     print("\n" + verdicts.counts_sentence(out["counts"], "primary claims"))
+    _print_decides(out["decides"], out["claims"], names)
     more = out["more_tasks"]
     if more is not None:
         print(
@@ -499,6 +706,7 @@ def _cmd_evidence(args) -> int:
         _print_table(check_rows(more["checks"], names))
         _print_table(claim_rows(more["claims"], names))
         print("\n" + verdicts.counts_sentence(more["counts"], "claims on the other tasks"))
+        _print_decides(more["decides"], more["claims"], names)
     every = out["all"]
     if every is not None:
         names_all = ", ".join(paper_claims.TEST_NAMES[t] for t in every["tests"])

@@ -285,3 +285,36 @@ def test_ls_that_is_distill_is_not_counted_twice(files):
     other = verdicts.first_vs_name("distill", "ece", "csqa")
     assert same[other]["counted"] and same[name]["estimate"].point == same[other]["estimate"].point
     assert sum(c["counted"] for c in same.values()) == sum(c["counted"] for c in apart.values()) - 1
+
+
+def test_what_decides_the_claims_too_noisy_to_tell(files):
+    ev = evidence.from_files([files["csqa"], files["boolq"]], n_boot=300)
+    noisy = {n for n, c in ev["claims"].items() if c["verdict"] == stats.TOO_NOISY}
+    assert noisy and set(ev["decides"]) == noisy
+    for name, d in ev["decides"].items():
+        c = ev["claims"][name]
+        recs = {"csqa": lab.load_lab_records(files["csqa"]),
+                "boolq": lab.load_lab_records(files["boolq"])}[c["task"]].records  # fmt: skip
+        split = stats.variance_split(recs[c["a"]], recs[c["b"]], c["metric"], n_boot=300)
+        assert d["split"] >= d["n_questions"] == split["n_questions"] == 200
+        assert d["one_seed"] == (c["task"] == "boolq")
+        # the floor: the whole split, the seeds' part gone; it lies at or below every design
+        floor = stats.planned_mde({**split, "seeds": 0.0}, n_questions=d["split"])
+        assert d["floor"] == pytest.approx(floor)
+        assert d["floor"] <= d["mde_split"] + 1e-12
+        if d["paper_size"] is None:
+            assert d["decidable"] is None and d["questions"] is None
+            continue
+        assert d["paper_size"] == pytest.approx(abs(c["paper"]) / 100)
+        assert d["decidable"] == (d["floor"] <= d["paper_size"])
+        q = d["questions_unlimited"]
+        assert math.isfinite(q)
+        assert stats.planned_mde({**split, "seeds": 0.0}, n_questions=int(q)) <= d["paper_size"]
+        # a split that decides needs no more questions than it has, and one that does not, more
+        assert (q <= d["split"]) == d["decidable"]
+    # the table and the sentence name every such claim
+    rows = evidence.decides_rows(ev["decides"], ev["claims"], ev["names"])
+    assert len(rows) == len(noisy)
+    text = evidence.decides_sentence(ev["decides"], ev["claims"], ev["names"])
+    for name in noisy:
+        assert ev["claims"][name]["subject"] in text

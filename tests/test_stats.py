@@ -311,3 +311,26 @@ def test_estimates_are_json_ready_for_chapter_json():
     est = stats.compare(calibrated_records(50, 1), calibrated_records(50, 2), "acc", n_boot=20)
     saved = json.loads(json.dumps(book._jsonable({"first_vs_ft": est})))["first_vs_ft"]
     assert saved["point"] == est.point and saved["n_seeds"] == [1, 1] and saved["seeds"] == "single"
+
+
+def test_design_for_inverts_the_planned_mde():
+    # the design it returns detects the size asked (and one question or seed fewer does not)
+    split = {"questions": 4e-4, "seeds": 1e-4, "n_questions": 1000, "n_seeds": 3}
+    size = 0.06  # below today's mde (about 0.063): more of either side reaches it
+    nq = stats.design_for(split, size, n_seeds=3)
+    assert stats.planned_mde(split, n_questions=int(nq), n_seeds=3) <= size
+    assert stats.planned_mde(split, n_questions=int(nq) - 1, n_seeds=3) > size
+    ns = stats.design_for(split, size, n_questions=1000)
+    assert nq > 1000 and ns > 3
+    assert stats.planned_mde(split, n_questions=1000, n_seeds=int(ns)) <= size
+    assert stats.planned_mde(split, n_questions=1000, n_seeds=int(ns) - 1) > size
+    # below the floor one side sets, no number of the other side suffices
+    floor_q = stats.planned_mde({**split, "seeds": 0.0}, n_questions=1000)
+    assert stats.design_for(split, 0.9 * floor_q, n_questions=1000) == float("inf")
+    assert stats.design_for(split, 1.1 * floor_q, n_questions=1000) < float("inf")
+    floor_s = stats.planned_mde({**split, "questions": 0.0}, n_seeds=3)
+    assert stats.design_for(split, 0.9 * floor_s, n_seeds=3) == float("inf")
+    with pytest.raises(FirstError):
+        stats.design_for(split, size)
+    with pytest.raises(FirstError):
+        stats.design_for(split, 0.0, n_seeds=3)

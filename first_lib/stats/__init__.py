@@ -16,7 +16,7 @@ from first_lib.stats.decide import (
     learned,
 )
 from first_lib.stats.estimate import Estimate, compare, estimate, from_replicates
-from first_lib.stats.power import mde, planned_mde, variance_split
+from first_lib.stats.power import design_for, mde, planned_mde, variance_split
 from first_lib.stats.resample import ECE_INTERVAL, P_VALUE, SEED_SCHEME, interval
 from first_lib.stats.rows import BIASED_METRICS, METRICS, metric_rows
 from first_lib.stats.tables import Runs, per_question, runs_of

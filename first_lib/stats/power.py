@@ -83,3 +83,35 @@ def planned_mde(
         raise FirstError(f"a design needs questions and seeds, got {nq}, {ns}")
     var = split["questions"] * split["n_questions"] / nq + split["seeds"] * split["n_seeds"] / ns
     return mde(float(np.sqrt(var)), alpha, power)
+
+
+def design_for(
+    split: Mapping[str, Any],
+    effect: float,
+    n_questions: int | None = None,
+    n_seeds: int | None = None,
+    alpha: float = 0.05,
+    power: float = 0.8,
+) -> float:
+    """What one side of a design must be for its `mde` to reach ``effect`` (a size, > 0), the
+    other side held: given ``n_seeds``, the questions needed; given ``n_questions``, the seeds
+    needed (exactly one of the two). From ``mde <= effect``, ``se^2 = var_q N / N' + var_s S /
+    S'`` solved for the free side: ``inf`` where the held side's variance alone already keeps
+    the mde above ``effect`` (no number of the other suffices), 0 where nothing is needed.
+    Rounded up, so a design of that size detects ``effect`` (to the normal approximation; the
+    plug-in ECE's bias is taken as what the measured design had)."""
+    if (n_questions is None) == (n_seeds is None):
+        raise FirstError("give exactly one of n_questions and n_seeds (the side held)")
+    if not effect > 0:
+        raise FirstError(f"an effect size must be > 0, got {effect}")
+    budget = (effect / mde(1.0, alpha, power)) ** 2  # the largest se^2 that detects `effect`
+    var_q = split["questions"] * split["n_questions"]
+    var_s = split["seeds"] * split["n_seeds"]
+    if n_seeds is not None:
+        held, free = var_s / n_seeds, var_q
+    else:
+        held, free = var_q / n_questions, var_s
+    room = budget - held
+    if room <= 0:
+        return float("inf")
+    return float(np.ceil(free / room)) if free > 0 else 0.0
