@@ -174,3 +174,30 @@ def test_a_finished_stage_leaves_no_model_in_the_run_s_accelerator():
         alive[release] = ref() is not None
     assert alive == {False: True, True: False}  # kept by the accelerator until released
     assert acc._models == [] and acc._optimizers == []
+
+
+def test_frozen_heap_skips_old_objects_and_collects_them_after():
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    def cycle():
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        return a
+
+    old = cycle()
+    old_ref = weakref.ref(old)
+    with memory.frozen_heap():
+        assert gc.get_freeze_count() > 0
+        del old  # dies in a cycle while frozen: not collected during the run
+        gc.collect()
+        assert old_ref() is not None
+        new_ref = weakref.ref(cycle())  # made during the run: collected as usual
+        gc.collect()
+        assert new_ref() is None
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert old_ref() is None  # back in the collector's reach after the run

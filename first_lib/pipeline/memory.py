@@ -26,6 +26,7 @@ each later stage started several GB higher: `release` between stages gives it ba
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 
@@ -89,11 +90,29 @@ def release(acc=None) -> None:
     not glibc."""
     if acc is not None:
         acc.free_memory()
-    gc.collect()
+    gc.collect()  # after: free_memory's own collection runs before it drops its lists
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+@contextlib.contextmanager
+def frozen_heap():
+    """Within: the objects that existed before (imported modules, classes, a notebook's state)
+    left out of the cyclic garbage collector's passes (`gc.freeze`), so that the collection
+    `release` runs after every stage visits only what the run itself made. A full collection on
+    a heap that holds torch, transformers, accelerate and peft took 0.15 s on the 2-core AVX2
+    EPYC, and a run collects after each of its ~20 stages: 6.4 of the 27 s of a tiny OpenBookQA
+    run (cProfile). Frozen objects are still freed by reference counting; those that die in a
+    cycle during the run are collected after it (`gc.unfreeze` returns them to the oldest
+    generation)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def smaller_batches(
