@@ -178,6 +178,32 @@ def test_a_tiny_run_of_another_task(tmp_path):
     assert listed.returncode == 0 and "0 entries" in listed.stdout, listed.stdout
 
 
+@pytest.fixture(scope="module")
+def tiny_home(tmp_path_factory):
+    """One FIRST_HOME for the tiny runs of every task (the tiny models are built once)."""
+    return isolated_home(tmp_path_factory.mktemp("every-task"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_a_tiny_run_of_every_task(task, tiny_home, tmp_path):
+    """`first run --profile tiny --setting TASK` for every shipped multiple-choice task: trained,
+    validated and tested on the task's own splits, every variant evaluated (the default suite
+    runs one such task, PIQA, above, and the chapters CSQA, BoolQ, OpenBookQA and ARC-Challenge;
+    `make test-slow` runs them all, ~20 s each at fp32 on a 2-core AVX2 CPU)."""
+    env = {**os.environ, "FIRST_HOME": str(tiny_home), "TQDM_DISABLE": "1"}
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "first_lib.cli", "run", "--profile", "tiny"]
+    cmd += ["--setting", task, "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["setting"] == task and list(res["by_test"]) == [task]
+    assert 0 < res["by_test"][task]["n_test"] <= PROFILES["tiny"].n_test
+    assert set(res["variants"]) == set(pipeline.VARIANTS) | set(pipeline.POSTHOC)
+    assert all(0 <= v["acc"] <= 1 and 0 <= v["ece"] <= 1 for v in res["variants"].values())
+
+
 def test_a_callers_override_wins_over_a_settings_own_value():
     """The cpu profile gives BoolQ its own test size and student recipe (`per_setting`); a value
     the caller sets (`first run --set ...`) still reaches a BoolQ run, and a dotted training
