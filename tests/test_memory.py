@@ -201,3 +201,24 @@ def test_frozen_heap_skips_old_objects_and_collects_them_after():
     assert gc.get_freeze_count() == 0
     gc.collect()
     assert old_ref() is None  # back in the collector's reach after the run
+
+
+def test_the_plan_covers_every_stage_of_a_measured_run():
+    """Every stage of a reduced `cpu` run, all in one process as a run has them (the committed
+    file): the plan's price (`stage_gb` plus `RUN_GB`, from today's constants) is at least the
+    stage's measured peak and at most 30% above it."""
+    data = json.loads((PROBES.parent / "stage-memory-pipeline-cpu-fp32.json").read_text())
+    rows = data["stages"]
+    assert {r["kind"] for r in rows} == {"train", "extract", "evaluate"}
+    for r in rows:
+        est = memory.RUN_GB[r["precision"]] + memory.stage_gb(
+            flops.Shape(**r["shape"]), r["params_b"], r["kind"], r["precision"],
+            r["batch_tokens"], r["train"],
+        )  # fmt: skip
+        assert r["peak_memory_gb"] <= est <= 1.3 * r["peak_memory_gb"], (r["stage"], est)
+    # without the run's share, the students' training was priced below what it held
+    assert any(
+        memory.stage_gb(flops.Shape(**r["shape"]), r["params_b"], r["kind"], r["precision"],
+                        r["batch_tokens"], r["train"]) < r["peak_memory_gb"]
+        for r in rows
+    )  # fmt: skip

@@ -280,10 +280,13 @@ def rate(
 
 
 def memory_needs(prof, setting: str, precision: str, work: list[Work]) -> dict[str, float]:
-    """{stage: estimated peak GB} of the stages in `work` not done yet (`memory.stage_gb`)."""
+    """{stage: estimated peak GB} of the stages in `work` not done yet (`memory.stage_gb`, plus
+    what a run's process holds beyond a stage alone: `memory.RUN_GB`)."""
     nodes = {n.name: n for n in stage_graph(prof, setting, precision)}
+    extra = memory.RUN_GB.get(precision, max(memory.RUN_GB.values()))
     return {
-        w.stage: memory.stage_gb(
+        w.stage: extra
+        + memory.stage_gb(
             flops.shape_of(w.source), w.params_b, w.kind, precision, w.batch_tokens, w.train
         )
         for w in work

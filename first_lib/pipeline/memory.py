@@ -35,6 +35,14 @@ from first_lib import flops
 # Python, torch and the run's data, before any model (measured: 0.3 GB after importing torch
 # and transformers; the tokenised data sets and the process's other buffers add the rest).
 BASE_GB = 0.6
+# What a run's process holds at a stage's peak beyond what the same stage holds in a process of
+# its own (the probes above): the libraries of every kind of stage, the data, the heap that
+# earlier and larger stages leave fragmented. The largest such gap measured, rounded up: fp32,
+# 0.64 GB (a distilled student; `bench/stage-memory-pipeline-cpu-fp32.json`, every stage of a
+# reduced `cpu` OpenBookQA run on the 2-core AVX2 EPYC, which tests/test_memory.py holds this
+# to); bf16, 2.0 GB (the `cpu` OpenBookQA run on the 2-core AMX Xeon: extraction 6.2 GB and
+# the students 6.35-6.39 GB against 4.2 and 4.4 GB priced without it).
+RUN_GB = {"fp32": 0.7, "bf16": 2.1}
 # Values kept per token for the backward pass of one decoder layer trained with LoRA on every
 # linear map (no recomputation), in units of (hidden + intermediate) width: fitted (see the
 # module docstring). bf16 autocast keeps most of them in 2 bytes instead of 4.
