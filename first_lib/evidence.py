@@ -266,13 +266,11 @@ def decides_rows(
 def decides_sentence(
     decides: Mapping[str, Mapping[str, Any]],
     claims: Mapping[str, Mapping[str, Any]],
-    names: Mapping[str, str] | None = None,
 ) -> str:
     """A sentence from `what_decides`: which too-noisy claims no number of seeds decides on
     their test set, which more seeds would, and which have no size to rule out."""
     if not decides:
         return "No claim of this family is too noisy to tell."
-    names = names or {}
 
     def subj(n):
         return claims[n]["subject"]
@@ -658,7 +656,7 @@ def _print_decides(decides, claims, names) -> None:
     if decides:
         print("\n" + DECIDES_HEADER)
         _print_table(decides_rows(decides, claims, names))
-        print(decides_sentence(decides, claims, names))
+        print(decides_sentence(decides, claims))
 
 
 def _cmd_evidence(args) -> int:

@@ -315,6 +315,6 @@ def test_what_decides_the_claims_too_noisy_to_tell(files):
     # the table and the sentence name every such claim
     rows = evidence.decides_rows(ev["decides"], ev["claims"], ev["names"])
     assert len(rows) == len(noisy)
-    text = evidence.decides_sentence(ev["decides"], ev["claims"], ev["names"])
+    text = evidence.decides_sentence(ev["decides"], ev["claims"])
     for name in noisy:
         assert ev["claims"][name]["subject"] in text
