@@ -47,7 +47,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
         "pack the top-5 mass and stored ranks of a run's cached teacher into one small file",
     ),
     "evidence": (
-        ("first_lib.evidence",),
+        ("first_lib.evidence_text",),
         "decide the paper's claims from lab records files (no model, no training)",
     ),
 }

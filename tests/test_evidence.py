@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from first_lib import claims as paper_claims
-from first_lib import cli, evidence, lab, lab_export, stats, verdicts
+from first_lib import cli, evidence, evidence_text, lab, lab_export, stats, verdicts
 from first_lib.errors import FirstError
 from tests.lab_fake import fake_run
 
@@ -94,15 +94,15 @@ def test_the_seeds_sentence_names_the_claims_whose_seeds_split():
         "c": {"subject": "claim C", "by_seed": None},
     }
     assert evidence.seeds_disagree(claims) == ["b"]
-    text = evidence.seeds_sentence(claims)
+    text = evidence_text.seeds_sentence(claims)
     assert (
         "In 1 of the 2 claims" in text
         and "claim B (seed 0 +0.1, seed 1 -12.3, seed 2 -15.3)" in text
     )
     assert "moved most between seeds: claim B, 15.4 points" in text and "claim A" not in text
     claims["b"]["by_seed"] = {0: -0.01, 1: -0.02}
-    assert "same side of 0" in evidence.seeds_sentence(claims)
-    assert evidence.seeds_sentence({"c": claims["c"]}) == ""
+    assert "same side of 0" in evidence_text.seeds_sentence(claims)
+    assert evidence_text.seeds_sentence({"c": claims["c"]}) == ""
 
 
 def test_a_model_that_did_not_learn_withholds_its_claims(files, tmp_path):
@@ -313,8 +313,8 @@ def test_what_decides_the_claims_too_noisy_to_tell(files):
         # a split that decides needs no more questions than it has, and one that does not, more
         assert (q <= d["split"]) == d["decidable"]
     # the table and the sentence name every such claim
-    rows = evidence.decides_rows(ev["decides"], ev["claims"], ev["names"])
+    rows = evidence_text.decides_rows(ev["decides"], ev["claims"], ev["names"])
     assert len(rows) == len(noisy)
-    text = evidence.decides_sentence(ev["decides"], ev["claims"])
+    text = evidence_text.decides_sentence(ev["decides"], ev["claims"])
     for name in noisy:
         assert ev["claims"][name]["subject"] in text
