@@ -100,6 +100,8 @@ def from_run(profile: str, setting: str, seed: int, overrides: dict) -> dict:
         stages[node.name] = {"artefact": node.path.name, **perf}
     if not stages:
         raise FirstError(f"no finished stage of {profile}/{setting} (seed {seed}) records its rate")
+    from first_lib.bench.context import _git_commit
+
     info = device.info()
     return {
         "what": f"per-stage model FLOPs utilisation of a {profile}-profile {setting} run "
@@ -112,6 +114,7 @@ def from_run(profile: str, setting: str, seed: int, overrides: dict) -> dict:
             "precision": precision,
             "versions": info["versions"],
         },
+        "commit": _git_commit(),
         "left_out_shared": left_out,
         "stages": stages,
         "rates": clock.rates_from_stages(stages),

@@ -35,10 +35,11 @@ from first_lib.pipeline.graph import run_precision, stage_graph
 # committed rates files (tests/test_clock.py checks them against these). bf16: a 2-core Intel
 # Xeon with AMX (`bench/stage-rates-cpu-bf16-amx.json`: the OpenBookQA and ARC-Challenge runs of
 # session 18 and a CSQA seed's untuned evaluations; the students' LoRA training reaches only a
-# third of the peak, the teacher's over half). fp32: a reduced `cpu`-profile CSQA run at the real
-# architectures on a 2-core AVX2 EPYC, alone (`bench/stage-rates-cpu-fp32.json`): fp32 kernels
-# run nearer their peak than bf16 ones. Replaced by this machine's own records (`perf` in each
-# stage's meta.json) once it has finished a stage of that kind, model and precision.
+# third of the peak, the teacher's over half). fp32: a reduced `cpu`-profile CSQA run at the
+# real architectures on a 2-core AVX2 EPYC, alone (`bench/stage-rates-cpu-fp32.json`, written by
+# `scripts/stage_rates.py`): fp32 kernels run nearer their peak than bf16 ones. Replaced by this
+# machine's own records (`perf` in each stage's meta.json) once it has finished a stage of that
+# kind, model and precision.
 PRIOR_MFU = {
     "bf16": {
         "evaluate": 0.844,
@@ -50,13 +51,13 @@ PRIOR_MFU = {
     },
     "fp32": {
         "evaluate": 0.766,
-        "evaluate student": 0.761,
-        "evaluate teacher": 0.812,
-        "extract": 0.816,
-        "extract teacher": 0.816,
-        "train": 0.616,
-        "train student": 0.636,
-        "train teacher": 0.616,
+        "evaluate student": 0.766,
+        "evaluate teacher": 0.766,
+        "extract": 0.794,
+        "extract teacher": 0.794,
+        "train": 0.541,
+        "train student": 0.526,
+        "train teacher": 0.63,
     },
 }
 # Without a tokenizer at hand: ~4 characters a token for English BPE text, and the chat
