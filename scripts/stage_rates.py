@@ -18,6 +18,8 @@ reported (or only the seconds, for evaluations). Each observation's peak is its 
 version counts them (`clock.stage_work`) over (seconds - the clock's load overhead) x mfu; the
 machine's peak is their median, and an observation without an `mfu` gets the achieved rate over
 that peak. The `rates` block is rewritten from them, so the derivation can be checked and redone.
+A `check` entry (a whole run and the seconds it took there) is priced with the derived rates and
+printed beside what it took: the rates against a run they were not fitted to as a whole.
 """
 
 from __future__ import annotations
@@ -51,7 +53,24 @@ def count(data: dict) -> dict:
         works = _work(o["profile"], o["setting"], precision)
         o["model_gflop"] = round(sum(works[s].gflop for s in o["stages"]), 1)
         o["overhead_s"] = round(sum(works[s].overhead_s for s in o["stages"]), 1)
-    return derive(data)
+    data = derive(data)
+    check = data.get("check")
+    if check:  # a whole run the rates were not fitted to as a whole: priced with them
+        check["priced_s"] = round(_priced(data, check["profile"], check["setting"]), 1)
+    return data
+
+
+def _priced(data: dict, profile: str, setting: str, seed: int = 0) -> float:
+    """Seconds the clock prices one run at with `data`'s rates, from an empty cache."""
+    from first_lib.pipeline import clock
+    from first_lib.profiles import for_setting, get_profile
+
+    block = data["rates"]
+    rates = clock.Rates(
+        "the file's machine", block["precision"], block["peak_gflops"], block["mfu"]
+    )
+    prof = for_setting(get_profile(profile, precision=rates.precision, seed=seed), setting)
+    return 60 * clock.total_minutes(clock.estimate(prof, setting, rates=rates), only_missing=False)
 
 
 def derive(data: dict) -> dict:
@@ -145,6 +164,12 @@ def main(argv=None) -> int:
         p.exit(1, f"stage_rates: {err}\n")
     path.write_text(json.dumps(data, indent=1) + "\n")
     print(json.dumps(data["rates"], indent=1))
+    check = data.get("check")
+    if check and "priced_s" in check:
+        print(
+            f"check: {check['setting']} run priced at {check['priced_s'] / 60:.1f} min with these "
+            f"rates; it took {check['seconds'] / 60:.1f} min ({check['recorded']})"
+        )
     return 0
 
 

@@ -60,30 +60,36 @@ def _seconds(base: dict) -> dict:
     }
 
 
+def _priced(seed: int, items: list[_Item], price: dict, here: bool = True) -> list[dict]:
+    """Rows of `costs`: each artefact's estimate (`price` by its kind), whether it is done here
+    and the time it took (`wall_seconds` of its meta.json) where it is (`here` false: priced for
+    another machine, nothing counts as done)."""
+    from first_lib.artefacts import read_meta
+
+    rows = []
+    for item in items:
+        done = here and item.done()
+        rows.append(
+            {
+                "seed": seed,
+                "artefact": item.name,
+                "estimate_s": price[item.estimate_kind],
+                "done": done,
+                "actual_s": read_meta(item.path).get("wall_seconds") if done else None,
+            }
+        )
+    return rows
+
+
 def costs(profile: str, setting: str, ks, draws, seeds, sample_seed=0, **overrides) -> list[dict]:
     """Per seed and artefact of the study: the time estimated from the run's own stages on this
     machine (the run's extraction, plain-distillation training and its evaluation), whether it
     is done, and the time it took (`wall_seconds` of its meta.json) where it is."""
-    from first_lib.artefacts import read_meta
-
     rows = []
     for seed in seeds:
         prof = _profile(profile, setting, seed, overrides)
         base, items, _ = plan(prof, setting, ks, draws, sample_seed)
-        price = _seconds(base)
-        for item in items:
-            done = item.done()
-            actual = read_meta(item.path).get("wall_seconds") if done else None
-            est = price[item.estimate_kind]
-            rows.append(
-                {
-                    "seed": seed,
-                    "artefact": item.name,
-                    "estimate_s": est,
-                    "done": done,
-                    "actual_s": actual,
-                }
-            )
+        rows += _priced(seed, items, _seconds(base))
     return rows
 
 
@@ -119,17 +125,7 @@ def clock_costs(
             "evaluate": est[f"evaluate distill on {base['test']}"],
             "store": 0.0,
         }
-        for item in items:
-            done = rates is None and item.done()
-            rows.append(
-                {
-                    "seed": seed,
-                    "artefact": item.name,
-                    "estimate_s": price[item.estimate_kind],
-                    "done": done,
-                    "actual_s": None,
-                }
-            )
+        rows += _priced(seed, items, price, here=rates is None)
     return rows
 
 
