@@ -244,6 +244,11 @@ def test_the_rates_option_of_the_dry_runs(home, tmp_path, capsys):
     bad.write_text("{}")
     assert main(args[:-1] + [str(bad)]) == 2
     assert "not a rates file" in capsys.readouterr().err
+    no_eval = json.loads((BENCH / "stage-rates-cpu-bf16-amx.json").read_text())
+    del no_eval["rates"]["mfu"]["evaluate"]
+    bad.write_text(json.dumps(no_eval))
+    assert main(args[:-1] + [str(bad)]) == 2
+    assert "missing or not positive: ['evaluate']" in capsys.readouterr().err
     assert build_book.main(["--dry-run", "--rates", amx]) == 0
     out = capsys.readouterr().out
     assert "runs from an empty cache" in out and "beyond_k" in out and " h) on Intel" in out

@@ -337,9 +337,16 @@ def load_rates(path) -> Rates:
         block = data["rates"]
         cpu = (data.get("machine") or {}).get("cpu") or {}
         name = f"{cpu.get('model', 'another machine')}, {cpu.get('cores', '?')} cores"
-        return Rates(name, block["precision"], float(block["peak_gflops"]), dict(block["mfu"]))
+        rates = Rates(name, block["precision"], float(block["peak_gflops"]), dict(block["mfu"]))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise FirstError(f"{path}: not a rates file ({type(err).__name__}: {err})") from None
+    lacking = [k for k in ("train", "extract", "evaluate") if not rates.mfu.get(k, 0) > 0]
+    if rates.precision not in ("fp32", "bf16") or not rates.peak_gflops > 0 or lacking:
+        raise FirstError(
+            f"{path}: a rates file needs a precision (fp32 or bf16), a positive peak and a "
+            f"share for every kind of stage; missing or not positive: {lacking or 'the peak'}"
+        )
+    return rates
 
 
 def rate(
