@@ -56,11 +56,11 @@ def count(data: dict) -> dict:
     data = derive(data)
     check = data.get("check")
     if check:  # a whole run the rates were not fitted to as a whole: priced with them
-        check["priced_s"] = round(_priced(data, check["profile"], check["setting"]), 1)
+        check["priced_s"] = round(_run_seconds(data, check["profile"], check["setting"]), 1)
     return data
 
 
-def _priced(data: dict, profile: str, setting: str, seed: int = 0) -> float:
+def _run_seconds(data: dict, profile: str, setting: str, seed: int = 0) -> float:
     """Seconds the clock prices one run at with `data`'s rates, from an empty cache."""
     from first_lib.pipeline import clock
     from first_lib.profiles import for_setting, get_profile

@@ -219,7 +219,7 @@ def test_a_run_is_priced_for_the_machine_of_a_rates_file(home, tmp_path):
     # the beyond_k study: eight students and their evaluations, two extraction-like passes
     from first_lib.beyond import study
 
-    rows = study.clock_costs("cpu", rates=rates)
+    rows = clock.study_rows("cpu", "bf16", rates=rates)
     price = {r["artefact"]: r["estimate_s"] for r in rows}
     assert sum(a.startswith("student ") for a in price) == 8
     assert price["student top-10"] == pytest.approx(there["distill-none"]["seconds"])

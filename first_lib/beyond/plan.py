@@ -1,7 +1,8 @@
 """What the beyond-k study (`first_lib.beyond.study`) makes on top of a run, named and keyed
 without loading or computing anything: its artefacts in order (`plan`) and their folder names
 (`artefact_names`, which `first clean` keeps). Apart from `study` so that the pipeline can ask for
-these names without importing the code that computes them (which imports the pipeline).
+these names without importing the code that computes them (which imports the pipeline); and the rows that price them (`_priced`, for `study.costs` and
+the clock's `study_rows`).
 """
 
 from __future__ import annotations
@@ -151,3 +152,24 @@ def artefact_names(prof, setting: str) -> set[str]:
     its precision) at the default `KS` and `DRAWS`, computed or not: what `first clean` keeps."""
     _, items, _ = plan(prof, setting, KS, DRAWS, require_run=False)
     return {item.path.name for item in items}
+
+
+def _priced(seed: int, items: list[_Item], price: dict, here: bool = True) -> list[dict]:
+    """Rows of `costs`: each artefact's estimate (`price` by its kind), whether it is done here
+    and the time it took (`wall_seconds` of its meta.json) where it is (`here` false: priced for
+    another machine, nothing counts as done)."""
+    from first_lib.artefacts import read_meta
+
+    rows = []
+    for item in items:
+        done = here and item.done()
+        rows.append(
+            {
+                "seed": seed,
+                "artefact": item.name,
+                "estimate_s": price[item.estimate_kind],
+                "done": done,
+                "actual_s": read_meta(item.path).get("wall_seconds") if done else None,
+            }
+        )
+    return rows

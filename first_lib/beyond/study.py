@@ -31,6 +31,7 @@ from first_lib.beyond.plan import (  # noqa: F401 - the study's keys and default
     KS,
     _base,
     _Item,
+    _priced,
     _profile,
     _student_cfg,
     artefact_names,
@@ -60,27 +61,6 @@ def _seconds(base: dict) -> dict:
     }
 
 
-def _priced(seed: int, items: list[_Item], price: dict, here: bool = True) -> list[dict]:
-    """Rows of `costs`: each artefact's estimate (`price` by its kind), whether it is done here
-    and the time it took (`wall_seconds` of its meta.json) where it is (`here` false: priced for
-    another machine, nothing counts as done)."""
-    from first_lib.artefacts import read_meta
-
-    rows = []
-    for item in items:
-        done = here and item.done()
-        rows.append(
-            {
-                "seed": seed,
-                "artefact": item.name,
-                "estimate_s": price[item.estimate_kind],
-                "done": done,
-                "actual_s": read_meta(item.path).get("wall_seconds") if done else None,
-            }
-        )
-    return rows
-
-
 def costs(profile: str, setting: str, ks, draws, seeds, sample_seed=0, **overrides) -> list[dict]:
     """Per seed and artefact of the study: the time estimated from the run's own stages on this
     machine (the run's extraction, plain-distillation training and its evaluation), whether it
@@ -90,42 +70,6 @@ def costs(profile: str, setting: str, ks, draws, seeds, sample_seed=0, **overrid
         prof = _profile(profile, setting, seed, overrides)
         base, items, _ = plan(prof, setting, ks, draws, sample_seed)
         rows += _priced(seed, items, _seconds(base))
-    return rows
-
-
-def clock_costs(
-    profile: str,
-    setting: str = "csqa",
-    ks=KS,
-    draws=DRAWS,
-    n_seeds: int = 1,
-    precision: str | None = None,
-    rates=None,
-    **overrides,
-) -> list[dict]:
-    """The study's artefacts (the chapter's defaults) priced by the clock (`pipeline.clock`),
-    before the run they build on exists or on another machine (`rates`): the wide extraction and
-    the teacher's sampling as the run's extraction, each student as the run's plain-distillation
-    training, each evaluation as that student's evaluation; rows as `costs`'s."""
-    from first_lib.pipeline import clock
-
-    if precision is not None:
-        overrides = {**overrides, "precision": precision}
-    seeds = list(_profile(profile, setting, 0, overrides).seeds)[: max(1, int(n_seeds))]
-    rows = []
-    for seed in seeds:
-        prof = _profile(profile, setting, seed, overrides)
-        base, items, _ = plan(prof, setting, ks, draws, require_run=False)
-        est = {r["stage"]: r["seconds"] for r in clock.estimate(prof, setting, rates=rates)}
-        if not est:
-            return []
-        price = {
-            "extract": est["extract"],
-            "train": est["distill-none"],
-            "evaluate": est[f"evaluate distill on {base['test']}"],
-            "store": 0.0,
-        }
-        rows += _priced(seed, items, price, here=rates is None)
     return rows
 
 

@@ -473,12 +473,38 @@ def book_estimate(
         rows += mine
     total = total_minutes(rows, missing)
     if settings is None and profile != "paper":
-        from first_lib.beyond import study
-
-        study_rows = study.clock_costs(profile, precision=precision, rates=rates)
-        per["beyond_k"] = study.minutes(study_rows, missing)
+        study = study_rows(profile, precision, rates=rates)
+        per["beyond_k"] = sum(r["estimate_s"] for r in study if not (missing and r["done"])) / 60
         total += per["beyond_k"]
     return total, per
+
+
+def study_rows(
+    profile: str, precision: str, rates: Rates | None = None, setting: str = "csqa", n_seeds=1
+) -> list[dict]:
+    """The `beyond_k` chapter's study (`first_lib.beyond`, at its default k and draws) priced
+    before the run it builds on exists, or on the machine of `rates`: the wide extraction and the
+    teacher's sampling as the run's extraction, each student as the run's plain-distillation
+    training, each evaluation as that student's evaluation; rows as `beyond.study.costs`'s."""
+    from first_lib.beyond.plan import DRAWS, KS, _priced, _profile, plan
+
+    over = {"precision": precision}
+    seeds = list(_profile(profile, setting, 0, over).seeds)[: max(1, int(n_seeds))]
+    rows = []
+    for seed in seeds:
+        prof = _profile(profile, setting, seed, over)
+        base, items, _ = plan(prof, setting, KS, DRAWS, require_run=False)
+        est = {r["stage"]: r["seconds"] for r in estimate(prof, setting, rates=rates)}
+        if not est:
+            return []
+        price = {
+            "extract": est["extract"],
+            "train": est["distill-none"],
+            "evaluate": est[f"evaluate distill on {base['test']}"],
+            "store": 0.0,
+        }
+        rows += _priced(seed, items, price, here=rates is None)
+    return rows
 
 
 def describe(rows: list[dict], rates: Rates | None = None) -> str:
