@@ -50,32 +50,19 @@ def allocators() -> dict[str, str | None]:
 
 
 def _steps(setting: str, role: str, steps: int, precision: str) -> dict:
-    """In this process: `steps` optimizer steps of the cpu profile's `role` on `setting`."""
-    import dataclasses
+    """In this process: `steps` optimizer steps of the cpu profile's `role` on `setting`, and
+    this process's system time, page faults and peak memory over them."""
     import resource
 
-    from first_lib import device, models, profiles, train
-    from first_lib.pipeline import data as run_data
+    from first_lib import device, models
+    from scripts.train_step_probe import probe_inputs, train_steps
 
-    prof = profiles.for_setting(profiles.get_profile("cpu"), setting)
-    precision = device.resolve_precision(precision)
-    cfg = prof.student_train if role == "student" else prof.teacher_train
-    cfg = dataclasses.replace(cfg, max_steps=steps, loss="ce")
-    source = prof.student if role == "student" else prof.teacher
-    tokenizer = models.load_tokenizer(source)
-    rows = run_data.load_questions(prof, setting)["train"]
-    examples = run_data.tokenize(tokenizer, rows, prof, setting)
+    precision, cfg, source, tokenizer, examples = probe_inputs(
+        "cpu", setting, role, steps, precision
+    )
     model = models.load_model(source, dtype=device.torch_dtype(precision))
     before = resource.getrusage(resource.RUSAGE_SELF)
-    _, log = train.train(
-        model,
-        examples,
-        cfg,
-        pad_id=tokenizer.pad_token_id,
-        progress=False,
-        precision=precision,
-        prefix_reuse=False,
-    )
+    log = train_steps(model, examples, cfg, tokenizer, precision)
     after = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "precision": precision,

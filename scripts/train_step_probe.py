@@ -35,6 +35,35 @@ def fused(on: bool):
         train.prepare_model = original
 
 
+def probe_inputs(profile: str, setting: str, role: str, steps: int, precision: str):
+    """(precision resolved, `TrainConfig` of `steps` CE steps, model source, tokenizer, tokenized
+    training examples) of `role` in `profile` x `setting`: what a probe trains on."""
+    from first_lib import models
+
+    prof = profiles.for_setting(profiles.get_profile(profile), setting)
+    precision = device.resolve_precision(precision)
+    cfg = prof.student_train if role == "student" else prof.teacher_train
+    cfg = dataclasses.replace(cfg, max_steps=steps, loss="ce")
+    source = prof.student if role == "student" else prof.teacher
+    tokenizer = models.load_tokenizer(source)
+    rows = run_data.load_questions(prof, setting)["train"]
+    return precision, cfg, source, tokenizer, run_data.tokenize(tokenizer, rows, prof, setting)
+
+
+def train_steps(model, examples, cfg, tokenizer, precision: str) -> dict:
+    """The training log of `train.train` over those steps (no checkpoint, no prefix cache)."""
+    _, log = train.train(
+        model,
+        examples,
+        cfg,
+        pad_id=tokenizer.pad_token_id,
+        progress=False,
+        precision=precision,
+        prefix_reuse=False,
+    )
+    return log
+
+
 def main(argv=None) -> dict:
     from first_lib import models
 
@@ -48,28 +77,15 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
 
-    prof = profiles.for_setting(profiles.get_profile(args.profile), args.setting)
-    precision = device.resolve_precision(args.precision)
-    cfg = prof.student_train if args.role == "student" else prof.teacher_train
-    cfg = dataclasses.replace(cfg, max_steps=args.steps, loss="ce")
-    source = prof.student if args.role == "student" else prof.teacher
-    tokenizer = models.load_tokenizer(source)
-    rows = run_data.load_questions(prof, args.setting)["train"]
-    examples = run_data.tokenize(tokenizer, rows, prof, args.setting)
+    precision, cfg, source, tokenizer, examples = probe_inputs(
+        args.profile, args.setting, args.role, args.steps, args.precision
+    )
     times: dict[str, list[float]] = {"plain": [], "fused": []}
     for r in range(args.rounds):
         for label in ("plain", "fused") if r % 2 == 0 else ("fused", "plain"):
             model = models.load_model(source, dtype=device.torch_dtype(precision))
             with fused(label == "fused"):
-                _, log = train.train(
-                    model,
-                    examples,
-                    cfg,
-                    pad_id=tokenizer.pad_token_id,
-                    progress=False,
-                    precision=precision,
-                    prefix_reuse=False,
-                )
+                log = train_steps(model, examples, cfg, tokenizer, precision)
             seconds = log["perf"]["seconds"]
             times[label].append(seconds)
             print(f"round {r} {label:5s} {args.steps} steps {seconds:6.1f} s", flush=True)
