@@ -1,8 +1,9 @@
 """What the beyond-k study (`first_lib.beyond.study`) makes on top of a run, named and keyed
 without loading or computing anything: its artefacts in order (`plan`) and their folder names
 (`artefact_names`, which `first clean` keeps). Apart from `study` so that the pipeline can ask for
-these names without importing the code that computes them (which imports the pipeline); and the rows that price them (`_priced`, for `study.costs` and
-the clock's `study_rows`).
+these names without importing the code that computes them (which imports the pipeline), and the
+rows that price them and their sum (`priced_rows`, `minutes`: for `study.costs` and the clock's
+`study_rows`).
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def artefact_names(prof, setting: str) -> set[str]:
     return {item.path.name for item in items}
 
 
-def _priced(seed: int, items: list[_Item], price: dict, here: bool = True) -> list[dict]:
+def priced_rows(seed: int, items: list[_Item], price: dict, here: bool = True) -> list[dict]:
     """Rows of `costs`: each artefact's estimate (`price` by its kind), whether it is done here
     and the time it took (`wall_seconds` of its meta.json) where it is (`here` false: priced for
     another machine, nothing counts as done)."""
@@ -173,3 +174,8 @@ def _priced(seed: int, items: list[_Item], price: dict, here: bool = True) -> li
             }
         )
     return rows
+
+
+def minutes(rows: list[dict], only_missing: bool = True) -> float:
+    """Estimated minutes of the rows (those not done, by default); unknown prices count 0."""
+    return sum((r["estimate_s"] or 0.0) for r in rows if not (only_missing and r["done"])) / 60

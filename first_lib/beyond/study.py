@@ -31,11 +31,12 @@ from first_lib.beyond.plan import (  # noqa: F401 - the study's keys and default
     KS,
     _base,
     _Item,
-    _priced,
     _profile,
     _student_cfg,
     artefact_names,
+    minutes,
     plan,
+    priced_rows,
 )
 from first_lib.errors import FirstError
 
@@ -69,7 +70,7 @@ def costs(profile: str, setting: str, ks, draws, seeds, sample_seed=0, **overrid
     for seed in seeds:
         prof = _profile(profile, setting, seed, overrides)
         base, items, _ = plan(prof, setting, ks, draws, sample_seed)
-        rows += _priced(seed, items, _seconds(base))
+        rows += priced_rows(seed, items, _seconds(base))
     return rows
 
 
@@ -77,11 +78,6 @@ def _allowed(profile: str, allow_compute: bool | None) -> bool:
     if allow_compute is None:
         return profile == "tiny" or os.environ.get(ALLOW_COMPUTE, "") not in ("", "0")
     return bool(allow_compute)
-
-
-def minutes(rows: list[dict], only_missing: bool = True) -> float:
-    """Estimated minutes of the rows (those not done, by default); unknown prices count 0."""
-    return sum((r["estimate_s"] or 0.0) for r in rows if not (only_missing and r["done"])) / 60
 
 
 def run_study(

@@ -473,8 +473,9 @@ def book_estimate(
         rows += mine
     total = total_minutes(rows, missing)
     if settings is None and profile != "paper":
-        study = study_rows(profile, precision, rates=rates)
-        per["beyond_k"] = sum(r["estimate_s"] for r in study if not (missing and r["done"])) / 60
+        from first_lib.beyond.plan import minutes
+
+        per["beyond_k"] = minutes(study_rows(profile, precision, rates=rates), missing)
         total += per["beyond_k"]
     return total, per
 
@@ -486,7 +487,7 @@ def study_rows(
     before the run it builds on exists, or on the machine of `rates`: the wide extraction and the
     teacher's sampling as the run's extraction, each student as the run's plain-distillation
     training, each evaluation as that student's evaluation; rows as `beyond.study.costs`'s."""
-    from first_lib.beyond.plan import DRAWS, KS, _priced, _profile, plan
+    from first_lib.beyond.plan import DRAWS, KS, _profile, plan, priced_rows
 
     over = {"precision": precision}
     seeds = list(_profile(profile, setting, 0, over).seeds)[: max(1, int(n_seeds))]
@@ -503,7 +504,7 @@ def study_rows(
             "evaluate": est[f"evaluate distill on {base['test']}"],
             "store": 0.0,
         }
-        rows += _priced(seed, items, price, here=rates is None)
+        rows += priced_rows(seed, items, price, here=rates is None)
     return rows
 
 
