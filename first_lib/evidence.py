@@ -335,6 +335,7 @@ def from_files(paths: Sequence[str | Path], n_boot: int = 1000, seed: int = 0) -
             n_boot=n_boot,
             seed=seed,
             checks=checks,
+            held_out={k: d.meta.get("held_out") or {} for d, k in zip(loaded, keys, strict=True)},
             knowledge=knowledge,
             knowledge_note=lab_knowledge.note(knowledge, csqa_meta) if knowledge else "",
         ),
@@ -355,21 +356,25 @@ def all_claims(
     checks: Mapping[str, Any] | None = None,
     knowledge=None,
     knowledge_note: str = "",
+    held_out: Mapping[str, Any] | None = None,
 ) -> dict | None:
     """Every claim of the paper that the records of its test sets decide (`claims.build`,
     `claims.decide`: Holm over the primary ones, as in paper_vs_reproduction): {"claims",
     "counts" ({"primary", "secondary"}: {verdict: n}), "missing" ({name: what it needs}),
     "n_counted", "n_too_noisy", "too_noisy" (their share), "tests"}; None when no file is of
     the paper's. `checks`: training checks already made ({test: `verdicts.training_checks`}),
-    reused; the other tests are checked here. `knowledge`: a `lab_knowledge.Knowledge` (the
+    reused; the other tests are checked here (with a file's held-out check, ``held_out``: {key:
+    {model: {seed: record}}}, where it has one). `knowledge`: a `lab_knowledge.Knowledge` (the
     teacher's top-5 mass and stored ranks), which adds the five claims `claims.NEED_CACHE`
     names (the two token-level ones only beside CSQA's records); `knowledge_note` is added to
     the note of each (how its teacher relates to the records')."""
     recs = {k: r for k, r in recs_by_key.items() if k in paper_claims.TEST_NAMES}
     if not recs:
         return None
+    held_out = held_out or {}
     checks = {
-        t: (checks or {}).get(t) or verdicts.training_checks(r, n_boot=n_boot, seed=seed)
+        t: (checks or {}).get(t)
+        or verdicts.training_checks(r, n_boot=n_boot, seed=seed, held_out=held_out.get(t))
         for t, r in recs.items()
     }
     claims = paper_claims.build(

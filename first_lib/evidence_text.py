@@ -204,19 +204,33 @@ def seeds_sentence(claims: Mapping[str, Mapping[str, Any]]) -> str:
 def check_rows(
     checks: Mapping[str, Mapping[str, Any]], names: Mapping[str, str] | None = None
 ) -> list[dict[str, str]]:
-    """One row of text a tuned model: did it beat its untuned start (paired accuracy)?"""
+    """One row of text a tuned model: did it beat its untuned start? On the test, accuracy
+    (points, paired); on held-out data of its own task, its training loss (nats a target
+    position, untuned - tuned; `verdicts.held_out_check`)."""
     names = names or {}
     rows = []
     for t, by_model in checks.items():
         for m, c in by_model.items():
-            e = c["estimate"]
+            e, held = c["estimate"], c.get("check") == verdicts.HELD_OUT
+            if e is None:
+                gain = mde = "—"
+            elif held:
+                gain = f"{e.point:+.3f} [{e.lo:+.3f}, {e.hi:+.3f}] nats"
+                mde = f"{e.mde:.3f} nats"
+            else:
+                gain, mde = _diff(e), f"{100 * e.mde:.1f} points"
             rows.append(
                 {
                     "task": names.get(t, t),
                     "model": LABEL[m],
                     "against": LABEL.get(c["base"], c["base"]),
-                    "Acc tuned - untuned [95% CI]": _diff(e) if e else "—",
-                    "MDE": f"{100 * e.mde:.1f}" if e else "—",
+                    "check": {
+                        verdicts.HELD_OUT: "training loss on held-out data of its task",
+                        "accuracy": "accuracy on the test",
+                        None: "—",
+                    }[c.get("check", "accuracy")],
+                    "gain from tuning [95% CI]": gain,
+                    "MDE": mde,
                     "learned?": {
                         True: "yes",
                         False: "no",

@@ -136,6 +136,18 @@ def _run_metrics(block: Mapping[str, Any], test: str, variant: str) -> dict | No
     return None if found is None else {k: v for k, v in found.items() if type(v) in (int, float)}
 
 
+def _held_out(results: Mapping[str, Any]) -> dict:
+    """{model: {seed: record}}: each trained model's training loss on held-out data of its task,
+    tuned and untuned (`first_lib.heldout`), where the run made that check (else empty)."""
+    seeds = [str(s) for s in results.get("seeds") or [results["config"]["seed"]]]
+    by_seed = results.get("by_seed") or {seeds[0]: results}
+    out: dict = {}
+    for seed in seeds:
+        for model, record in (by_seed[seed].get("held_out") or {}).items():
+            out.setdefault(model, {})[seed] = record
+    return out
+
+
 def _provenance(results: Mapping[str, Any], stage_code: dict, finished: float) -> dict:
     """What made the records: the run's config and seeds, its machine, the code's versions."""
     seeds = [int(s) for s in results.get("seeds") or [results["config"]["seed"]]]
@@ -207,6 +219,7 @@ def export_records(
         "command": export_command(str(run), test, str(out), add_to and str(add_to)),
         "posthoc_temperatures": temperatures,
         "run_metrics": run_metrics,
+        "held_out": _held_out(results),
         "ids": ids,
         "gold": gold,
         "records": blocks,
@@ -297,6 +310,10 @@ def merge_lab_data(earlier: Mapping[str, Any], new: Mapping[str, Any], where: st
         )
         for v in earlier["posthoc_temperatures"].keys() | new["posthoc_temperatures"].keys()
     }
+    held = {
+        v: by_seed(earlier.get("held_out", {}).get(v, {}), new.get("held_out", {}).get(v, {}))
+        for v in earlier.get("held_out", {}).keys() | new.get("held_out", {}).keys()
+    }
     sources = list(earlier.get("sources") or [{k: earlier.get(k) for k in _SOURCE_KEYS}])
     return {
         **earlier,
@@ -304,6 +321,7 @@ def merge_lab_data(earlier: Mapping[str, Any], new: Mapping[str, Any], where: st
         "calibration": by_seed(earlier["calibration"], new["calibration"]),
         "run_metrics": metrics,
         "posthoc_temperatures": temps,
+        "held_out": held,
         "records": records,
         "exported": new["exported"],
         "command": new["command"],

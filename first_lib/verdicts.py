@@ -8,9 +8,11 @@ state them.
   Holm corrects this family (`stats.decide_all`); every other claim is secondary and keeps its
   own p-value.
 - **Did training work?** (`training_checks`): each tuned model against its untuned base on the
-  same questions (`stats.learned`). A claim that depends on a model that did not learn is "not
-  testable here" (`testability`). Where the untuned baselines were not evaluated (a setting
-  without baselines) the check is not made, and the claim says so.
+  same questions (`stats.learned`), or, where the run checked it on held-out data of its own
+  task (the out-of-domain setting, a run without baselines: `first_lib.heldout`), its training
+  loss there against its untuned start's (`held_out_check`). A claim that depends on a model
+  that did not learn is "not testable here" (`testability`). Where neither check could be made
+  the claim says so.
 - **Not counted**: claims whose verdict follows from others (identities, e.g. with renormalised
   candidate probabilities the mean rank 2..C gap is minus the rank-1 gap over C - 1;
   conjunctions of counted claims) and pure arithmetic (a storage ratio) are shown as
@@ -97,22 +99,69 @@ def is_primary(name: str) -> bool:
 
 
 def training_checks(
-    records: Mapping[str, Sequence[Mapping]], n_boot: int = 1000, seed: int = 0
+    records: Mapping[str, Sequence[Mapping]],
+    n_boot: int = 1000,
+    seed: int = 0,
+    held_out: Mapping[str, Mapping] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Did each tuned model of one test set learn? {model: {"base", "learned" (True, False, or
-    None when the base was not evaluated), "estimate" (`stats.Estimate` of accuracy(model) -
-    accuracy(base), paired) or None}} for the models of `BASE_OF` present in ``records``.
-    A post-hoc variant is checked through the model it rescales."""
+    """Did each tuned model of one test set learn? {model: {"base", "check" ("accuracy",
+    "held-out loss" or None), "learned" (True, False, or None when no check could be made),
+    "estimate" (`stats.Estimate`) or None}} for the models of `BASE_OF` present in ``records``.
+
+    ``held_out``: {model: {seed: record}} of a run that checked its models on held-out data of
+    their training task (`first_lib.book.seed_held_out`); where given for a model, that check is
+    its check (`held_out_check`: the test then is not its training task, or has no untuned
+    model), else accuracy against the untuned base on the test (`stats.learned`). A post-hoc
+    variant is checked through the model it rescales."""
+    held_out = held_out or {}
     out: dict[str, dict[str, Any]] = {}
     for model, base in BASE_OF.items():
         if model not in records or model in POSTHOC_OF:
             continue
-        if base not in records:
-            out[model] = {"base": base, "learned": None, "estimate": None}
-            continue
-        ok, est = stats.learned(records[model], records[base], n_boot=n_boot, seed=seed)
-        out[model] = {"base": base, "learned": bool(ok), "estimate": est}
+        if held_out.get(model):
+            ok, est = held_out_check(held_out[model], n_boot=n_boot, seed=seed)
+            out[model] = {"base": base, "check": HELD_OUT, "learned": ok, "estimate": est}
+        elif base in records:
+            ok, est = stats.learned(records[model], records[base], n_boot=n_boot, seed=seed)
+            out[model] = {"base": base, "check": "accuracy", "learned": bool(ok), "estimate": est}
+        else:
+            out[model] = {"base": base, "check": None, "learned": None, "estimate": None}
     return out
+
+
+HELD_OUT = "held-out loss"
+
+
+def held_out_check(
+    by_seed: Mapping[Any, Mapping], n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> tuple[bool, stats.Estimate]:
+    """Did training work, judged on held-out data of the model's own task? ``by_seed``: {seed:
+    record of `first_lib.heldout.compare_models`} (the same examples in every seed). The
+    estimate is the mean over examples and seeds of the untuned model's training loss minus the
+    tuned model's (nats per target position: positive when the tuned model fits held-out data
+    of its task better than its start), with a percentile bootstrap that resamples examples and seeds together; the
+    model learned when the interval lies above 0."""
+    metrics._check_boot(n_boot, alpha)
+    records = list(by_seed.values())
+    if not records:
+        raise FirstError("no held-out record to check")
+    ids = list(records[0]["ids"])
+    if any(list(r["ids"]) != ids for r in records):
+        raise FirstError("the seeds' held-out records are over different examples")
+    drop = np.array([np.subtract(r["untuned"], r["tuned"], dtype=float) for r in records])
+    if drop.size == 0 or not np.isfinite(drop).all():
+        raise FirstError("a held-out record has no examples or a loss that is not finite")
+    n_seeds, n = drop.shape
+    seed_rng = np.random.default_rng([seed, 1])
+    reps = []
+    for qidx in metrics.resample_indices(n, n_boot, seed, n_seeds):
+        sidx = seed_rng.integers(0, n_seeds, size=(qidx.shape[0], n_seeds))
+        reps.append(drop[sidx[:, :, None], qidx[:, None, :]].mean(axis=(1, 2)))
+    est = stats.from_replicates(
+        float(drop.mean()), np.concatenate(reps), "held_out_loss_drop", "percentile", alpha,
+        0.8, "single", n, (n_seeds,),
+    )  # fmt: skip
+    return est.lo > 0.0, est
 
 
 def depends_on(models: Iterable[str]) -> list[str]:

@@ -214,6 +214,9 @@ def test_distillation_chapters(executed, name, tests):
         for m in ("ece", "acc", "trust"):
             check_difference(t["first_to_finetune"][m])
         assert set(t["first_vs_others"]) == {"finetune", "distill", "distill_ls"}
+        if name == "out_of_domain":  # checked where the models were taught, so never unchecked
+            assert set(t["check"].values()) == {verdicts.HELD_OUT}
+            assert None not in t["learned"].values()
     for case in d["case_study"].values():
         for r in case.values():
             assert frac(r["confidence"]) and isinstance(r["correct"], bool)
@@ -510,11 +513,14 @@ def test_paper_vs_reproduction(executed):
     for name, s in d["sentences"].items():
         assert s["verdict"] == names[name]["verdict"]
         assert s["text"] == verdicts.sentence(s["subject"], s["verdict"])
-    for by_model in d["training"].values():
+    for test, by_model in d["training"].items():
         for chk in by_model.values():
             assert chk["learned"] in (True, False, None)
             if chk["learned"] is not None:
                 assert chk["learned"] == (chk["estimate"]["lo"] > 0)
+            # out of domain, every model is checked on held-out instructions, not on the test
+            want = verdicts.HELD_OUT if test.startswith("ood") else "accuracy"
+            assert chk["check"] == want, (test, chk)
 
 
 def test_the_knowledge_file_gives_the_chapters_numbers(executed, tmp_path):

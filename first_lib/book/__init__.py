@@ -78,6 +78,7 @@ from first_lib.book.runs import (
     missing_work,
     records_of,
     run_setting,
+    seed_held_out,
     seed_records,
     seeds_of,
     stage_costs,

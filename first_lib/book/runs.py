@@ -255,6 +255,18 @@ def seed_records(results: Mapping[str, Any], test: str | None = None) -> dict[st
     return {name: {s: r for s, r in e.items() if s != "_paths"} for name, e in out.items()}
 
 
+def seed_held_out(results: Mapping[str, Any]) -> dict[str, dict]:
+    """{variant: {seed: held-out record}} of a run that checked its models on held-out data
+    (`first_lib.heldout`; results.json's `held_out`), every training seed: what
+    `verdicts.training_checks` takes as ``held_out``. Empty for a run that made no such check."""
+    by_seed = results.get("by_seed") or {str(seeds_of(results)[0]): results}
+    out: dict[str, dict] = {}
+    for seed, block in by_seed.items():
+        for name, record in (block.get("held_out") or {}).items():
+            out.setdefault(name, {})[int(seed)] = record
+    return out
+
+
 def metrics_table(
     results: Mapping[str, Any],
     test: str | None = None,

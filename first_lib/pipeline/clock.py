@@ -78,7 +78,7 @@ class Work:
     """One stage's arithmetic: which model, how many FLOPs, of which kind."""
 
     stage: str
-    kind: str  # train | extract | evaluate
+    kind: str  # train | extract | evaluate (a check is priced as the forward of extraction)
     source: str
     gflop: float
     tokens: int
@@ -225,6 +225,12 @@ def stage_work(prof, setting: str, data=None, tok=None, nodes=None) -> list[Work
         tokens = [n for n, _ in seen]
         if node.kind == "train":
             gflop, counted = _train_gflop(shape, seen, node.train), 0
+        elif node.kind == "check":  # the tuned and the untuned model, whole, head at every target
+            gflop = 2 * _forward_gflop(shape, tokens, sum(t for _, t in seen))
+            work.append(Work(node.name, "extract", source[node.role], gflop, 2 * sum(tokens),
+                             2 * overhead_s(shape), prof.eval_batch * max(tokens, default=0),
+                             node.params_b))  # fmt: skip
+            continue
         else:  # extract: the LM head at every stored row; evaluate: at each question's last token
             heads = sum(t for _, t in seen)
             gflop = _forward_gflop(shape, tokens, heads, layers=_top(shape, c))

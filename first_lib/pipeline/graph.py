@@ -6,6 +6,10 @@ it; nothing here loads a model or the data.
     student fine-tune (CE)        student distill (KL on the store: none | LS | TS)
                      \\___________________|___________________/
                                  evaluate -> results.json
+
+Where no test can tell whether a trained model learned (out of domain, or without the untuned
+baselines), a `check` node per trained model compares its training loss on the validation split
+with its untuned start's.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ CODE_OF = {
     "tiny-models": ("first_lib.models",),
     "posthoc": ("first_lib.posthoc", "first_lib.evaluate", "first_lib.metrics"),
 }
+CODE_OF["check"] = ("first_lib.heldout", *CODE_OF["train"])  # training's forward and objective
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ class Node:
     are named `evaluate <model> on <test>`."""
 
     stage: str
-    kind: str  # tiny-models | train | extract | calibrate | evaluate | posthoc
+    kind: str  # tiny-models | train | extract | calibrate | check | evaluate | posthoc
     key: dict = field(hash=False)
     role: str = ""  # teacher | student: the model it trains, reads or evaluates
     reads: tuple[str, ...] = ()  # the splits its model passes over (train, validation, a test)
@@ -222,6 +227,11 @@ def stage_graph(prof: Profile, setting: str, precision: str | None = None) -> li
         nodes.append(
             Node(v.stage, "train", key, v.role, ("train",), v.name, train, params_b=size[v.role])
         )
+    if checks_on_held_out(prof, setting):
+        for n in [n for n in nodes if n.kind == "train"]:
+            key = {"model": n.key, "code": code["check"]}
+            nodes.append(Node(f"check-{n.stage}", "check", key, n.role, ("validation",),
+                              n.variant, n.train, n.params_b))  # fmt: skip
     made = {n.variant: n.path for n in nodes if n.kind == "train"}
     models = [(v.name, v.role, made[v.name]) for v in MODELS]
     if prof.baselines:
@@ -244,6 +254,13 @@ def stage_graph(prof: Profile, setting: str, precision: str | None = None) -> li
                 key["code"] = code["posthoc"]
                 nodes.append(Node("posthoc-ts", "posthoc", key, "student", (test,), name))
     return nodes
+
+
+def checks_on_held_out(prof: Profile, setting: str) -> bool:
+    """Whether a run checks its trained models on held-out data of their training task
+    (`first_lib.heldout`): where no test can, because the tests are other tasks (the
+    out-of-domain setting) or no untuned model is evaluated on them (`baselines=false`)."""
+    return setting == "ood" or not prof.baselines
 
 
 def plan(prof: Profile, setting: str, precision: str | None = None) -> list[dict]:

@@ -84,6 +84,7 @@ def run(
 
 
 PER_SEED = ("c_star", "delta", "calibration", "variants", "baselines", "by_test", "artefacts")
+PER_SEED += ("held_out",)
 
 
 def run_seeds(profile: str, setting: str, out: Path, seeds, log=None, **overrides) -> dict:
@@ -211,9 +212,7 @@ class _Run:
         tok, split = self.examples()
         cfg, store = node.train, None
         if cfg.loss == "kd":
-            calib = self.made["calibrate"]
-            coef = {"none": 1.0, "ls": calib["delta"], "ts": calib["c_star"]}[cfg.transform]
-            cfg, store = replace(cfg, coef=coef), self.made["extract"] / "train"
+            cfg, store = self.kd_config(cfg), self.made["extract"] / "train"
         args = (node.stage, node.key, self.source(node.role), tok, split["train"], cfg)
         return self.timed(
             node.variant, stages.stage_train, *args, self.acc, self.log, store_dir=store
@@ -233,6 +232,24 @@ class _Run:
             calib = self.timed("calibrate", stages.stage_calibrate, *args)
         stages._barrier(self.acc)
         return calib if calib is not None else read_meta(node.path)
+
+    def check(self, node: Node):
+        tok, split = self.examples()
+        cfg, store = node.train, None
+        if cfg.loss == "kd":
+            cfg, store = self.kd_config(cfg), self.made["extract"] / "validation"
+        trained = self.made[node.stage.removeprefix("check-")]
+        args = (node.stage, node.key, trained, self.source(node.role), split["validation"], cfg)
+        return self.timed(
+            f"check_{node.variant}", stages.stage_check, *args, self.prof, self.acc, self.log,
+            store_dir=store,
+        )  # fmt: skip
+
+    def kd_config(self, cfg):
+        """A distillation's config with its coefficient, the calibration stage's choice."""
+        calib = self.made["calibrate"]
+        coef = {"none": 1.0, "ls": calib["delta"], "ts": calib["c_star"]}[cfg.transform]
+        return replace(cfg, coef=coef)
 
     def evaluate(self, node: Node):
         split = node.reads[0]
@@ -359,6 +376,8 @@ def _results(state: _Run, nodes: list[Node], out: Path | None) -> dict:
         "baselines": first["baselines"],
         "by_test": by_test,
         "artefacts": {k: str(v) for k, v in {**models, "store": store}.items()},
+        # where a test cannot check training: each model's loss on held-out data of its task
+        "held_out": {n.variant: state.made[n.name]["held_out"] for n in nodes if n.kind == "check"},
     }
     if out is not None and state.acc.is_main_process:
         folder = Path(out)

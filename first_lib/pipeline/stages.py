@@ -395,3 +395,67 @@ def stage_posthoc(key: dict, test_dir: Path, val_dir: Path, prof: Profile, log) 
         meta.update(n_validation=len(val), validation_nll=posthoc.nll(val, temperature))
         write_meta(out, meta)
     return read_meta(out)
+
+
+def stage_check(
+    name: str,
+    key: dict,
+    model_dir: Path,
+    source: str,
+    examples: list[dict],
+    cfg: TrainConfig,
+    prof: Profile,
+    acc,
+    log,
+    store_dir: Path | None = None,
+) -> dict:
+    """Did the model at `model_dir` learn? Its training objective (`cfg`, on the store at
+    `store_dir` for KD) on each held-out example, and that of the untuned `source` it started
+    from (`first_lib.heldout`); the meta holds both, paired by example."""
+    from first_lib import flops, heldout, models
+
+    out = artefact_dir(name, key)
+    if not is_done(out, key) and acc.is_main_process:
+        with artefact_lock(out, log=log):
+            if not claim_done(out, key, log):
+                verify_upstream(model_dir, log, acc)
+                teacher = None
+                if store_dir is not None:
+                    from first_lib.knowledge import TopKStore
+
+                    verify_upstream(store_dir, log, acc)
+                    store = TopKStore(store_dir)
+                    store.check_alignment(examples)
+                    teacher = store.example
+                out.mkdir(parents=True, exist_ok=True)
+                precision = device.accelerator_precision(acc)
+                pad_id = models.load_tokenizer(model_dir).pad_token_id
+                log(f"{name}: the training loss of {model_dir} and of {source} on "
+                    f"{len(examples)} held-out examples")  # fmt: skip
+                t0, tally, passes = time.perf_counter(), None, {}
+                for which, path in (("tuned", str(model_dir)), ("untuned", source)):
+                    model = _load(path, acc)
+                    tally = tally or flops.Tally(flops.shape_of_config(model.config))
+                    loss, targets = heldout.example_losses(
+                        model, examples, cfg, pad_id, teacher, prof.eval_batch,
+                        autocast=precision == "bf16", tally=tally,
+                    )  # fmt: skip
+                    passes[which] = {"ids": [e["id"] for e in examples], "loss": loss,
+                                     "targets": targets}  # fmt: skip
+                    del model
+                record = heldout.compare_models(passes["tuned"], passes["untuned"])
+                log(f"{name}: held-out loss {np.mean(record['untuned']):.4f} untuned -> "
+                    f"{np.mean(record['tuned']):.4f} tuned")  # fmt: skip
+                write_meta(
+                    out,
+                    {
+                        "stage": name,
+                        "key": key,
+                        "held_out": record,
+                        "precision": precision,
+                        "wall_seconds": time.perf_counter() - t0,
+                        "perf": tally.record(precision, acc.device.type),
+                    },
+                )
+    _barrier(acc)
+    return read_meta(out)
