@@ -312,6 +312,15 @@ def stage_calibrate(key: dict, store_dir: Path, examples: list[dict], log) -> di
     return meta
 
 
+def _model_meta(stage: str, key: dict, precision: str, t0: float, tally, acc, **result) -> dict:
+    """The meta.json of a stage that ran a model: its result, precision, wall time since `t0`
+    and the `perf` of its `flops.Tally`."""
+    perf = tally.record(precision, acc.device.type)
+    wall = time.perf_counter() - t0
+    return {"stage": stage, "key": key, **result, "precision": precision, "wall_seconds": wall,
+            "perf": perf}  # fmt: skip
+
+
 def stage_evaluate(key: dict, model_dir: str, questions: list, prof: Profile, acc, log) -> dict:
     """Multiple-choice evaluation: per-question records and metrics with bootstrap intervals;
     the top `key["top_layers"]` layers run from cached bottom states (`first_lib.prefix`)."""
@@ -351,15 +360,7 @@ def stage_evaluate(key: dict, model_dir: str, questions: list, prof: Profile, ac
                 count_prefix_builds(tally, before)
                 fsio.crash_point("evaluate:records-written")
                 write_meta(
-                    out,
-                    {
-                        "stage": "evaluate",
-                        "key": key,
-                        "metrics": summary,
-                        "precision": precision,
-                        "wall_seconds": time.perf_counter() - t0,
-                        "perf": tally.record(precision, acc.device.type),
-                    },
+                    out, _model_meta("evaluate", key, precision, t0, tally, acc, metrics=summary)
                 )
     _barrier(acc)
     return read_meta(out)
@@ -446,16 +447,6 @@ def stage_check(
                 record = heldout.compare_models(passes["tuned"], passes["untuned"])
                 log(f"{name}: held-out loss {np.mean(record['untuned']):.4f} untuned -> "
                     f"{np.mean(record['tuned']):.4f} tuned")  # fmt: skip
-                write_meta(
-                    out,
-                    {
-                        "stage": name,
-                        "key": key,
-                        "held_out": record,
-                        "precision": precision,
-                        "wall_seconds": time.perf_counter() - t0,
-                        "perf": tally.record(precision, acc.device.type),
-                    },
-                )
+                write_meta(out, _model_meta(name, key, precision, t0, tally, acc, held_out=record))
     _barrier(acc)
     return read_meta(out)
