@@ -234,7 +234,7 @@ def check_rows(
                     "learned?": {
                         True: "yes",
                         False: "no",
-                        None: "not checked: no untuned baseline",
+                        None: "not checked: no untuned baseline, no held-out check",
                     }[c["learned"]],
                 }
             )
