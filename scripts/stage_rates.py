@@ -110,6 +110,8 @@ def from_run(profile: str, setting: str, seed: int, overrides: dict) -> dict:
     precision = run_precision(prof)
     stages, left_out = {}, []
     for node in stage_graph(prof, setting, precision):
+        if node.kind == "check":  # priced at extraction's share (`clock.stage_work`): no kind
+            continue  # of its own, and two short forwards would blur the training rates
         perf = read_meta(node.path).get("perf") if node.done() else None
         if not perf or not perf.get("mfu"):
             continue

@@ -214,3 +214,17 @@ def test_a_tiny_out_of_domain_run_checks_every_model_and_exports_it(tmp_path):
     path = lab_export.export_records(out, "csqa", tmp_path / "ood-csqa.json.gz")
     data = lab.load_lab_records(path)
     assert data.meta["held_out"]["teacher"]["0"] == res["held_out"]["teacher"]
+
+
+def test_a_check_is_priced_and_rated_as_a_forward_not_as_training():
+    from first_lib.pipeline import clock
+
+    assert clock._stage_role("check-teacher") == ("extract", "teacher")
+    assert clock._stage_role("check-distill-ts") == ("extract", "student")
+    assert clock._stage_role("distill-ts") == ("train", "student")
+    stages = {
+        "teacher": {"mfu": 0.6, "peak_gflops": 90.0, "precision": "fp32"},
+        "check-finetune": {"mfu": 0.1, "peak_gflops": 90.0, "precision": "fp32"},
+    }
+    rates = clock.rates_from_stages(stages)["mfu"]
+    assert rates["train"] == 0.6 and "train student" not in rates

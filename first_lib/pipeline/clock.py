@@ -312,6 +312,8 @@ def _stage_role(stage: str) -> tuple[str, str]:
         return "evaluate", "teacher" if stage.split()[1].startswith("teacher") else "student"
     if stage in ("teacher", "extract"):
         return ("train" if stage == "teacher" else "extract"), "teacher"
+    if stage.startswith("check-"):  # a held-out check: priced as extraction's forward
+        return "extract", "teacher" if stage == "check-teacher" else "student"
     return "train", "student"
 
 
