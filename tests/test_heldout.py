@@ -207,6 +207,10 @@ def test_a_tiny_out_of_domain_run_checks_every_model_and_exports_it(tmp_path):
         )
     from first_lib import book, lab, lab_export
 
+    # the appendix finds each check's folder under the clock's name for it (time and perf)
+    res["_clock"] = json.loads((out / "clock.json").read_text())
+    costs = {r["stage"]: r for r in book.stage_costs(res)}
+    assert costs["check-teacher"]["estimate_s"] > 0 and costs["check-teacher"]["actual_s"] > 0
     held = book.seed_held_out(res)
     assert set(held["teacher"]) == {0}
     ok, _ = verdicts.held_out_check(held["teacher"], n_boot=200)

@@ -172,6 +172,9 @@ def stage_folder(results: Mapping[str, Any], stage: str) -> Path | None:
     on csqa`, ...) in a run's results, or None (calibration keeps no folder in the results)."""
     if stage in _ARTEFACT_OF:
         return Path(results["artefacts"][_ARTEFACT_OF[stage]])
+    if stage.startswith("check-"):  # a held-out check (`first_lib.heldout`), under its own name
+        folder = results["artefacts"].get(stage)
+        return Path(folder) if folder else None
     if stage.startswith("evaluate "):
         _, model, _, test = stage.split(" ")
         records = results["by_test"].get(test, {}).get("records", {})

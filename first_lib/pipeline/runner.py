@@ -351,6 +351,7 @@ def _results(state: _Run, nodes: list[Node], out: Path | None) -> dict:
     store_meta = read_meta(store / "train")
     first = by_test[test_tasks(prof, setting)[0]]
     models = {v: state.made[n.stage] for n in nodes if n.kind == "train" for v in [n.variant]}
+    models.update({n.stage: n.path for n in nodes if n.kind == "check"})  # named as the clock
     results = {
         "profile": prof.name,
         "setting": setting,
