@@ -241,7 +241,8 @@ class _Run:
         trained = self.made[node.stage.removeprefix("check-")]
         args = (node.stage, node.key, trained, self.source(node.role), split["validation"], cfg)
         return self.timed(
-            f"check_{node.variant}", stages.stage_check, *args, self.prof, self.acc, self.log,
+            f"check_{node.variant}", stages.stage_check, *args, tok.pad_token_id, self.prof,
+            self.acc, self.log,
             store_dir=store,
         )  # fmt: skip
 

@@ -405,6 +405,7 @@ def stage_check(
     source: str,
     examples: list[dict],
     cfg: TrainConfig,
+    pad_id: int,
     prof: Profile,
     acc,
     log,
@@ -413,7 +414,7 @@ def stage_check(
     """Did the model at `model_dir` learn? Its training objective (`cfg`, on the store at
     `store_dir` for KD) on each held-out example, and that of the untuned `source` it started
     from (`first_lib.heldout`); the meta holds both, paired by example."""
-    from first_lib import flops, heldout, models
+    from first_lib import flops, heldout
 
     out = artefact_dir(name, key)
     if not is_done(out, key) and acc.is_main_process:
@@ -430,7 +431,6 @@ def stage_check(
                     teacher = store.example
                 out.mkdir(parents=True, exist_ok=True)
                 precision = device.accelerator_precision(acc)
-                pad_id = models.load_tokenizer(model_dir).pad_token_id
                 log(f"{name}: the training loss of {model_dir} and of {source} on "
                     f"{len(examples)} held-out examples")  # fmt: skip
                 t0, tally, passes = time.perf_counter(), None, {}
