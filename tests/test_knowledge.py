@@ -503,30 +503,101 @@ def test_lse_paths_agree_with_logsumexp():
     assert torch.allclose(lse.double(), ref, atol=0.05)  # bf16 rounding of the inputs only
 
 
-def test_fused_normaliser_of_bf16_chunks_matches_the_eager_one(monkeypatch):
-    """Large bf16 chunks take the compiled kernel (no fp32 copy of the logits): same top-k, and
-    the same normaliser as the eager path to fp32 rounding (summation order only), far below
-    the float16 resolution of the stored probabilities (~5e-4). Where this process cannot
-    compile, the library falls back to eager (a warning), and comparing eager with eager would
-    test nothing: the test is then skipped with the reason, never passed."""
+def _same_topk(values, ids, x, width):
+    """values are x's top-`width` (exactly) and ids are distinct tokens that hold them."""
+    ref = torch.topk(x, width, dim=-1)
+    assert torch.equal(values, ref.values.float())
+    assert torch.equal(x.gather(1, ids).float(), values)
+    assert all(len(set(row.tolist())) == width for row in ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_cpu_path_matches_the_eager_one(monkeypatch, dtype):
+    """Large CPU chunks take one compiled pass (group maxima and normaliser) and the grouped
+    top-k: the same top values as the eager path, ids that hold them (tied logits, common in
+    bf16, may name another of the tied tokens), and the same normaliser to fp32 rounding
+    (summation order only), far below the float16 resolution of the stored probabilities
+    (~5e-4). Where this process cannot compile, the library falls back to eager (a warning),
+    and comparing eager with eager would test nothing: the test is then skipped with the
+    reason, never passed."""
     import warnings
 
-    x = (torch.randn(6, 4096, generator=torch.Generator().manual_seed(1)) * 4).bfloat16()
+    x = (torch.randn(6, 64 * 40 + 17, generator=torch.Generator().manual_seed(1)) * 4).to(dtype)
     monkeypatch.setattr(topk, "FUSE_MIN_LOGITS", 1 << 62)
     eager = topk._topk_logits(x.clone(), 5)
     monkeypatch.setattr(topk, "FUSE_MIN_LOGITS", x.numel())
-    monkeypatch.setattr(topk, "_LSE_FUSED", None)  # compile here, whatever ran before
+    monkeypatch.setattr(topk, "_STATS_FUSED", None)  # compile here, whatever ran before
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fused = topk._topk_logits(x.clone(), 5)
     fell_back = [str(w.message) for w in caught if "torch.compile unavailable" in str(w.message)]
     if fell_back:
         pytest.skip(fell_back[0])
-    assert topk._LSE_FUSED is not topk._lse_from_max  # the compiled kernel ran
-    assert torch.equal(fused[0], eager[0]) and torch.equal(fused[1], eager[1])
+    assert topk._STATS_FUSED is not topk._row_stats  # the compiled kernel ran
+    _same_topk(fused[0], fused[1], x, 5)
+    assert torch.equal(fused[0], eager[0])
     torch.testing.assert_close(fused[2], eager[2], rtol=0, atol=1e-5)
     exact = torch.logsumexp(x.double(), -1)
     assert torch.allclose(fused[2].double(), exact, atol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [64 * 300, 64 * 300 + 37])
+@pytest.mark.parametrize("width", [1, 5, 100])
+def test_grouped_topk_is_the_top_k_of_the_whole_row(vocab, width):
+    """The grouped top-k reads only the `width` groups with the largest maxima and the tail,
+    yet returns each row's exact top `width`: on random rows, on rows whose largest values
+    crowd into a few groups or into the ungrouped tail, and on integer-valued rows where
+    nearly every value ties."""
+    g = torch.Generator().manual_seed(width)
+    rows = [torch.randn(vocab, generator=g)]
+    crowded = torch.randn(vocab, generator=g)
+    crowded[128 : 128 + 3 * 64] += 10  # the top 100 all in three consecutive groups
+    rows.append(crowded)
+    tail = torch.randn(vocab, generator=g)
+    tail[-37:] += 10  # the largest in the tail (or the last group when there is none)
+    rows.append(tail)
+    rows.append(torch.randint(0, 4, (vocab,), generator=g).float())  # ties everywhere
+    x = torch.stack(rows)
+    maxima, lse = topk._row_stats(x)
+    assert maxima.shape == (x.shape[0], vocab // topk.TOPK_GROUP)
+    values, ids = topk._grouped_topk(x, maxima, width)
+    _same_topk(values, ids, x, width)
+    assert torch.allclose(lse.double(), torch.logsumexp(x.double(), -1), atol=1e-5)
+
+
+def test_extraction_through_the_fused_cpu_path_matches_the_eager_store(monkeypatch, tmp_path):
+    """A whole extraction through the compiled row statistics and the grouped top-k (forced on
+    a small model: chunks of any size, groups of 8 logits of a 4,100-token vocabulary, so the
+    coverage's top-100 runs grouped too) stores what the eager path stores: the same ids where
+    no logits tie, probabilities and coverage to fp32 rounding."""
+    teacher = tiny_qwen(vocab=4100)
+    exs = make_examples(n=6, vocab=4100)
+    eager = TopKStore(extract_topk(teacher, exs, tmp_path / "eager", **OPTS))
+    monkeypatch.setattr(topk, "FUSE_MIN_LOGITS", 1)
+    monkeypatch.setattr(topk, "TOPK_GROUP", 8)
+    monkeypatch.setattr(topk, "_STATS_FUSED", None)
+    calls = []
+    grouped = topk._grouped_topk
+    monkeypatch.setattr(topk, "_grouped_topk", lambda *a: calls.append(a[1].shape) or grouped(*a))
+    fused = TopKStore(extract_topk(teacher, exs, tmp_path / "fused", **OPTS))
+    assert calls and all(shape[1] == 4100 // 8 for shape in calls)
+    for i in range(len(exs)):
+        np.testing.assert_array_equal(fused.example(i)[0], eager.example(i)[0])
+        np.testing.assert_allclose(fused.example(i)[1], eager.example(i)[1], rtol=1e-3, atol=1e-6)
+    for q in ("mean", "min", "max"):
+        np.testing.assert_allclose(
+            fused.meta["coverage"][q], eager.meta["coverage"][q], rtol=1e-4, atol=1e-6
+        )
+
+
+def test_row_stats_pass_nan_and_inf_on():
+    """A NaN or +inf logit makes the row's normaliser NaN (or inf), which extraction refuses
+    (`test_nan_teacher_refused`); a grouped maximum must not hide it."""
+    x = torch.randn(3, 64 * 10)
+    x[0, 100] = float("nan")
+    x[1, 5] = float("inf")
+    _, lse = topk._row_stats(x)
+    assert not torch.isfinite(lse[:2]).any() and torch.isfinite(lse[2])
 
 
 def test_chunk_rows_bigger_on_gpu():

@@ -34,6 +34,7 @@ def _cmd_bench(args) -> int:
             "extract_examples",
             "steps",
             "reps",
+            "extract_reps",
             "threads",
             "coef_positions",
             "profile",
@@ -96,6 +97,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--extract-examples", type=int, help="examples for extraction (0: n-examples)")
     p.add_argument("--steps", type=int, help="optimizer steps per timed run")
     p.add_argument("--reps", type=int, help="timed repetitions")
+    p.add_argument(
+        "--extract-reps", type=int, help="timed repetitions of the extraction (0: --reps)"
+    )
     p.add_argument("--threads", type=int, help="torch threads (0: default)")
     p.add_argument("--coef-positions", type=int)
     p.add_argument("--online", help="comma list of auto,trl,equivalent,lean")

@@ -35,7 +35,7 @@ def measure_extraction(
     variants = tuple(v for v in ALL_VARIANTS if v in variants)
     tps: dict[str, list[float]] = {v: [] for v in variants}
     store = None
-    for r in range(cfg.warmup + cfg.reps):
+    for r in range(cfg.warmup + (cfg.extract_reps or cfg.reps)):
         shift = r % len(variants)
         for what in variants[shift:] + variants[:shift]:
             if what in forward_positions:
