@@ -44,7 +44,7 @@ STATES_FILE = "states.safetensors"
 # are a function of its key alone (other batch sizes round differently), whichever stage made it.
 BATCH_SIZE = 8
 
-# the name `first_lib.train.use_training_attention` registers its attention under
+# the name `first_lib.fastpath.use_training_attention` registers its attention under
 TRAINING_ATTENTION = "first_cpu_train"
 
 
@@ -245,7 +245,7 @@ def _bottom_config(model: nn.Module, n_bottom: int) -> dict:
     names = ("hidden_size", "num_attention_heads", "num_key_value_heads", "rms_norm_eps")
     out = {name: getattr(cfg, name, None) for name in names}
     out["rope"] = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_theta", None)
-    # the training attention runs `sdpa` without gradients (`train._short_or_sdpa`), and these
+    # the training attention runs `sdpa` without gradients (`fastpath._short_or_sdpa`), and these
     # states are computed without: they are `sdpa`'s, shared with the untuned model's evaluation
     attention = cfg._attn_implementation
     out["attention"] = "sdpa" if attention == TRAINING_ATTENTION else attention

@@ -7,27 +7,24 @@ The decoder runs over the whole sequence, but the LM head (151,936 wide for Qwen
 target rows, so a step costs the same whether the loss is CE or KD, and no [B, T, V] tensor is
 ever built.
 
-Checkpoints (trainable weights in safetensors, optimizer state loaded with `weights_only=True`,
-the step, the RNG state) are written atomically every `save_every` optimizer steps, and a
-re-run resumes from the last one, replaying the same data order.
+A checkpoint (`first_lib.checkpoint`) is written atomically every `save_every` optimizer steps,
+and a re-run resumes from the last one, replaying the same data order. On a CPU, LoRA linears
+and short attention take the fast paths of `first_lib.fastpath` (the same maths).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from first_lib import calibration, fsio, losses, prefix
+from first_lib import calibration, checkpoint, fastpath, losses, prefix
 from first_lib.config import TrainConfig
 from first_lib.errors import FirstError
 
@@ -146,119 +143,12 @@ class TargetRowsLM(nn.Module):
         return lm.get_output_embeddings()(hidden[target_mask])
 
 
-def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """A plain LoRA linear: W x + s B (A x) with the scaling s and the sum inside one `addmm`."""
-    name = self.active_adapters[0]
-    base = self.base_layer
-    if x.dtype != self.lora_A[name].weight.dtype and not torch.is_autocast_enabled(x.device.type):
-        return type(self).forward(self, x, *args, **kwargs)  # PEFT's, which casts the input
-    out = nn.functional.linear(x, base.weight, base.bias)
-    h = nn.functional.linear(x, self.lora_A[name].weight)
-    rows = out.reshape(-1, out.shape[-1])
-    rows = torch.addmm(
-        rows, h.reshape(-1, h.shape[-1]), self.lora_B[name].weight.t(), alpha=self.scaling[name]
-    )
-    return rows.view(out.shape)
-
-
-def _plain_lora(module: nn.Module) -> bool:
-    """A PEFT LoRA linear with one adapter and nothing else: no dropout, bias or variant (DoRA)."""
-    if not (hasattr(module, "lora_A") and hasattr(module, "base_layer")):
-        return False
-    if not isinstance(module.base_layer, nn.Linear) or len(module.lora_A) != 1:
-        return False
-    (name,) = module.lora_A.keys()
-    return (
-        list(module.active_adapters) == [name]
-        and isinstance(module.lora_dropout[name], nn.Identity)
-        and module.lora_B[name].bias is None
-        and not getattr(module, "lora_variant", {})
-        and not getattr(module, "fan_in_fan_out", False)
-        and not module.merged
-    )
-
-
-def fuse_lora(model: nn.Module) -> int:
-    """Run every plain LoRA linear of `model` as the base product plus one `addmm`; returns how
-    many. PEFT's own forward casts the layer's input to the adapters' dtype (a copy of every
-    activation, cast back by autocast), then scales B(A x) and adds it to the base output: two
-    more passes over an output as wide as 8960 values a token. Elementwise passes are what a
-    2-core CPU is slowest at; on the cpu profile's models at bf16 this took a CSQA student's
-    step of 8 questions from 1.74 s to 1.54 s and a BoolQ teacher's steps 1.25x faster. The
-    maths is the same (B's product accumulates in fp32 before its one rounding); merging and
-    checkpoints are PEFT's, untouched."""
-    import types
-
-    n = 0
-    for module in model.modules():
-        if _plain_lora(module):
-            module.forward = types.MethodType(_fused_lora_forward, module)
-            n += 1
-    return n
-
-
-# Attention for training on CPU. PyTorch's fused CPU attention (`sdpa`) has a slow backward on
-# short sequences. Forward + backward of one layer's attention (8 sequences, 14 query heads of
-# 64, a padding mask, bf16) took 13.0 ms with `sdpa` against 3.8 ms as plain matrix products at
-# 60 tokens, 31 against 21 at 160; at 192 `sdpa` was faster (25 against 32), at 384 twice as
-# fast, and it never builds the T x T scores. So up to `SHORT_ATTENTION` keys the products,
-# beyond them `sdpa`. Measured on a 2-core Xeon with AMX (`python -m scripts.attention_probe`).
-SHORT_ATTENTION = 160
-ATTENTION = prefix.TRAINING_ATTENTION
-
-
-def _short_or_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
-    """`sdpa` beyond `SHORT_ATTENTION` keys, without gradients (its forward is fast; so the
-    frozen bottom states of `first_lib.prefix` are `sdpa`'s) or on any device but the CPU; else
-    softmax(q k^T s + mask) v as matrix products, the softmax in fp32 as transformers' eager
-    attention has it."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    long = key.shape[2] > SHORT_ATTENTION or query.device.type != "cpu"
-    if (
-        long
-        or not torch.is_grad_enabled()
-        or dropout
-        or kw.get("softcap") is not None
-        or (attention_mask is None and kw.get("sliding_window") is not None)
-    ):
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw
-        )
-    groups = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(groups, dim=1)
-    value = value.repeat_interleave(groups, dim=1)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)) * scale
-    if attention_mask is None:  # no padding: causal only
-        T, S = query.shape[2], key.shape[2]
-        attention_mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)
-    if attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    else:
-        scores = scores + attention_mask
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
-
-
-def use_training_attention(model: nn.Module) -> nn.Module:
-    """Give `model` the training attention `_short_or_sdpa` (registered with `sdpa`'s masks)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(ATTENTION, _short_or_sdpa)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
-        model.set_attn_implementation(ATTENTION)
-    return model
-
-
 def prepare_model(
     model: nn.Module, cfg: TrainConfig, bf16: bool = False, fused: bool = True
 ) -> nn.Module:
     """LoRA (frozen base in bf16 when `bf16`, fp32 adapters) or full fine-tuning (fp32 weights,
-    bf16 autocast when `bf16`). Unless not `fused`, LoRA layers run as `fuse_lora` and
-    attention as `use_training_attention` (the same maths, faster on CPU)."""
+    bf16 autocast when `bf16`). Unless not `fused`, LoRA layers run as `fastpath.fuse_lora` and
+    attention as `fastpath.use_training_attention` (the same maths, faster on CPU)."""
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -278,12 +168,12 @@ def prepare_model(
             if p.requires_grad:
                 p.data = p.data.float()
         if fused:
-            fuse_lora(model)
+            fastpath.fuse_lora(model)
     else:
         model = model.float()
         if not cfg.train_embeddings:
             model.get_input_embeddings().weight.requires_grad_(False)
-    return use_training_attention(model) if fused else model
+    return fastpath.use_training_attention(model) if fused else model
 
 
 def trained_layers(cfg: TrainConfig, n_layers: int) -> int:
@@ -311,7 +201,7 @@ def finalize_model(model: nn.Module) -> nn.Module:
     """The trained model as a plain causal LM (LoRA merged) in bf16, ready to save."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    if getattr(model.config, "_attn_implementation", None) == ATTENTION:
+    if getattr(model.config, "_attn_implementation", None) == fastpath.ATTENTION:
         model.set_attn_implementation("sdpa")  # what a fresh process loads it with
     return model.to(torch.bfloat16)
 
@@ -338,109 +228,6 @@ def step_loss(
     if cfg.kd_reduction == "sum_per_batch" and cfg.loss == "kd":
         return per_row.sum() / mask.shape[0]
     return per_row.mean()
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad
-    }
-
-
-CHECKPOINT_FILES = ("trainable.safetensors", "optim.pt", "rng.safetensors")
-
-
-def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, losses_seen: list) -> None:
-    """Write a checkpoint atomically: a temp folder (files and folder fsynced) renamed into place;
-    the old one removed last. `state.json` records each file's size and sha256. A `.old` left by
-    a kill after the second rename is removed first (the checkpoint next to it is complete), so a
-    rotation never wedges on it."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-        tmp / "optim.pt",
-    )
-    save_file({"cpu_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    files = {
-        name: {"size": (tmp / name).stat().st_size, "sha256": fsio.file_sha256(tmp / name)}
-        for name in CHECKPOINT_FILES
-    }
-    state = {"step": step, "losses": losses_seen, "files": files}
-    (tmp / "state.json").write_text(json.dumps(state))
-    for name in (*CHECKPOINT_FILES, "state.json"):
-        fsio.fsync_file(tmp / name)
-    fsio.fsync_dir(tmp)
-    fsio.crash_point("checkpoint:tmp-written")
-    old = path.with_name(path.name + ".old")
-    if old.exists() and path.exists():
-        shutil.rmtree(old)
-    if path.exists():
-        path.rename(old)
-        fsio.crash_point("checkpoint:old-renamed")
-    tmp.rename(path)
-    fsio.fsync_dir(path.parent)
-    fsio.crash_point("checkpoint:renamed")
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_checkpoint(path: Path) -> None:
-    """Repair what a kill during `save_checkpoint` leaves at `path`: a half-written `.tmp` is
-    removed; a lone `.old` (killed between the two renames) is the last complete checkpoint and
-    is renamed back; a `.old` next to `path` (killed before it was removed) is dropped, since
-    `path` was renamed into place whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if old.exists():
-        if path.exists():
-            shutil.rmtree(old)
-        else:
-            old.rename(path)
-        fsio.fsync_dir(path.parent)
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list]:
-    """Restore a checkpoint written by `save_checkpoint`; returns (step, losses). Every file is
-    read (and checked against the sizes and sha256s in state.json) before anything is restored,
-    so a damaged checkpoint raises and leaves the model, optimizer and RNG untouched."""
-    state = json.loads((path / "state.json").read_text())
-    for name, want in state.get("files", {}).items():
-        size = (path / name).stat().st_size
-        if size != want["size"] or fsio.file_sha256(path / name) != want["sha256"]:
-            raise FirstError(f"{name} does not match its recorded size and sha256")
-    weights = load_file(str(path / "trainable.safetensors"))
-    opt = torch.load(path / "optim.pt", weights_only=True)
-    rng = load_file(str(path / "rng.safetensors"))["cpu_rng"]
-    params = dict(model.named_parameters())
-    if set(weights) - set(params):
-        raise FirstError("its weights do not belong to this model")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    torch.set_rng_state(rng)
-    return int(state["step"]), list(state["losses"])
-
-
-def resume_checkpoint(path: Path, model, optimizer, scheduler, log=None) -> tuple[int, list]:
-    """`load_checkpoint`, or (0, []) when there is none; a checkpoint that cannot be read is
-    reported through `log` in one line, removed, and training starts from the beginning."""
-    if not (path / "state.json").exists():
-        return 0, []
-    try:
-        return load_checkpoint(path, model, optimizer, scheduler)
-    except Exception as err:  # noqa: BLE001 - any damage (json, safetensors, torch.load, keys)
-        why = " ".join(str(err).split())[:200] or type(err).__name__
-        if log is not None:
-            log(f"checkpoint {path} is unreadable ({why}); removed, training from the start")
-        shutil.rmtree(path, ignore_errors=True)
-        return 0, []
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -514,10 +301,10 @@ def train(
     ckpt = work_dir / "checkpoint" if work_dir is not None else None
     step, history = 0, []
     if ckpt is not None and acc.is_main_process:
-        recover_checkpoint(ckpt)
+        checkpoint.recover_checkpoint(ckpt)
     acc.wait_for_everyone()
     if ckpt is not None:
-        step, history = resume_checkpoint(ckpt, model, optimizer, scheduler, log)
+        step, history = checkpoint.resume_checkpoint(ckpt, model, optimizer, scheduler, log)
 
     t_build = time.perf_counter()
     bottom = None
@@ -578,7 +365,7 @@ def train(
                     and acc.is_main_process
                     and (step % cfg.save_every == 0 or step == total)
                 ):
-                    save_checkpoint(
+                    checkpoint.save_checkpoint(
                         ckpt, acc.unwrap_model(wrapped).model, optimizer, scheduler, step, history
                     )
                 if stop_after is not None and step >= stop_after:

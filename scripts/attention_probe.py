@@ -1,7 +1,7 @@
 """Forward and backward time of one attention layer's maths on this CPU, by sequence length:
-PyTorch's fused `sdpa` against plain matrix products (`first_lib.train._short_or_sdpa`'s short
+PyTorch's fused `sdpa` against plain matrix products (`first_lib.fastpath._short_or_sdpa`'s short
 path), at the cpu profile's student shape (8 sequences, 14 query and 2 key-value heads of 64).
-It chose `train.SHORT_ATTENTION`.
+It chose `fastpath.SHORT_ATTENTION`.
 
     python -m scripts.attention_probe [--dtype bf16|fp32] [--lengths 60 128 192 254 384]
 """
@@ -30,7 +30,7 @@ def _time(fn, repeats: int) -> tuple[float, float]:
 def main(argv=None) -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from first_lib import train
+    from first_lib import fastpath
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
@@ -56,15 +56,15 @@ def main(argv=None) -> None:
             return sdpa_attention_forward(layer, q, k, v, mask, scaling=0.125)[0]
 
         def products(q=q, k=k, v=v, mask=mask):
-            return train._short_or_sdpa(layer, q, k, v, mask, scaling=0.125)[0]
+            return fastpath._short_or_sdpa(layer, q, k, v, mask, scaling=0.125)[0]
 
         fused = _time(sdpa, args.repeats)
-        saved = train.SHORT_ATTENTION
-        train.SHORT_ATTENTION = 10**9  # the products path at every length
+        saved = fastpath.SHORT_ATTENTION
+        fastpath.SHORT_ATTENTION = 10**9  # the products path at every length
         try:
             plain = _time(products, args.repeats)
         finally:
-            train.SHORT_ATTENTION = saved
+            fastpath.SHORT_ATTENTION = saved
         a, b = sum(fused) * 1e3, sum(plain) * 1e3
         print(f"{T:>6}  {a:>15.1f}  {b:>19.1f}  {a / b:5.2f}")
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from first_lib import evaluate, models, prefix, train
+from first_lib import evaluate, fastpath, models, prefix, train
 from first_lib.train import TrainConfig
 
 torch.set_num_threads(1)
@@ -98,7 +98,7 @@ def test_training_step_matches_plain_path(precision):
 
     # The bottom of every example computed once, in other batches (as `train.train` does), the
     # top with the training attention, against the plain path as training runs it.
-    model.set_attn_implementation(train.ATTENTION)
+    model.set_attn_implementation(fastpath.ATTENTION)
     plain = _step(model, cfg, batch, bf16)
     every = prefix.bottom_states(model, [e["input_ids"] for e in ex], n_bottom, 5, bf16)
     assert every[0].dtype == (torch.bfloat16 if bf16 else torch.float32)
@@ -328,7 +328,7 @@ def test_two_processes_with_reuse_match_one(tmp_path):
 
 # ----------------------------------------------------------------------------- fused LoRA forward
 
-# `train.fuse_lora` against PEFT's own forward, on the same adapters and batch. At fp32 both
+# `fastpath.fuse_lora` against PEFT's own forward, on the same adapters and batch. At fp32 both
 # compute W x + s B (A x) in fp32; only the order of the last sum and scaling differs. At bf16
 # PEFT rounds B (A x) to bf16, scales and rounds the sum again; the fused `addmm` accumulates in
 # fp32 and rounds once, so the two paths differ by bf16 roundings of the adapters' outputs.
@@ -368,7 +368,7 @@ def test_fused_lora_matches_peft_forward(precision):
             assert torch.equal(layer(x), type(layer).forward(layer, x))
 
 
-# `train.use_training_attention` against transformers' `sdpa`, on a padded batch and on one
+# `fastpath.use_training_attention` against transformers' `sdpa`, on a padded batch and on one
 # unpadded sequence (where no mask is passed). The short path is softmax(q k^T s + mask) v in
 # matrix products, the fused kernel computes the same blockwise with an online softmax: at fp32
 # they differ in the last bits, at bf16 by bf16 roundings of scores and probabilities.
@@ -388,9 +388,9 @@ def test_training_attention_matches_sdpa(precision, idx, monkeypatch):
     ex = _examples(12)
     batch = train.collate(ex, idx, None, pad_id=0)
     model, cfg = _lora_model(bf16)
-    assert model.config._attn_implementation == train.ATTENTION
+    assert model.config._attn_implementation == fastpath.ATTENTION
     ours = _step(model, cfg, batch, bf16)
-    monkeypatch.setattr(train, "SHORT_ATTENTION", -1)  # every length to sdpa: its very numbers
+    monkeypatch.setattr(fastpath, "SHORT_ATTENTION", -1)  # every length to sdpa: its very numbers
     routed = _step(model, cfg, batch, bf16)
     model.set_attn_implementation("sdpa")
     fused = _step(model, cfg, batch, bf16)

@@ -212,7 +212,7 @@ def test_checkpoint_every_kill_window_resumes_identically(
     """Each state a kill inside `save_checkpoint` can leave, made by hand: training resumes from
     the newest complete checkpoint, later rotations do not wedge on a leftover `.old`, and the
     result is bit-identical to an uninterrupted run (fp32)."""
-    from first_lib import train
+    from first_lib import checkpoint
 
     run = _ckpt_train
 
@@ -238,14 +238,14 @@ def test_checkpoint_every_kill_window_resumes_identically(
         shutil.copytree(tmp_path / "step2", tmp)
         (tmp / "state.json").unlink()
     resumed_from = []
-    load = train.load_checkpoint
+    load = checkpoint.load_checkpoint
 
     def record(*a, **kw):
         step, hist = load(*a, **kw)
         resumed_from.append(step)
         return step, hist
 
-    monkeypatch.setattr(train, "load_checkpoint", record)
+    monkeypatch.setattr(checkpoint, "load_checkpoint", record)
     resumed, log = run(work_dir=work)
     assert resumed_from == [4]  # the newest complete one
     assert log["steps"] == full_log["steps"] == 12 and log["losses"] == full_log["losses"]
@@ -259,15 +259,15 @@ def test_checkpoint_every_kill_window_resumes_identically(
 
 def test_save_checkpoint_removes_a_stale_old(tmp_path):
     """A rotation next to a leftover `.old` (a kill after the second rename) succeeds."""
-    from first_lib import models, train
+    from first_lib import checkpoint, models
 
     model = models.make_tiny_model(64, "student")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     path = tmp_path / "checkpoint"
-    train.save_checkpoint(path, model, opt, sched, 1, [0.5])
+    checkpoint.save_checkpoint(path, model, opt, sched, 1, [0.5])
     shutil.copytree(path, tmp_path / "checkpoint.old")
-    train.save_checkpoint(path, model, opt, sched, 2, [0.5, 0.4])
+    checkpoint.save_checkpoint(path, model, opt, sched, 2, [0.5, 0.4])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
     assert json.loads((path / "state.json").read_text())["step"] == 2
 

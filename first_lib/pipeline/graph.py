@@ -56,6 +56,8 @@ POSTHOC = {"finetune_posthoc_ts": "finetune", "distill_posthoc_ts": "distill"}
 CODE_OF = {
     "train": (
         "first_lib.train",
+        "first_lib.fastpath",
+        "first_lib.checkpoint",
         "first_lib.losses",
         "first_lib.calibration",
         "first_lib.models",
