@@ -65,6 +65,19 @@ NEED_CACHE = {
 }
 
 TOKEN_CLAIMS = ("token_rank1_overconfident_teacher", "token_rank2to5_underconfident_teacher")
+# Claims that pair two test sets' records (the same questions in two settings): {name: tests}.
+CROSS_TEST = {"ood_worse_calibrated": ("ood_csqa", "csqa")}
+
+
+def precision_note(name: str, precisions: Mapping[str, str | None]) -> str:
+    """What a claim of `CROSS_TEST` must say when its two test sets' runs used different
+    precisions ({test: "bf16" | "fp32"}): the paired difference then also holds the change of
+    arithmetic, which the same-precision case does not. "" otherwise."""
+    tests = CROSS_TEST.get(name, ())
+    got = {t: precisions.get(t) for t in tests}
+    if len(tests) < 2 or None in got.values() or len(set(got.values())) < 2:
+        return ""
+    return "runs at different precisions (" + ", ".join(f"{t} {p}" for t, p in got.items()) + ")"
 
 
 def _paper():

@@ -336,6 +336,7 @@ def from_files(paths: Sequence[str | Path], n_boot: int = 1000, seed: int = 0) -
             seed=seed,
             checks=checks,
             held_out={k: d.meta.get("held_out") or {} for d, k in zip(loaded, keys, strict=True)},
+            precisions={k: d.meta.get("precision") for d, k in zip(loaded, keys, strict=True)},
             knowledge=knowledge,
             knowledge_note=lab_knowledge.note(knowledge, csqa_meta) if knowledge else "",
         ),
@@ -357,6 +358,7 @@ def all_claims(
     knowledge=None,
     knowledge_note: str = "",
     held_out: Mapping[str, Any] | None = None,
+    precisions: Mapping[str, str | None] | None = None,
 ) -> dict | None:
     """Every claim of the paper that the records of its test sets decide (`claims.build`,
     `claims.decide`: Holm over the primary ones, as in paper_vs_reproduction): {"claims",
@@ -367,7 +369,8 @@ def all_claims(
     {model: {seed: record}}}, where it has one). `knowledge`: a `lab_knowledge.Knowledge` (the
     teacher's top-5 mass and stored ranks), which adds the five claims `claims.NEED_CACHE`
     names (the two token-level ones only beside CSQA's records); `knowledge_note` is added to
-    the note of each (how its teacher relates to the records')."""
+    the note of each (how its teacher relates to the records'). `precisions` ({key: "bf16" |
+    "fp32"}, the files'): a claim pairing two files run at different precisions says so."""
     recs = {k: r for k, r in recs_by_key.items() if k in paper_claims.TEST_NAMES}
     if not recs:
         return None
@@ -385,6 +388,9 @@ def all_claims(
         n_boot=n_boot,
         seed=seed,
     )
+    for name, c in claims.items():
+        extra = paper_claims.precision_note(name, precisions or {})
+        c["note"] = "; ".join(x for x in (c["note"], extra) if x)
     if knowledge is not None and knowledge_note:
         for name in paper_claims.NEED_CACHE:
             if name in claims:

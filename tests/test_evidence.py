@@ -239,6 +239,29 @@ def test_out_of_domain_files_add_secondary_claims_only(files, ood_files):
         evidence.from_files([ood_files["obqa"]])
 
 
+def test_a_pairing_across_precisions_says_so(files, ood_files, tmp_path):
+    """The in/out-of-domain comparison pairs two runs' records; when those runs used different
+    precisions (the committed CSQA file is bf16, the out-of-domain one fp32), its note says
+    which, and only then."""
+    import gzip
+
+    data = json.loads(gzip.open(ood_files["csqa"]).read())
+    same = data["precision"]
+    assert same == lab.load_lab_records(files["csqa"]).meta["precision"]
+    data["precision"] = other = "bf16" if same == "fp32" else "fp32"
+    moved = tmp_path / "records-fake-ood-csqa.json.gz"
+    moved.write_bytes(gzip.compress(json.dumps(data).encode()))
+    note = evidence.from_files([files["csqa"], moved], n_boot=50)["all"]["claims"][
+        "ood_worse_calibrated"
+    ]["note"]
+    assert note == (
+        "paired: the same 200 CSQA test questions in both settings; "
+        f"runs at different precisions (ood_csqa {other}, csqa {same})"
+    )
+    assert paper_claims.precision_note("ood_worse_calibrated", {"csqa": same}) == ""
+    assert paper_claims.precision_note("ece_finetune_csqa", {"csqa": same, "ood_csqa": other}) == ""
+
+
 def test_claims_of_unknown_tests_are_refused():
     with pytest.raises(FirstError, match="not one of the paper's test sets"):
         paper_claims.build({"arc_challenge": {}}, {})
