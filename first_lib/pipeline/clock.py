@@ -484,7 +484,8 @@ def book_estimate(
     """Minutes still to compute for the book's runs at `profile` (every setting, every training
     seed a setting runs, and, for the whole book, the `beyond_k` chapter's study), and per
     setting (a shared artefact is counted in the first setting or seed that needs it). With
-    `rates`: on that machine, at its precision, from an empty cache."""
+    `rates`: on that machine, at its precision, from an empty cache. `rows`: `book_rows`'s for
+    the same arguments, where they are priced already."""
     from first_lib.beyond.plan import minutes
 
     precision = rates.precision if rates is not None else precision
